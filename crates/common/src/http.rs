@@ -1,0 +1,247 @@
+//! HTTP pieces every gpuq service shares: the JSON error shape, a JSON extractor that answers
+//! bad bodies in that shape, bearer-token checks, request metrics by matched route, and
+//! `/healthz` + `/metrics`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::Registry;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::config::Secret;
+use crate::metrics::HttpMetrics;
+
+/// `{"error":{"code":"…","message":"…"}}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Every error an HTTP handler answers, each mapped to one status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// A dependency (broker, store, Redis) cannot serve the request now; safe to retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure; the body says nothing internal.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Unprocessable(_) => "invalid_job",
+            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error.cause_chain = ?e, error.message = %e, "internal error")
+            }
+            ApiError::Unavailable(m) => tracing::warn!(error.message = %m, "dependency unavailable"),
+            _ => {}
+        }
+        let mut resp = (
+            self.status(),
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code().into(),
+                    message: self.to_string(),
+                },
+            }),
+        )
+            .into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
+        }
+        if matches!(self, ApiError::Unavailable(_) | ApiError::TooManyRequests(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, "1".parse().expect("header"));
+        }
+        resp
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(m) => ApiError::Unavailable(format!("store: {m}")),
+            crate::store::StoreError::Conflict(id) => ApiError::Conflict(format!("job {id} exists")),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections use the gpuq error shape: malformed JSON 400, wrong types or
+/// unknown fields 422, wrong content type 415 as 400, too large 413.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
+                JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(e.body_text()),
+                JsonRejection::MissingJsonContentType(_) => {
+                    ApiError::BadRequest("expected Content-Type: application/json".into())
+                }
+                JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::PayloadTooLarge
+                }
+                other => ApiError::BadRequest(other.body_text()),
+            }),
+        }
+    }
+}
+
+/// Constant-time comparison of a bearer token against the accepted ones.
+pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    let ok = accepted
+        .iter()
+        .filter(|k| !k.is_empty())
+        .fold(false, |acc, k| acc | constant_time_eq(token.as_bytes(), k.expose().as_bytes()));
+    if ok { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware recording `gpuq_http_requests_total` and latency by matched route.
+pub async fn track_metrics(
+    State(m): State<Arc<HttpMetrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    m.requests
+        .with_label_values(&[&route, &method, &status])
+        .inc();
+    m.duration
+        .with_label_values(&[&route, &method])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// `/healthz` (the process answers) and `/metrics` (the registry), for any service.
+pub fn ops_routes(registry: Registry) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/metrics",
+            get(move || {
+                let r = registry.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        crate::metrics::encode(&r),
+                    )
+                }
+            }),
+        )
+}
+
+/// Falls back to a JSON 404 for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let keys = vec![Secret::new("k1"), Secret::new("k2")];
+        let mut h = HeaderMap::new();
+        assert!(check_bearer(&h, &keys).is_err());
+        h.insert(header::AUTHORIZATION, "Bearer k2".parse().unwrap());
+        assert!(check_bearer(&h, &keys).is_ok());
+        h.insert(header::AUTHORIZATION, "Bearer k3".parse().unwrap());
+        assert!(check_bearer(&h, &keys).is_err());
+        assert!(check_bearer(&h, &[Secret::new("")]).is_err());
+    }
+}

@@ -1,0 +1,445 @@
+//! The job contract: what a client submits, what travels through the broker, and what the store
+//! keeps. A job id is a UUID v7 made by the gateway; it is the AMQP `message_id`, the Redis key
+//! and the store's primary key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub type JobId = Uuid;
+
+/// Version of the message body; a worker refuses bodies of a version it does not know.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const MAX_GPUS: u32 = 64;
+pub const MAX_TTL_S: u64 = 30 * 24 * 3600;
+pub const MAX_SIM_DURATION_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ARG_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Built in: sleeps, reports progress, fails on demand. For demos, tests and the tester.
+    Simulate,
+    /// Runs an allow-listed program on the GPUs it was given.
+    Command,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Simulate => "simulate",
+            JobKind::Command => "command",
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    DeadLettered,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::DeadLettered,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::DeadLettered => "dead_lettered",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// A final status is never overwritten: the first final result wins.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+}
+
+/// Parameters of a `simulate` job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulateParams {
+    pub duration_ms: u64,
+    /// Progress reports spread over the duration.
+    pub progress_steps: u32,
+    /// Fail the first N attempts, then succeed.
+    pub fail_times: u32,
+    /// Chance in [0, 1] that an attempt fails.
+    pub fail_probability: f64,
+    /// Fail every attempt (a poison job).
+    pub always_fail: bool,
+}
+
+/// Parameters of a `command` job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandParams {
+    /// A program name from the worker's allow-list (`GPUQ_PROGRAMS`), not a path.
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Kill the engine after this long (bounded by the worker's `job_timeout_s`).
+    pub timeout_s: Option<u64>,
+}
+
+/// Typed parameters, tagged by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "params", rename_all = "snake_case")]
+pub enum JobPayload {
+    Simulate(SimulateParams),
+    Command(CommandParams),
+}
+
+impl JobPayload {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobPayload::Simulate(_) => JobKind::Simulate,
+            JobPayload::Command(_) => JobKind::Command,
+        }
+    }
+}
+
+/// The body of `POST /v1/jobs`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub kind: JobKind,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: Value,
+    #[serde(default = "one")]
+    pub gpus: u32,
+    #[serde(default)]
+    pub min_gpu_memory_mb: Option<u64>,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Seconds the job may wait in the queue before it is dead-lettered as `expired`.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_pool() -> String {
+    "default".into()
+}
+
+/// A submission that breaks the contract, with the field at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+fn verr(field: &str, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+pub fn validate_pool(pool: &str) -> Result<(), String> {
+    if pool.is_empty() || pool.len() > 64 {
+        return Err("pool names are 1 to 64 characters".into());
+    }
+    if !pool
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err("pool names use letters, digits, '-' and '_'".into());
+    }
+    Ok(())
+}
+
+impl SubmitRequest {
+    /// Checks every field and types the parameters.
+    pub fn validate(&self) -> Result<(JobPayload, JobPlacement), ValidationError> {
+        if self.gpus == 0 || self.gpus > MAX_GPUS {
+            return Err(verr("gpus", format!("must be 1 to {MAX_GPUS}")));
+        }
+        validate_pool(&self.pool).map_err(|m| verr("pool", m))?;
+        if let Some(ttl) = self.ttl_s
+            && (ttl == 0 || ttl > MAX_TTL_S)
+        {
+            return Err(verr("ttl_s", format!("must be 1 to {MAX_TTL_S}")));
+        }
+        if let Some(mem) = self.min_gpu_memory_mb
+            && mem > 16 * 1024 * 1024
+        {
+            return Err(verr("min_gpu_memory_mb", "is larger than any GPU"));
+        }
+        let params = if self.params.is_null() {
+            Value::Object(Default::default())
+        } else {
+            self.params.clone()
+        };
+        if !params.is_object() {
+            return Err(verr("params", "must be an object"));
+        }
+        let payload = match self.kind {
+            JobKind::Simulate => {
+                let p: SimulateParams =
+                    serde_json::from_value(params).map_err(|e| verr("params", e.to_string()))?;
+                if p.duration_ms > MAX_SIM_DURATION_MS {
+                    return Err(verr("params.duration_ms", "is longer than a day"));
+                }
+                if p.progress_steps > 10_000 {
+                    return Err(verr("params.progress_steps", "must be at most 10000"));
+                }
+                if !(0.0..=1.0).contains(&p.fail_probability) {
+                    return Err(verr("params.fail_probability", "must be within [0, 1]"));
+                }
+                JobPayload::Simulate(p)
+            }
+            JobKind::Command => {
+                let p: CommandParams =
+                    serde_json::from_value(params).map_err(|e| verr("params", e.to_string()))?;
+                if p.program.is_empty()
+                    || p.program.contains('/')
+                    || p.program.len() > 128
+                {
+                    return Err(verr(
+                        "params.program",
+                        "must name an allow-listed program, not a path",
+                    ));
+                }
+                if p.args.len() > MAX_ARGS
+                    || p.args.iter().map(String::len).sum::<usize>() > MAX_ARG_BYTES
+                {
+                    return Err(verr("params.args", "too many or too long"));
+                }
+                for key in p.env.keys() {
+                    if key.is_empty()
+                        || key.contains('=')
+                        || key.contains('\0')
+                        || key == "CUDA_VISIBLE_DEVICES"
+                    {
+                        return Err(verr(
+                            "params.env",
+                            format!("{key:?} cannot be set by a job"),
+                        ));
+                    }
+                }
+                if let Some(t) = p.timeout_s
+                    && (t == 0 || t > MAX_TTL_S)
+                {
+                    return Err(verr("params.timeout_s", "must be 1 to 2592000"));
+                }
+                JobPayload::Command(p)
+            }
+        };
+        Ok((
+            payload,
+            JobPlacement {
+                gpus: self.gpus,
+                min_gpu_memory_mb: self.min_gpu_memory_mb,
+                pool: self.pool.clone(),
+                ttl_s: self.ttl_s,
+            },
+        ))
+    }
+}
+
+/// Where and how long a job may run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobPlacement {
+    pub gpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_gpu_memory_mb: Option<u64>,
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+}
+
+/// The AMQP message body (JSON, persistent, `message_id` = `id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub schema: u32,
+    pub id: JobId,
+    #[serde(flatten)]
+    pub payload: JobPayload,
+    #[serde(flatten)]
+    pub placement: JobPlacement,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+impl JobMessage {
+    pub fn new(payload: JobPayload, placement: JobPlacement) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            id: Uuid::now_v7(),
+            payload,
+            placement,
+            created_at_ms: now_ms(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("job message serializes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match v.get("schema").and_then(Value::as_u64) {
+            Some(s) if s == u64::from(SCHEMA_VERSION) => {}
+            other => return Err(format!("unsupported schema version {other:?}")),
+        }
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+}
+
+/// What the store keeps of a job, and what `GET /v1/jobs/{id}` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub kind: JobKind,
+    #[schema(value_type = Object)]
+    pub params: Value,
+    pub pool: String,
+    pub gpus_requested: u32,
+    #[serde(default)]
+    pub min_gpu_memory_mb: Option<u64>,
+    pub status: JobStatus,
+    /// Deliveries that started running this job.
+    pub attempts: u32,
+    pub worker: Option<String>,
+    /// GPU indices on `worker` that ran (or run) the job.
+    pub gpus: Vec<u32>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl JobRecord {
+    pub fn queued(msg: &JobMessage) -> Self {
+        let params = match &msg.payload {
+            JobPayload::Simulate(p) => serde_json::to_value(p),
+            JobPayload::Command(p) => serde_json::to_value(p),
+        }
+        .expect("params serialize");
+        Self {
+            id: msg.id,
+            kind: msg.payload.kind(),
+            params,
+            pool: msg.placement.pool.clone(),
+            gpus_requested: msg.placement.gpus,
+            min_gpu_memory_mb: msg.placement.min_gpu_memory_mb,
+            status: JobStatus::Queued,
+            attempts: 0,
+            worker: None,
+            gpus: vec![],
+            result: None,
+            error: None,
+            created_at: msg.created_at_ms,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// A final outcome, written once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinalOutcome {
+    pub status: JobStatus,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub worker: Option<String>,
+    pub finished_at: i64,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(v: Value) -> Result<SubmitRequest, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn a_simulate_job_round_trips_through_the_message_body() {
+        let r = req(json!({"kind":"simulate","params":{"duration_ms":50,"fail_times":2},"gpus":2,"ttl_s":600})).unwrap();
+        let (payload, placement) = r.validate().unwrap();
+        let msg = JobMessage::new(payload, placement);
+        let bytes = msg.to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains("\"schema\":1"), "{text}");
+        assert_eq!(JobMessage::from_bytes(&bytes).unwrap(), msg);
+        assert_eq!(msg.id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn unknown_fields_kinds_and_absurd_values_are_refused() {
+        assert!(req(json!({"kind":"simulate","bogus":1})).is_err());
+        assert!(req(json!({"kind":"teleport"})).is_err());
+        assert!(req(json!({"kind":"simulate","gpus":-1})).is_err());
+        let bad = [
+            json!({"kind":"simulate","gpus":0}),
+            json!({"kind":"simulate","gpus":1000}),
+            json!({"kind":"simulate","ttl_s":0}),
+            json!({"kind":"simulate","pool":"a b"}),
+            json!({"kind":"simulate","params":{"duration_ms":999999999999u64}}),
+            json!({"kind":"simulate","params":{"fail_probability":2.0}}),
+            json!({"kind":"simulate","params":{"nope":1}}),
+            json!({"kind":"simulate","params":[1]}),
+            json!({"kind":"command","params":{"program":"/bin/sh"}}),
+            json!({"kind":"command","params":{"program":"sh","env":{"CUDA_VISIBLE_DEVICES":"0"}}}),
+        ];
+        for b in bad {
+            assert!(req(b.clone()).unwrap().validate().is_err(), "accepted {b}");
+        }
+    }
+
+    #[test]
+    fn a_body_of_an_unknown_schema_version_is_refused() {
+        let body = br#"{"schema":99,"id":"0190a0a0-0000-7000-8000-000000000000"}"#;
+        assert!(JobMessage::from_bytes(body).unwrap_err().contains("schema"));
+    }
+
+    #[test]
+    fn only_terminal_statuses_are_final() {
+        assert!(!JobStatus::Queued.is_final());
+        assert!(!JobStatus::Running.is_final());
+        assert!(JobStatus::DeadLettered.is_final());
+        assert_eq!(JobStatus::parse("dead_lettered"), Some(JobStatus::DeadLettered));
+    }
+}

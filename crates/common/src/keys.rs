@@ -1,0 +1,93 @@
+//! Redis key names, all under the queue prefix so tests can share one Redis.
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// Owner of a running job: the worker instance id, with a TTL renewed while it runs.
+    pub fn lease(&self, job: Uuid) -> String {
+        format!("{}:lease:{job}", self.prefix)
+    }
+    /// Set once a job's final result is stored; later deliveries are acked without running.
+    pub fn done(&self, job: Uuid) -> String {
+        format!("{}:done:{job}", self.prefix)
+    }
+    /// Maps a client's `Idempotency-Key` to the job id it created.
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.prefix)
+    }
+    /// Liveness of one worker process (instance), with a TTL of a few heartbeats.
+    pub fn instance_alive(&self, instance: &str) -> String {
+        format!("{}:alive:{instance}", self.prefix)
+    }
+    /// The latest heartbeat of an engine (worker), JSON, with a TTL.
+    pub fn engine(&self, engine: &str) -> String {
+        format!("{}:engine:{engine}", self.prefix)
+    }
+    /// Every engine ever seen (a set), so that offline ones stay listed.
+    pub fn engines(&self) -> String {
+        format!("{}:engines", self.prefix)
+    }
+    /// Operator intent for an engine: `cordoned` or `draining` (absent = schedulable).
+    pub fn engine_admin(&self, engine: &str) -> String {
+        format!("{}:engine-admin:{engine}", self.prefix)
+    }
+    /// Simulated GPU faults of an engine, set by the operator, read by the worker.
+    pub fn cancel(&self, job: Uuid) -> String {
+        format!("{}:cancel:{job}", self.prefix)
+    }
+    /// A running counter of worker process starts per engine (restarts are visible).
+    pub fn engine_starts(&self, engine: &str) -> String {
+        format!("{}:starts:{engine}", self.prefix)
+    }
+}
+
+/// Takes the lease when free, or when its owner's liveness key is gone (the owner died).
+/// KEYS[1] = lease, ARGV[1] = owner, ARGV[2] = ttl ms, ARGV[3] = liveness key prefix.
+/// Returns 1 when taken (fresh), 2 when taken over from a dead owner, 0 when a live owner holds it.
+pub const TAKE_LEASE_LUA: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
+end
+if redis.call('EXISTS', ARGV[3] .. owner) == 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2
+end
+return 0
+"#;
+
+/// Renews a lease only while we own it. KEYS[1] = lease, ARGV[1] = owner, ARGV[2] = ttl ms.
+pub const RENEW_LEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
+/// Releases a lease only while we own it. KEYS[1] = lease, ARGV[1] = owner.
+pub const RELEASE_LEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_prefix() {
+        let k = Keys::new("t9");
+        let id = Uuid::nil();
+        assert_eq!(k.lease(id), format!("t9:lease:{id}"));
+        assert_eq!(k.instance_alive("w-1"), "t9:alive:w-1");
+    }
+}

@@ -1,0 +1,19 @@
+//! The gpuq contract shared by every service: the job schema, the queue topology, the result
+//! store, Redis keys, configuration, telemetry and metric names. A service depends on this crate
+//! and never on another service's crate.
+
+pub mod amqp;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod job;
+pub mod keys;
+pub mod metrics;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Settings;
+pub use job::{JobId, JobMessage, JobRecord, JobStatus};
+pub use store::{JobStore, StoreError};

@@ -1,0 +1,376 @@
+//! Metric names and families, once for every service. Prefix `gpuq_`, Prometheus naming rules,
+//! and never a job id in a label. Each service builds the families it exports on its own registry.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 1 ms to 1 h: queue waits and GPU jobs span that range.
+pub const JOB_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+pub const HTTP_SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+    r.register(Box::new(c.clone())).expect("register");
+    c
+}
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("metric");
+    r.register(Box::new(g.clone())).expect("register");
+    g
+}
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
+    r.register(Box::new(g.clone())).expect("register");
+    g
+}
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
+        .expect("metric");
+    r.register(Box::new(h.clone())).expect("register");
+    h
+}
+
+/// A registry with `gpuq_build_info` and the process collector (start time, RSS, CPU).
+pub fn new_registry(service: &str) -> Registry {
+    let r = Registry::new();
+    let info = int_gauge_vec(
+        &r,
+        "gpuq_build_info",
+        "Build of the running service; the value is always 1.",
+        &["service", "version"],
+    );
+    info.with_label_values(&[service, env!("CARGO_PKG_VERSION")])
+        .set(1);
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        let _ = r.register(Box::new(pc));
+    }
+    r
+}
+
+/// Text exposition of a registry.
+pub fn encode(r: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&r.gather(), &mut buf)
+        .expect("encode metrics");
+    String::from_utf8(buf).expect("utf8 metrics")
+}
+
+/// HTTP requests of any gpuq service, by matched route (never the raw URI).
+#[derive(Clone)]
+pub struct HttpMetrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            requests: counter(
+                r,
+                "gpuq_http_requests_total",
+                "HTTP requests by matched route, method and status code.",
+                &["route", "method", "status"],
+            ),
+            duration: histogram(
+                r,
+                "gpuq_http_request_duration_seconds",
+                "HTTP request latency by matched route and method.",
+                &["route", "method"],
+                HTTP_SECONDS_BUCKETS,
+            ),
+        }
+    }
+}
+
+/// Gateway: submissions and the broker's confirms.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub jobs_submitted: IntCounterVec,
+    pub publish_failures: IntCounterVec,
+    pub confirm_seconds: HistogramVec,
+    pub idempotent_replays: IntCounterVec,
+}
+
+impl GatewayMetrics {
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            jobs_submitted: counter(
+                r,
+                "gpuq_jobs_submitted_total",
+                "Jobs accepted (confirmed by the broker) by pool and kind.",
+                &["pool", "kind"],
+            ),
+            publish_failures: counter(
+                r,
+                "gpuq_publish_failures_total",
+                "Publishes not confirmed by the broker, by reason.",
+                &["reason"],
+            ),
+            confirm_seconds: histogram(
+                r,
+                "gpuq_publish_confirm_seconds",
+                "Time from publish to the broker's confirm.",
+                &["pool"],
+                HTTP_SECONDS_BUCKETS,
+            ),
+            idempotent_replays: counter(
+                r,
+                "gpuq_idempotent_replays_total",
+                "Submissions answered with an existing job because of their Idempotency-Key.",
+                &["pool"],
+            ),
+        }
+    }
+}
+
+/// Worker: the job path.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub jobs_started: IntCounterVec,
+    pub jobs_completed: IntCounterVec,
+    pub job_duration: HistogramVec,
+    pub queue_wait: HistogramVec,
+    pub redeliveries: IntCounterVec,
+    pub duplicates_suppressed: IntCounterVec,
+    pub lease_contended: IntCounterVec,
+    pub lease_takeovers: IntCounterVec,
+    pub leases_held: IntGauge,
+    pub slots: IntGaugeVec,
+    pub consuming: IntGauge,
+    pub store_retries: IntCounterVec,
+    pub redis_errors: IntCounterVec,
+}
+
+impl WorkerMetrics {
+    pub fn new(r: &Registry) -> Self {
+        let leases_held = IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.")
+            .expect("metric");
+        r.register(Box::new(leases_held.clone())).expect("register");
+        let consuming = IntGauge::new(
+            "gpuq_worker_consuming",
+            "1 while the worker holds a consumer on its queues, 0 while gated.",
+        )
+        .expect("metric");
+        r.register(Box::new(consuming.clone())).expect("register");
+        Self {
+            jobs_started: counter(
+                r,
+                "gpuq_jobs_started_total",
+                "Job attempts started on a GPU, by pool and kind.",
+                &["pool", "kind"],
+            ),
+            jobs_completed: counter(
+                r,
+                "gpuq_jobs_completed_total",
+                "Job attempts ended, by pool, kind and outcome (succeeded, failed, retried, cancelled).",
+                &["pool", "kind", "outcome"],
+            ),
+            job_duration: histogram(
+                r,
+                "gpuq_job_duration_seconds",
+                "Run time of job attempts.",
+                &["pool", "kind"],
+                JOB_SECONDS_BUCKETS,
+            ),
+            queue_wait: histogram(
+                r,
+                "gpuq_job_queue_wait_seconds",
+                "Time from submission to the start of a job's attempt.",
+                &["pool"],
+                JOB_SECONDS_BUCKETS,
+            ),
+            redeliveries: counter(
+                r,
+                "gpuq_redeliveries_total",
+                "Deliveries the broker marked as redelivered.",
+                &["pool"],
+            ),
+            duplicates_suppressed: counter(
+                r,
+                "gpuq_duplicates_suppressed_total",
+                "Deliveries of already finished jobs, acked without running.",
+                &["pool"],
+            ),
+            lease_contended: counter(
+                r,
+                "gpuq_lease_contended_total",
+                "Deliveries whose job lease a live worker held; put back without burning the delivery budget.",
+                &["pool"],
+            ),
+            lease_takeovers: counter(
+                r,
+                "gpuq_lease_takeovers_total",
+                "Leases taken over from a worker whose heartbeat was gone.",
+                &["pool"],
+            ),
+            leases_held,
+            slots: int_gauge_vec(
+                r,
+                "gpuq_worker_gpu_slots",
+                "This worker's GPUs by slot state (free, busy, unavailable).",
+                &["state"],
+            ),
+            consuming,
+            store_retries: counter(
+                r,
+                "gpuq_store_write_retries_total",
+                "Result writes retried because the store failed.",
+                &["op"],
+            ),
+            redis_errors: counter(
+                r,
+                "gpuq_redis_errors_total",
+                "Redis commands that failed, by operation.",
+                &["op"],
+            ),
+        }
+    }
+}
+
+/// Manager: the fleet, the queues, the dead letters.
+#[derive(Clone)]
+pub struct ManagerMetrics {
+    pub dead_letters: IntCounterVec,
+    pub engine_state: IntGaugeVec,
+    pub engine_restarts: IntCounterVec,
+    pub engine_running_jobs: IntGaugeVec,
+    pub gpu_utilization: GaugeVec,
+    pub gpu_memory_used: GaugeVec,
+    pub gpu_memory_total: GaugeVec,
+    pub gpu_temperature: GaugeVec,
+    pub gpu_power: GaugeVec,
+    pub gpu_health: IntGaugeVec,
+    pub queue_messages: GaugeVec,
+    pub queue_messages_ready: GaugeVec,
+    pub queue_messages_unacked: GaugeVec,
+    pub queue_consumers: GaugeVec,
+    pub broker_up: Gauge,
+}
+
+impl ManagerMetrics {
+    pub fn new(r: &Registry) -> Self {
+        let broker_up = Gauge::new(
+            "gpuq_broker_management_up",
+            "1 when the RabbitMQ management API answered the last poll.",
+        )
+        .expect("metric");
+        r.register(Box::new(broker_up.clone())).expect("register");
+        Self {
+            dead_letters: counter(
+                r,
+                "gpuq_dead_letters_total",
+                "Jobs dead-lettered, by reason (delivery_limit, expired, rejected, unschedulable, maxlen).",
+                &["reason"],
+            ),
+            engine_state: int_gauge_vec(
+                r,
+                "gpuq_engine_state",
+                "1 for the state each engine is in, 0 for the others.",
+                &["engine", "state"],
+            ),
+            engine_restarts: counter(
+                r,
+                "gpuq_engine_restarts_total",
+                "Worker process restarts seen by the manager (a new instance id for an engine).",
+                &["engine"],
+            ),
+            engine_running_jobs: int_gauge_vec(
+                r,
+                "gpuq_engine_running_jobs",
+                "Jobs running on each engine.",
+                &["engine"],
+            ),
+            gpu_utilization: gauge_vec(
+                r,
+                "gpuq_gpu_utilization_ratio",
+                "GPU utilization in [0, 1].",
+                &["engine", "gpu"],
+            ),
+            gpu_memory_used: gauge_vec(
+                r,
+                "gpuq_gpu_memory_used_bytes",
+                "GPU memory in use.",
+                &["engine", "gpu"],
+            ),
+            gpu_memory_total: gauge_vec(
+                r,
+                "gpuq_gpu_memory_total_bytes",
+                "GPU memory in all.",
+                &["engine", "gpu"],
+            ),
+            gpu_temperature: gauge_vec(
+                r,
+                "gpuq_gpu_temperature_celsius",
+                "GPU temperature.",
+                &["engine", "gpu"],
+            ),
+            gpu_power: gauge_vec(
+                r,
+                "gpuq_gpu_power_watts",
+                "GPU power draw.",
+                &["engine", "gpu"],
+            ),
+            gpu_health: int_gauge_vec(
+                r,
+                "gpuq_gpu_health",
+                "1 for the health state each GPU is in, 0 for the others.",
+                &["engine", "gpu", "state"],
+            ),
+            queue_messages: gauge_vec(
+                r,
+                "gpuq_queue_messages",
+                "Messages in each queue (ready and unacknowledged).",
+                &["queue"],
+            ),
+            queue_messages_ready: gauge_vec(
+                r,
+                "gpuq_queue_messages_ready",
+                "Messages waiting for a consumer in each queue.",
+                &["queue"],
+            ),
+            queue_messages_unacked: gauge_vec(
+                r,
+                "gpuq_queue_messages_unacked",
+                "Messages delivered and not yet acknowledged in each queue.",
+                &["queue"],
+            ),
+            queue_consumers: gauge_vec(
+                r,
+                "gpuq_queue_consumers",
+                "Consumers of each queue.",
+                &["queue"],
+            ),
+            broker_up,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_registers_once_and_follows_the_naming_rules() {
+        let r = new_registry("test");
+        HttpMetrics::new(&r);
+        GatewayMetrics::new(&r);
+        WorkerMetrics::new(&r).jobs_started.with_label_values(&["default", "simulate"]).inc();
+        ManagerMetrics::new(&r);
+        let text = encode(&r);
+        assert!(text.contains("gpuq_build_info{service=\"test\""));
+        for family in r.gather() {
+            let name = family.name();
+            assert!(name.starts_with("gpuq_") || name.starts_with("process_"), "{name}");
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The result store: one `JobStore` trait, two backends chosen by `GPUQ_STORE_URL`
+//! (`sqlite://path`, embedded; `mongodb://…`). Writes that end a job are conditional: the first
+//! final result wins, so a job's result is never recorded twice.
+
+mod mongo;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+
+pub use mongo::MongoStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("job {0} already exists")]
+    Conflict(JobId),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("bad store URL: {0}")]
+    BadUrl(String),
+}
+
+/// Outcome of starting an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// Recorded as running; go ahead.
+    Started,
+    /// The job already has a final status: run nothing.
+    AlreadyFinal(JobStatus),
+}
+
+/// Outcome of a conditional final write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// This write is the job's final result.
+    Stored,
+    /// Another final result was there first; nothing changed.
+    AlreadyFinal(JobStatus),
+    /// No such job.
+    NotFound,
+}
+
+/// `GET /v1/jobs` filters. Newest first; `cursor` is the last id of the previous page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub pool: Option<String>,
+    pub limit: u32,
+    pub cursor: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobRecord>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<uuid::Uuid>,
+}
+
+pub const MAX_PAGE: u32 = 1000;
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Records a submitted job (status `queued`). `Conflict` when the id exists.
+    async fn insert(&self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Removes a job that was never enqueued (the broker did not confirm it).
+    async fn delete(&self, id: JobId) -> Result<(), StoreError>;
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+    async fn list(&self, query: &ListQuery) -> Result<JobPage, StoreError>;
+    /// Marks an attempt running (creating the record from `job` if it is missing), unless the
+    /// job is already final.
+    async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError>;
+    /// Notes the error of a failed attempt that will be retried; the status stays non-final.
+    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError>;
+    /// Writes the final outcome unless the job already has one.
+    async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError>;
+    /// Puts a dead-lettered job back to `queued` for a re-drive; false if it is not dead-lettered.
+    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError>;
+    /// Jobs by status (for status pages and benchmarks).
+    async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError>;
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the backend named by the URL.
+pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(SqliteStore::open(path)?))
+    } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+        Ok(Arc::new(MongoStore::connect(url).await?))
+    } else {
+        Err(StoreError::BadUrl(
+            "use sqlite://PATH or mongodb://HOST/DB".into(),
+        ))
+    }
+}
+
+/// Clamps a requested page size.
+pub(crate) fn page_limit(limit: u32) -> u32 {
+    match limit {
+        0 => 100,
+        n => n.min(MAX_PAGE),
+    }
+}

@@ -1,0 +1,264 @@
+//! MongoDB backend (the compose default). Conditional writes are single-document updates
+//! filtered on a non-final status, which MongoDB applies atomically: the first final result wins.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::options::IndexOptions;
+use mongodb::{Client, Collection, IndexModel};
+
+use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+
+pub struct MongoStore {
+    jobs: Collection<Document>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn not_final() -> Document {
+    doc! { "$in": ["queued", "running"] }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    matches!(
+        e.kind.as_ref(),
+        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000
+    )
+}
+
+fn to_doc(job: &JobRecord) -> Result<Document, StoreError> {
+    let mut d = bson::to_document(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    d.remove("id");
+    d.insert("_id", job.id.to_string());
+    Ok(d)
+}
+
+fn from_doc(mut d: Document) -> Result<JobRecord, StoreError> {
+    let id = d
+        .remove("_id")
+        .ok_or_else(|| StoreError::Corrupt("document without _id".into()))?;
+    d.insert("id", id);
+    bson::from_document(d).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn json_to_bson(v: &serde_json::Value) -> Result<Bson, StoreError> {
+    bson::to_bson(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl MongoStore {
+    /// Connects, picks the URL's database (default `gpuq`) and makes the indexes.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = Client::with_uri_str(url).await.map_err(unavailable)?;
+        let db = client
+            .default_database()
+            .unwrap_or_else(|| client.database("gpuq"));
+        let jobs = db.collection::<Document>("jobs");
+        jobs.create_indexes([
+            IndexModel::builder()
+                .keys(doc! { "status": 1, "_id": -1 })
+                .options(IndexOptions::builder().name("status_id".to_string()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "created_at": -1 })
+                .options(IndexOptions::builder().name("created_at".to_string()).build())
+                .build(),
+        ])
+        .await
+        .map_err(unavailable)?;
+        Ok(Self { jobs })
+    }
+
+    async fn status_of(&self, id: JobId) -> Result<Option<JobStatus>, StoreError> {
+        let d = self
+            .jobs
+            .find_one(doc! { "_id": id.to_string() })
+            .projection(doc! { "status": 1 })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.and_then(|d| d.get_str("status").ok().and_then(JobStatus::parse)))
+    }
+}
+
+#[async_trait]
+impl JobStore for MongoStore {
+    async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
+        match self.jobs.insert_one(to_doc(job)?).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict(job.id)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn delete(&self, id: JobId) -> Result<(), StoreError> {
+        self.jobs
+            .delete_one(doc! { "_id": id.to_string() })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs
+            .find_one(doc! { "_id": id.to_string() })
+            .await
+            .map_err(unavailable)?
+            .map(from_doc)
+            .transpose()
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<JobPage, StoreError> {
+        let limit = page_limit(q.limit);
+        let mut filter = Document::new();
+        if let Some(s) = q.status {
+            filter.insert("status", s.as_str());
+        }
+        if let Some(p) = &q.pool {
+            filter.insert("pool", p.as_str());
+        }
+        if let Some(c) = q.cursor {
+            filter.insert("_id", doc! { "$lt": c.to_string() });
+        }
+        let cursor = self
+            .jobs
+            .find(filter)
+            .sort(doc! { "_id": -1 })
+            .limit(i64::from(limit) + 1)
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
+        let mut jobs = docs
+            .into_iter()
+            .map(from_doc)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_cursor })
+    }
+
+    async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError> {
+        let set = doc! { "$set": {
+            "status": "running",
+            "attempts": i64::from(job.attempts),
+            "worker": job.worker.clone(),
+            "gpus": job.gpus.iter().map(|g| i64::from(*g)).collect::<Vec<_>>(),
+            "started_at": job.started_at,
+        }};
+        for _ in 0..3 {
+            let r = self
+                .jobs
+                .update_one(doc! { "_id": job.id.to_string(), "status": not_final() }, set.clone())
+                .await
+                .map_err(unavailable)?;
+            if r.matched_count == 1 {
+                return Ok(StartOutcome::Started);
+            }
+            match self.status_of(job.id).await? {
+                Some(s) if s.is_final() => return Ok(StartOutcome::AlreadyFinal(s)),
+                Some(_) => continue,
+                None => match self.jobs.insert_one(to_doc(job)?).await {
+                    Ok(_) => return Ok(StartOutcome::Started),
+                    Err(e) if is_duplicate_key(&e) => continue,
+                    Err(e) => return Err(unavailable(e)),
+                },
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "job {} changed under three attempts to start it",
+            job.id
+        )))
+    }
+
+    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError> {
+        self.jobs
+            .update_one(
+                doc! { "_id": id.to_string(), "status": not_final() },
+                doc! { "$set": { "error": error } },
+            )
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn finish(&self, id: JobId, o: &FinalOutcome) -> Result<FinishOutcome, StoreError> {
+        let mut set = doc! {
+            "status": o.status.as_str(),
+            "finished_at": o.finished_at,
+            "result": match &o.result { Some(v) => json_to_bson(v)?, None => Bson::Null },
+        };
+        if let Some(e) = &o.error {
+            set.insert("error", e.as_str());
+        }
+        if let Some(w) = &o.worker {
+            set.insert("worker", w.as_str());
+        }
+        let r = self
+            .jobs
+            .update_one(
+                doc! { "_id": id.to_string(), "status": not_final() },
+                doc! { "$set": set },
+            )
+            .await
+            .map_err(unavailable)?;
+        if r.matched_count == 1 {
+            return Ok(FinishOutcome::Stored);
+        }
+        Ok(match self.status_of(id).await? {
+            Some(s) => FinishOutcome::AlreadyFinal(s),
+            None => FinishOutcome::NotFound,
+        })
+    }
+
+    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError> {
+        let r = self
+            .jobs
+            .update_one(
+                doc! { "_id": id.to_string(), "status": "dead_lettered" },
+                doc! { "$set": { "status": "queued", "finished_at": Bson::Null, "result": Bson::Null } },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(r.modified_count == 1)
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
+        let cursor = self
+            .jobs
+            .aggregate([doc! { "$group": { "_id": "$status", "n": { "$sum": 1 } } }])
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
+        let mut out = BTreeMap::new();
+        for d in docs {
+            if let (Ok(s), Some(n)) = (d.get_str("_id"), d.get("n")) {
+                let n = match n {
+                    Bson::Int32(n) => *n as u64,
+                    Bson::Int64(n) => *n as u64,
+                    _ => 0,
+                };
+                if let Some(s) = JobStatus::parse(s) {
+                    out.insert(s, n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.jobs
+            .client()
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}

@@ -1,0 +1,471 @@
+//! Embedded SQLite backend. Several processes share one file (WAL). Writes go through one
+//! writer thread per process that commits whatever is pending in one transaction (group
+//! commit), so thousands of small writes a second cost a few commits; reads use their own
+//! connection and never wait for the writer.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    gpus_requested INTEGER NOT NULL,
+    min_gpu_memory_mb INTEGER,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    gpus TEXT NOT NULL DEFAULT '[]',
+    result TEXT,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+";
+
+const COLUMNS: &str = "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at";
+const NOT_FINAL: &str = "('queued','running')";
+const MAX_BATCH: usize = 512;
+
+enum Op {
+    Insert(JobRecord, oneshot::Sender<Result<(), StoreError>>),
+    Delete(JobId, oneshot::Sender<Result<(), StoreError>>),
+    Start(JobRecord, oneshot::Sender<Result<StartOutcome, StoreError>>),
+    RecordError(JobId, String, oneshot::Sender<Result<(), StoreError>>),
+    Finish(
+        JobId,
+        FinalOutcome,
+        oneshot::Sender<Result<FinishOutcome, StoreError>>,
+    ),
+    Reset(JobId, oneshot::Sender<Result<bool, StoreError>>),
+}
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn open_conn(path: &str) -> Result<Connection, StoreError> {
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+    }
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub fn open(path: &str) -> Result<Self, StoreError> {
+        let write_conn = open_conn(path)?;
+        write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let reader = open_conn(path)?;
+        let (tx, rx) = mpsc::channel::<Op>();
+        std::thread::Builder::new()
+            .name("gpuq-sqlite-writer".into())
+            .spawn(move || writer_loop(write_conn, rx))
+            .map_err(unavailable)?;
+        Ok(Self {
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(make(tx))
+            .map_err(|_| unavailable("writer thread stopped"))?;
+        rx.await.map_err(|_| unavailable("writer thread stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| unavailable("reader poisoned"))?;
+            f(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                for op in batch {
+                    fail(op, unavailable(&e));
+                }
+                continue;
+            }
+        };
+        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(batch.len());
+        for op in batch {
+            replies.push(apply(&tx, op));
+        }
+        match tx.commit() {
+            Ok(()) => replies.into_iter().for_each(|r| r()),
+            Err(e) => {
+                tracing::error!(error.message = %e, "sqlite commit failed");
+                // Replies are dropped: every waiter sees "writer stopped"-style unavailability.
+                drop(replies);
+            }
+        }
+    }
+}
+
+fn fail(op: Op, e: StoreError) {
+    let msg = e.to_string();
+    let err = || StoreError::Unavailable(msg.clone());
+    match op {
+        Op::Insert(_, r) | Op::Delete(_, r) | Op::RecordError(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Start(_, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Finish(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Reset(_, r) => {
+            let _ = r.send(Err(err()));
+        }
+    }
+}
+
+/// Runs one op inside the batch's transaction; the returned closure replies after the commit.
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
+    fn reply<T: 'static>(
+        r: oneshot::Sender<Result<T, StoreError>>,
+        v: Result<T, StoreError>,
+    ) -> Box<dyn FnOnce()> {
+        Box::new(move || {
+            let _ = r.send(v);
+        })
+    }
+    match op {
+        Op::Insert(job, r) => {
+            let v = insert_row(tx, &job).and_then(|n| {
+                if n == 0 {
+                    Err(StoreError::Conflict(job.id))
+                } else {
+                    Ok(())
+                }
+            });
+            reply(r, v)
+        }
+        Op::Delete(id, r) => {
+            let v = tx
+                .execute("DELETE FROM jobs WHERE id = ?1", params![id.to_string()])
+                .map(|_| ())
+                .map_err(unavailable);
+            reply(r, v)
+        }
+        Op::Start(job, r) => reply(r, start(tx, &job)),
+        Op::RecordError(id, err, r) => {
+            let v = tx
+                .execute(
+                    &format!("UPDATE jobs SET error = ?2 WHERE id = ?1 AND status IN {NOT_FINAL}"),
+                    params![id.to_string(), err],
+                )
+                .map(|_| ())
+                .map_err(unavailable);
+            reply(r, v)
+        }
+        Op::Finish(id, outcome, r) => reply(r, finish(tx, id, &outcome)),
+        Op::Reset(id, r) => {
+            let v = tx
+                .execute(
+                    "UPDATE jobs SET status = 'queued', finished_at = NULL, result = NULL WHERE id = ?1 AND status = 'dead_lettered'",
+                    params![id.to_string()],
+                )
+                .map(|n| n == 1)
+                .map_err(unavailable);
+            reply(r, v)
+        }
+    }
+}
+
+fn insert_row(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<usize, StoreError> {
+    tx.execute(
+        &format!("INSERT OR IGNORE INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
+        params![
+            job.id.to_string(),
+            job.kind.as_str(),
+            job.params.to_string(),
+            job.pool,
+            job.gpus_requested,
+            job.min_gpu_memory_mb.map(|m| m as i64),
+            job.status.as_str(),
+            job.attempts,
+            job.worker,
+            serde_json::to_string(&job.gpus).expect("gpus serialize"),
+            job.result.as_ref().map(Value::to_string),
+            job.error,
+            job.created_at,
+            job.started_at,
+            job.finished_at,
+        ],
+    )
+    .map_err(unavailable)
+}
+
+fn status_of(tx: &rusqlite::Transaction<'_>, id: JobId) -> Result<Option<JobStatus>, StoreError> {
+    let s: Option<String> = tx
+        .query_row(
+            "SELECT status FROM jobs WHERE id = ?1",
+            params![id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    s.map(|s| JobStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s}"))))
+        .transpose()
+}
+
+fn start(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<StartOutcome, StoreError> {
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, gpus = ?4, started_at = ?5 WHERE id = ?1 AND status IN {NOT_FINAL}"
+            ),
+            params![
+                job.id.to_string(),
+                job.attempts,
+                job.worker,
+                serde_json::to_string(&job.gpus).expect("gpus serialize"),
+                job.started_at
+            ],
+        )
+        .map_err(unavailable)?;
+    if n == 1 {
+        return Ok(StartOutcome::Started);
+    }
+    match status_of(tx, job.id)? {
+        Some(s) if s.is_final() => Ok(StartOutcome::AlreadyFinal(s)),
+        Some(_) => Ok(StartOutcome::Started),
+        None => {
+            insert_row(tx, job)?;
+            Ok(StartOutcome::Started)
+        }
+    }
+}
+
+fn finish(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    o: &FinalOutcome,
+) -> Result<FinishOutcome, StoreError> {
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), worker = coalesce(?5, worker), finished_at = ?6 WHERE id = ?1 AND status IN {NOT_FINAL}"
+            ),
+            params![
+                id.to_string(),
+                o.status.as_str(),
+                o.result.as_ref().map(Value::to_string),
+                o.error,
+                o.worker,
+                o.finished_at
+            ],
+        )
+        .map_err(unavailable)?;
+    if n == 1 {
+        return Ok(FinishOutcome::Stored);
+    }
+    Ok(match status_of(tx, id)? {
+        Some(s) => FinishOutcome::AlreadyFinal(s),
+        None => FinishOutcome::NotFound,
+    })
+}
+
+fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+    let id: String = r.get(0)?;
+    let kind: String = r.get(1)?;
+    let params: String = r.get(2)?;
+    let status: String = r.get(6)?;
+    let gpus: String = r.get(9)?;
+    let result: Option<String> = r.get(10)?;
+    let build = || -> Result<JobRecord, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of job {id}"));
+        Ok(JobRecord {
+            id: id.parse().map_err(|_| corrupt("id"))?,
+            kind: match kind.as_str() {
+                "simulate" => JobKind::Simulate,
+                "command" => JobKind::Command,
+                _ => return Err(corrupt("kind")),
+            },
+            params: serde_json::from_str(&params).map_err(|_| corrupt("params"))?,
+            pool: r.get(3).map_err(unavailable)?,
+            gpus_requested: r.get(4).map_err(unavailable)?,
+            min_gpu_memory_mb: r
+                .get::<_, Option<i64>>(5)
+                .map_err(unavailable)?
+                .map(|m| m as u64),
+            status: JobStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
+            attempts: r.get(7).map_err(unavailable)?,
+            worker: r.get(8).map_err(unavailable)?,
+            gpus: serde_json::from_str(&gpus).map_err(|_| corrupt("gpus"))?,
+            result: result
+                .map(|s| serde_json::from_str(&s))
+                .transpose()
+                .map_err(|_| corrupt("result"))?,
+            error: r.get(11).map_err(unavailable)?,
+            created_at: r.get(12).map_err(unavailable)?,
+            started_at: r.get(13).map_err(unavailable)?,
+            finished_at: r.get(14).map_err(unavailable)?,
+        })
+    };
+    Ok(build())
+}
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let job = job.clone();
+        self.send(|r| Op::Insert(job, r)).await
+    }
+
+    async fn delete(&self, id: JobId) -> Result<(), StoreError> {
+        self.send(|r| Op::Delete(id, r)).await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+                params![id.to_string()],
+                row_to_record,
+            )
+            .optional()
+            .map_err(unavailable)?
+            .transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<JobPage, StoreError> {
+        let q = q.clone();
+        self.read(move |c| {
+            let limit = page_limit(q.limit);
+            let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1=1");
+            let mut args: Vec<String> = vec![];
+            if let Some(s) = q.status {
+                args.push(s.as_str().into());
+                sql.push_str(&format!(" AND status = ?{}", args.len()));
+            }
+            if let Some(p) = &q.pool {
+                args.push(p.clone());
+                sql.push_str(&format!(" AND pool = ?{}", args.len()));
+            }
+            if let Some(cur) = q.cursor {
+                args.push(cur.to_string());
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+            let mut stmt = c.prepare(&sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), row_to_record)
+                .map_err(unavailable)?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                jobs.push(row.map_err(unavailable)??);
+            }
+            let next_cursor = if jobs.len() > limit as usize {
+                jobs.truncate(limit as usize);
+                jobs.last().map(|j| j.id)
+            } else {
+                None
+            };
+            Ok(JobPage { jobs, next_cursor })
+        })
+        .await
+    }
+
+    async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError> {
+        let job = job.clone();
+        self.send(|r| Op::Start(job, r)).await
+    }
+
+    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError> {
+        let error = error.to_string();
+        self.send(|r| Op::RecordError(id, error, r)).await
+    }
+
+    async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError> {
+        let outcome = outcome.clone();
+        self.send(|r| Op::Finish(id, outcome, r)).await
+    }
+
+    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError> {
+        self.send(|r| Op::Reset(id, r)).await
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare("SELECT status, count(*) FROM jobs GROUP BY status")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(unavailable)?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (s, n) = row.map_err(unavailable)?;
+                if let Some(s) = JobStatus::parse(&s) {
+                    out.insert(s, n);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}

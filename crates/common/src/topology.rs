@@ -1,0 +1,163 @@
+//! Queue topology: the names of every exchange and queue, and their idempotent declaration.
+//! `<prefix>.jobs` (direct, routing key = pool) → `<prefix>.jobs.<pool>` quorum queues, which
+//! dead-letter at least once through `<prefix>.dlx` into the `<prefix>.dead` quorum queue.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::Settings;
+
+/// Header a gpuq service sets when it dead-letters a job itself (e.g. `unschedulable`).
+pub const REASON_HEADER: &str = "x-gpuq-reason";
+/// Header carrying the last error a worker saw, for the dead-letter record.
+pub const ERROR_HEADER: &str = "x-gpuq-error";
+
+/// Names derived from a prefix, so tests can isolate themselves on one cluster.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub prefix: String,
+    pub delivery_limit: u32,
+    pub queue_ttl_ms: u64,
+    pub max_queue_length: u64,
+}
+
+impl Topology {
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            prefix: s.queue_prefix.clone(),
+            delivery_limit: s.delivery_limit,
+            queue_ttl_ms: s.queue_ttl_s.saturating_mul(1000),
+            max_queue_length: s.max_queue_length,
+        }
+    }
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn pool_queue(&self, pool: &str) -> String {
+        format!("{}.jobs.{pool}", self.prefix)
+    }
+
+    /// Arguments of a pool queue. Declaring with other arguments than an existing queue's fails,
+    /// so these change only with a new prefix or a migration.
+    pub fn pool_queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+        args.insert("x-queue-type".into(), s("quorum"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.delivery_limit as i32),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            s(&self.dead_letter_exchange()),
+        );
+        args.insert("x-dead-letter-strategy".into(), s("at-least-once"));
+        args.insert("x-overflow".into(), s("reject-publish"));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(self.queue_ttl_ms as i64),
+        );
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(self.max_queue_length as i64),
+        );
+        args
+    }
+
+    /// Declares the exchanges, the dead queue and the given pools' queues. Safe to repeat.
+    pub async fn declare(&self, channel: &Channel, pools: &[String]) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                ShortString::from(self.jobs_exchange()),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                ShortString::from(self.dead_letter_exchange()),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        let qopts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(ShortString::from(self.dead_queue()), qopts, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                ShortString::from(self.dead_queue()),
+                ShortString::from(self.dead_letter_exchange()),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for pool in pools {
+            channel
+                .queue_declare(
+                    ShortString::from(self.pool_queue(pool)),
+                    qopts,
+                    self.pool_queue_args(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    ShortString::from(self.pool_queue(pool)),
+                    ShortString::from(self.jobs_exchange()),
+                    ShortString::from(pool.as_str()),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let t = Topology::from_settings(&Settings {
+            queue_prefix: "t1".into(),
+            ..Settings::default()
+        });
+        assert_eq!(t.jobs_exchange(), "t1.jobs");
+        assert_eq!(t.pool_queue("h100"), "t1.jobs.h100");
+        assert_eq!(t.dead_queue(), "t1.dead");
+        let args = t.pool_queue_args();
+        let inner = args.inner();
+        assert_eq!(
+            inner.get("x-overflow"),
+            Some(&AMQPValue::LongString("reject-publish".into()))
+        );
+        assert_eq!(
+            inner.get("x-dead-letter-strategy"),
+            Some(&AMQPValue::LongString("at-least-once".into()))
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! One contract for every `JobStore` backend: SQLite always, MongoDB when
+//! `GPUQ_TEST_MONGODB_URL` names a reachable server (otherwise the MongoDB run says it skipped).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use gpuq_common::job::{FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms};
+use gpuq_common::store::{self, FinishOutcome, JobStore, ListQuery, StartOutcome, StoreError};
+use gpuq_common::{JobRecord, JobStatus};
+use serde_json::json;
+
+fn new_job(pool: &str) -> JobRecord {
+    let msg = JobMessage::new(
+        JobPayload::Simulate(SimulateParams {
+            duration_ms: 5,
+            ..Default::default()
+        }),
+        JobPlacement {
+            gpus: 1,
+            min_gpu_memory_mb: Some(1024),
+            pool: pool.into(),
+            ttl_s: None,
+        },
+    );
+    JobRecord::queued(&msg)
+}
+
+fn outcome(status: JobStatus, worker: &str) -> FinalOutcome {
+    FinalOutcome {
+        status,
+        result: Some(json!({"by": worker})),
+        error: None,
+        worker: Some(worker.into()),
+        finished_at: now_ms(),
+    }
+}
+
+async fn contract(store: Arc<dyn JobStore>) {
+    store.ping().await.unwrap();
+    let pool = format!("p{}", uuid::Uuid::new_v4().simple());
+
+    // insert, get, conflict
+    let job = new_job(&pool);
+    store.insert(&job).await.unwrap();
+    assert_eq!(store.get(job.id).await.unwrap().unwrap(), job);
+    assert!(matches!(store.insert(&job).await, Err(StoreError::Conflict(_))));
+    assert!(store.get(uuid::Uuid::now_v7()).await.unwrap().is_none());
+
+    // start an attempt
+    let mut running = job.clone();
+    running.status = JobStatus::Running;
+    running.attempts = 1;
+    running.worker = Some("w1".into());
+    running.gpus = vec![0, 1];
+    running.started_at = Some(now_ms());
+    assert_eq!(store.start_attempt(&running).await.unwrap(), StartOutcome::Started);
+    let got = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(got.status, JobStatus::Running);
+    assert_eq!(got.gpus, vec![0, 1]);
+    assert_eq!(got.attempts, 1);
+
+    store.record_error(job.id, "attempt 1 failed").await.unwrap();
+    assert_eq!(
+        store.get(job.id).await.unwrap().unwrap().error.as_deref(),
+        Some("attempt 1 failed")
+    );
+
+    // the first final result wins, whatever races it
+    let mut handles = vec![];
+    for i in 0..8 {
+        let s = store.clone();
+        let id = job.id;
+        handles.push(tokio::spawn(async move {
+            s.finish(id, &outcome(JobStatus::Succeeded, &format!("w{i}"))).await.unwrap()
+        }));
+    }
+    let mut stored = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            FinishOutcome::Stored => stored += 1,
+            FinishOutcome::AlreadyFinal(s) => assert_eq!(s, JobStatus::Succeeded),
+            FinishOutcome::NotFound => panic!("job vanished"),
+        }
+    }
+    assert_eq!(stored, 1, "exactly one final write wins");
+    let done = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert!(done.finished_at.is_some());
+    assert_eq!(
+        store.start_attempt(&running).await.unwrap(),
+        StartOutcome::AlreadyFinal(JobStatus::Succeeded)
+    );
+    assert_eq!(
+        store.finish(uuid::Uuid::now_v7(), &outcome(JobStatus::Failed, "w")).await.unwrap(),
+        FinishOutcome::NotFound
+    );
+
+    // an attempt for a job the store never saw creates it
+    let orphan = {
+        let mut j = new_job(&pool);
+        j.status = JobStatus::Running;
+        j.attempts = 1;
+        j
+    };
+    assert_eq!(store.start_attempt(&orphan).await.unwrap(), StartOutcome::Started);
+    assert_eq!(store.get(orphan.id).await.unwrap().unwrap().status, JobStatus::Running);
+
+    // dead letters can be re-driven, other statuses cannot
+    let dead = new_job(&pool);
+    store.insert(&dead).await.unwrap();
+    let mut o = outcome(JobStatus::DeadLettered, "manager");
+    o.error = Some("delivery_limit: boom".into());
+    assert_eq!(store.finish(dead.id, &o).await.unwrap(), FinishOutcome::Stored);
+    assert!(!store.reset_for_retry(job.id).await.unwrap());
+    assert!(store.reset_for_retry(dead.id).await.unwrap());
+    let back = store.get(dead.id).await.unwrap().unwrap();
+    assert_eq!(back.status, JobStatus::Queued);
+    assert_eq!(back.error.as_deref(), Some("delivery_limit: boom"));
+
+    // delete
+    let gone = new_job(&pool);
+    store.insert(&gone).await.unwrap();
+    store.delete(gone.id).await.unwrap();
+    assert!(store.get(gone.id).await.unwrap().is_none());
+
+    // listing: newest first, filtered, paged by cursor without gaps or repeats
+    let mut ids = HashSet::new();
+    for _ in 0..25 {
+        let j = new_job(&pool);
+        store.insert(&j).await.unwrap();
+        ids.insert(j.id);
+    }
+    let mut seen = HashSet::new();
+    let mut cursor = None;
+    let mut last = None;
+    loop {
+        let page = store
+            .list(&ListQuery {
+                status: Some(JobStatus::Queued),
+                pool: Some(pool.clone()),
+                limit: 7,
+                cursor,
+            })
+            .await
+            .unwrap();
+        for j in &page.jobs {
+            assert_eq!(j.status, JobStatus::Queued);
+            if let Some(prev) = last {
+                assert!(j.id < prev, "newest first");
+            }
+            last = Some(j.id);
+            assert!(seen.insert(j.id), "a job appeared twice");
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    ids.insert(dead.id); // re-driven, so queued again
+    assert_eq!(seen, ids);
+    let counts = store.count_by_status().await.unwrap();
+    assert!(counts[&JobStatus::Queued] >= 26);
+    assert!(counts[&JobStatus::Succeeded] >= 1);
+}
+
+#[tokio::test]
+async fn the_sqlite_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    contract(store::open(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn two_sqlite_stores_on_one_file_see_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    let a = store::open(&url).await.unwrap();
+    let b = store::open(&url).await.unwrap();
+    let job = new_job("default");
+    a.insert(&job).await.unwrap();
+    assert_eq!(
+        b.finish(job.id, &outcome(JobStatus::Succeeded, "b")).await.unwrap(),
+        FinishOutcome::Stored
+    );
+    assert_eq!(
+        a.finish(job.id, &outcome(JobStatus::Failed, "a")).await.unwrap(),
+        FinishOutcome::AlreadyFinal(JobStatus::Succeeded)
+    );
+}
+
+#[tokio::test]
+async fn the_mongodb_store_keeps_the_contract() {
+    let Ok(url) = std::env::var("GPUQ_TEST_MONGODB_URL") else {
+        eprintln!("SKIPPED: the MongoDB store contract needs GPUQ_TEST_MONGODB_URL (no MongoDB server here)");
+        return;
+    };
+    contract(store::open(&url).await.unwrap()).await;
+}
