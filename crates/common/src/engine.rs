@@ -126,6 +126,21 @@ impl AdminState {
     }
 }
 
+/// An engine as the manager reports it (`GET /v1/engines`), for the CLI and the status page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EngineView {
+    pub id: String,
+    pub state: EngineState,
+    /// Operator intent, if any.
+    pub admin: Option<AdminState>,
+    /// Worker process restarts seen (a new instance id for this engine).
+    pub restarts: u64,
+    /// When the manager last received a heartbeat (ms since the epoch).
+    pub last_seen_ms: Option<i64>,
+    /// The latest heartbeat while it is fresh; `null` once the engine is offline.
+    pub heartbeat: Option<Heartbeat>,
+}
+
 /// Derives an engine's state from its last heartbeat (if still fresh) and operator intent.
 pub fn derive_state(hb: Option<&Heartbeat>, admin: Option<AdminState>) -> EngineState {
     let Some(hb) = hb else {

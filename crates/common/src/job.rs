@@ -94,6 +94,8 @@ pub struct SimulateParams {
     pub fail_probability: f64,
     /// Fail every attempt (a poison job).
     pub always_fail: bool,
+    /// The first N attempts hang without progress (until the worker's progress watchdog kills them).
+    pub hang_attempts: u32,
 }
 
 /// Parameters of a `command` job.

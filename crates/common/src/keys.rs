@@ -49,6 +49,11 @@ impl Keys {
     pub fn engine_starts(&self, engine: &str) -> String {
         format!("{}:starts:{engine}", self.prefix)
     }
+    /// What the manager remembers of an engine without a TTL (a hash: `instance`,
+    /// `started_at_ms`, `last_seen_ms`), so restarts and the last sighting outlive the heartbeat.
+    pub fn engine_info(&self, engine: &str) -> String {
+        format!("{}:engine-info:{engine}", self.prefix)
+    }
 }
 
 /// Takes the lease when free, or when its owner's liveness key is gone (the owner died).

@@ -142,6 +142,8 @@ pub struct WorkerMetrics {
     pub queue_wait: HistogramVec,
     pub redeliveries: IntCounterVec,
     pub duplicates_suppressed: IntCounterVec,
+    pub results_discarded: IntCounterVec,
+    pub given_back: IntCounterVec,
     pub lease_contended: IntCounterVec,
     pub lease_takeovers: IntCounterVec,
     pub leases_held: IntGauge,
@@ -200,6 +202,18 @@ impl WorkerMetrics {
                 "gpuq_duplicates_suppressed_total",
                 "Deliveries of already finished jobs, acked without running.",
                 &["pool"],
+            ),
+            results_discarded: counter(
+                r,
+                "gpuq_results_discarded_total",
+                "Runs that finished after another final result was stored: work done twice, recorded once.",
+                &["pool"],
+            ),
+            given_back: counter(
+                r,
+                "gpuq_deliveries_given_back_total",
+                "Deliveries put back on the queue without burning their delivery budget, by reason.",
+                &["pool", "reason"],
             ),
             lease_contended: counter(
                 r,

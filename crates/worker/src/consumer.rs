@@ -1,0 +1,165 @@
+//! The broker side of the worker: connect through any node, declare the pools' queues, and hold
+//! a consumer on each only while the gate is open (a schedulable GPU, Redis answering, not
+//! cordoned or draining, not stopping). Prefetch equals the schedulable GPU slots, so the
+//! worker never holds deliveries it cannot start. A lost connection is re-made on another node.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gpuq_common::amqp::{confirm_channel, connect_any};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{Worker, gate_open};
+use crate::process::{Channels, process_delivery};
+
+pub async fn run(w: Arc<Worker>) {
+    let jobs = TaskTracker::new();
+    let mut backoff = Duration::from_millis(200);
+    while !w.shutdown.is_cancelled() {
+        match session(&w, &jobs).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                tracing::warn!(error.message = %e, "broker session ended; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = w.shutdown.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    drain(&w, &jobs).await;
+}
+
+/// In-flight jobs get the grace period; then they are stopped and given back.
+async fn drain(w: &Worker, jobs: &TaskTracker) {
+    jobs.close();
+    let grace = Duration::from_secs(w.settings.shutdown_grace_s);
+    if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+        tracing::warn!(running = w.running_jobs().len(), "grace period over: stopping running jobs");
+        w.stop_jobs(None, crate::runner::StopReason::Shutdown);
+        let _ = tokio::time::timeout(Duration::from_secs(10), jobs.wait()).await;
+    }
+}
+
+struct Session {
+    conn: Connection,
+    channels: Arc<Channels>,
+}
+
+async fn open(w: &Worker) -> anyhow::Result<Session> {
+    let (conn, _url) = connect_any(&w.settings.amqp_url_list(), &format!("gpuq-worker {}", w.instance_id)).await?;
+    let consume = conn.create_channel().await?;
+    let publish = confirm_channel(&conn).await?;
+    w.topology.declare(&publish, &w.pools).await?;
+    Ok(Session {
+        conn,
+        channels: Arc::new(Channels { consume, publish }),
+    })
+}
+
+async fn consume_all(w: &Worker, ch: &Channel, prefetch: u16, tx: &mpsc::Sender<lapin::message::Delivery>) -> anyhow::Result<Vec<ShortString>> {
+    ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+    let mut tags = vec![];
+    for pool in &w.pools {
+        let tag = ShortString::from(format!("{}:{pool}", w.instance_id));
+        let mut consumer = ch
+            .basic_consume(
+                ShortString::from(w.topology.pool_queue(pool)),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(d) = consumer.next().await {
+                match d {
+                    Ok(d) => {
+                        if tx.send(d).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "consumer stream failed");
+                        break;
+                    }
+                }
+            }
+        });
+        tags.push(tag);
+    }
+    Ok(tags)
+}
+
+async fn session(w: &Arc<Worker>, jobs: &TaskTracker) -> anyhow::Result<()> {
+    let s = open(w).await?;
+    w.broker_connected.store(true, Ordering::Relaxed);
+    let result = serve(w, jobs, &s).await;
+    w.broker_connected.store(false, Ordering::Relaxed);
+    w.consuming.store(false, Ordering::Relaxed);
+    w.metrics.consuming.set(0);
+    if w.shutdown.is_cancelled() {
+        // Let in-flight jobs ack on this connection before it closes.
+        drain(w, jobs).await;
+        let _ = s.channels.consume.close(200, "OK".into()).await;
+        let _ = s.channels.publish.close(200, "OK".into()).await;
+        let _ = s.conn.close(200, "OK".into()).await;
+    }
+    result
+}
+
+async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::channel(256);
+    let mut capacity = w.slots.subscribe();
+    let mut admin = w.admin.subscribe();
+    let mut redis_ok = w.redis_ok.subscribe();
+    let mut tags: Vec<ShortString> = vec![];
+    let mut prefetch = 0u16;
+    let mut health = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let want = gate_open(w);
+        let slots = w.slots.capacity().schedulable.min(u32::from(u16::MAX)) as u16;
+        if (!want || slots != prefetch) && !tags.is_empty() {
+            for tag in tags.drain(..) {
+                s.channels.consume.basic_cancel(tag, BasicCancelOptions::default()).await?;
+            }
+            w.consuming.store(false, Ordering::Relaxed);
+            w.metrics.consuming.set(0);
+            tracing::info!(worker_id = %w.engine_id, "consumer paused");
+        }
+        if want && tags.is_empty() {
+            tags = consume_all(w, &s.channels.consume, slots, &tx).await?;
+            prefetch = slots;
+            w.consuming.store(true, Ordering::Relaxed);
+            w.metrics.consuming.set(1);
+            tracing::info!(worker_id = %w.engine_id, prefetch, "consuming");
+        }
+        tokio::select! {
+            Some(d) = rx.recv() => {
+                let (w, ch) = (w.clone(), s.channels.clone());
+                jobs.spawn(async move { process_delivery(w, ch, d).await; });
+            }
+            _ = capacity.changed() => {}
+            _ = admin.changed() => {}
+            _ = redis_ok.changed() => {}
+            _ = health.tick() => {
+                if !s.conn.status().connected() || !s.channels.consume.status().connected() {
+                    anyhow::bail!("broker connection lost");
+                }
+            }
+            _ = w.shutdown.cancelled() => {
+                for tag in tags.drain(..) {
+                    let _ = s.channels.consume.basic_cancel(tag, BasicCancelOptions::default()).await;
+                }
+                return Ok(());
+            }
+        }
+    }
+}

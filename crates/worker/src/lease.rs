@@ -1,0 +1,201 @@
+//! Coordination through Redis: the per-job lease and done marker of the delivery protocol,
+//! this process's liveness key (so others can take over its leases when it dies), operator
+//! intent (cordon/drain) and job cancellation.
+
+use std::time::Duration;
+
+use gpuq_common::engine::{AdminState, Heartbeat};
+use gpuq_common::keys::{Keys, RELEASE_LEASE_LUA};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use uuid::Uuid;
+
+/// How long a done marker outlives the job: longer than any redelivery can arrive.
+const DONE_TTL_S: u64 = 7 * 24 * 3600;
+/// Liveness of this process: refreshed every second, gone 3 s after the process dies.
+pub const ALIVE_TTL: Duration = Duration::from_secs(3);
+
+/// Done check and lease in one round trip. KEYS: done, lease. ARGV: owner, ttl ms, alive prefix.
+/// -1 done; 0 held by a live owner; 1 taken; 2 taken over from a dead owner.
+const ACQUIRE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local owner = redis.call('GET', KEYS[2])
+if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) return 1 end
+if not owner then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) return 1 end
+if redis.call('EXISTS', ARGV[3] .. owner) == 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) return 2
+end
+return 0
+"#;
+
+/// Renews our lease, re-taking it if it expired meanwhile (e.g. Redis was away); 0 when another
+/// owner holds it. KEYS: lease. ARGV: owner, ttl ms.
+const RENEW_LUA: &str = r#"
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] or not owner then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"#;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    /// The job already has a final result.
+    Done,
+    /// A live worker holds the lease.
+    Held,
+    Taken,
+    /// Taken from a worker whose liveness key is gone.
+    TakenOver,
+}
+
+#[derive(Clone)]
+pub struct Coordinator {
+    conn: ConnectionManager,
+    keys: Keys,
+    owner: String,
+    lease_ttl_ms: u64,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl Coordinator {
+    pub fn new(conn: ConnectionManager, keys: Keys, owner: String, lease_ttl_ms: u64) -> Self {
+        Self {
+            conn,
+            keys,
+            owner,
+            lease_ttl_ms,
+            acquire: Script::new(ACQUIRE_LUA),
+            renew: Script::new(RENEW_LUA),
+            release: Script::new(RELEASE_LEASE_LUA),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub async fn acquire(&self, job: Uuid) -> redis::RedisResult<Acquire> {
+        let mut c = self.conn.clone();
+        let r: i64 = self
+            .acquire
+            .key(self.keys.done(job))
+            .key(self.keys.lease(job))
+            .arg(&self.owner)
+            .arg(self.lease_ttl_ms)
+            .arg(self.keys.instance_alive(""))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r {
+            -1 => Acquire::Done,
+            0 => Acquire::Held,
+            2 => Acquire::TakenOver,
+            _ => Acquire::Taken,
+        })
+    }
+
+    /// True while we still own the lease.
+    pub async fn renew(&self, job: Uuid) -> redis::RedisResult<bool> {
+        let mut c = self.conn.clone();
+        let r: i64 = self
+            .renew
+            .key(self.keys.lease(job))
+            .arg(&self.owner)
+            .arg(self.lease_ttl_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r == 1)
+    }
+
+    pub async fn release(&self, job: Uuid) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(self.keys.lease(job))
+            .arg(&self.owner)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the done marker and drops our lease in one round trip.
+    pub async fn mark_done(&self, job: Uuid) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.set_ex(self.keys.done(job), 1, DONE_TTL_S).ignore();
+        pipe.cmd("EVAL")
+            .arg(RELEASE_LEASE_LUA)
+            .arg(1)
+            .arg(self.keys.lease(job))
+            .arg(&self.owner)
+            .ignore();
+        pipe.query_async::<()>(&mut c).await
+    }
+
+    /// Whether a client asked to cancel the job.
+    pub async fn cancel_requested(&self, job: Uuid) -> redis::RedisResult<bool> {
+        let mut c = self.conn.clone();
+        c.exists(self.keys.cancel(job)).await
+    }
+
+    pub async fn refresh_alive(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.set_ex::<_, _, ()>(
+            self.keys.instance_alive(&self.owner),
+            1,
+            ALIVE_TTL.as_secs(),
+        )
+        .await
+    }
+
+    pub async fn forget_alive(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        c.del(self.keys.instance_alive(&self.owner)).await
+    }
+
+    pub async fn admin_state(&self, engine: &str) -> redis::RedisResult<Option<AdminState>> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c.get(self.keys.engine_admin(engine)).await?;
+        Ok(v.as_deref().and_then(AdminState::parse))
+    }
+
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut c).await
+    }
+
+    /// Whether any live engine serving `pool` (by its last heartbeat) could ever place a job
+    /// asking for `gpus` GPUs with `min_memory_mb` each; `None` when no engine of the pool has
+    /// a fresh heartbeat (the manager may be away), so nothing can be concluded.
+    pub async fn pool_can_place(
+        &self,
+        pool: &str,
+        gpus: u32,
+        min_memory_mb: u64,
+    ) -> redis::RedisResult<Option<bool>> {
+        let mut c = self.conn.clone();
+        let engines: Vec<String> = c.smembers(self.keys.engines()).await?;
+        if engines.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = engines.iter().map(|e| self.keys.engine(e)).collect();
+        let beats: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        let in_pool: Vec<Heartbeat> = beats
+            .into_iter()
+            .flatten()
+            .filter_map(|s| serde_json::from_str::<Heartbeat>(&s).ok())
+            .filter(|hb| hb.pools.iter().any(|p| p == pool))
+            .collect();
+        if in_pool.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(in_pool.iter().any(|hb| {
+            hb.gpus
+                .iter()
+                .filter(|g| g.memory_total_mb >= min_memory_mb)
+                .count()
+                >= gpus as usize
+        })))
+    }
+}

@@ -1,0 +1,16 @@
+//! The gpuq worker agent: takes deliveries from its pools' quorum queues only while it has free
+//! healthy GPU slots, runs each job on concrete GPUs under the Redis lease of the delivery
+//! protocol, stores the result with a conditional write, and only then acks.
+
+pub mod admin;
+pub mod app;
+pub mod consumer;
+pub mod faults;
+pub mod gpu;
+pub mod lease;
+pub mod monitor;
+pub mod process;
+pub mod runner;
+pub mod slots;
+
+pub use app::{Application, Worker};

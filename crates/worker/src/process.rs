@@ -1,0 +1,466 @@
+//! One delivery, start to finish: the delivery protocol of DESIGN.md. Every path ends in exactly
+//! one of ack, nack (retry, counted by the broker), reject (malformed), or "give back" — a
+//! confirmed republish of the same job followed by an ack, used when the job is not at fault
+//! (its lease is held elsewhere, no capacity here, graceful stop) so that contention never
+//! burns its delivery budget.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpuq_common::amqp::{header_u64, job_properties, publish_confirmed};
+use gpuq_common::job::{FinalOutcome, JobMessage, now_ms};
+use gpuq_common::store::{FinishOutcome, StartOutcome, StoreError};
+use gpuq_common::topology::{ERROR_HEADER, REASON_HEADER};
+use gpuq_common::{JobRecord, JobStatus};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::app::{Running, Worker, record_run};
+use crate::faults::Scenario;
+use crate::lease::{ALIVE_TTL, Acquire};
+use crate::runner::{self, RunContext, RunOutcome, StopReason};
+use crate::slots::NoPlacement;
+
+/// Deliveries a job had before a give-back republished it (the broker's count restarts).
+pub const PRIOR_DELIVERIES_HEADER: &str = "x-gpuq-prior-deliveries";
+
+/// What happened to a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Already final: acked without running.
+    DuplicateSuppressed,
+    /// Failed this attempt; nacked for a retry.
+    Retried,
+    GivenBack(&'static str),
+    DeadLettered(&'static str),
+    Rejected,
+    /// The fault injector dropped the channel before the ack.
+    AckLost,
+}
+
+/// The channels a delivery needs: the one it came on (for closing it in a fault) and a
+/// confirm-mode one for republishing.
+pub struct Channels {
+    pub consume: Channel,
+    pub publish: Channel,
+}
+
+pub async fn process_delivery(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery) -> Outcome {
+    let msg = match JobMessage::from_bytes(&d.data) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error.message = %e, "malformed job message: rejected to the dead letters");
+            let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+            return Outcome::Rejected;
+        }
+    };
+    let span = tracing::info_span!("job", job_id = %msg.id, worker_id = %w.engine_id, pool = %msg.placement.pool);
+    process(w, ch, d, msg).instrument(span).await
+}
+
+async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage) -> Outcome {
+    let pool = msg.placement.pool.as_str();
+    let headers = d.properties.headers().as_ref();
+    let prior = header_u64(headers, PRIOR_DELIVERIES_HEADER).unwrap_or(0);
+    let count = header_u64(headers, "x-delivery-count").unwrap_or(0);
+    if d.redelivered || count > 0 {
+        w.metrics.redeliveries.with_label_values(&[pool]).inc();
+    }
+    let attempt = (prior + count + 1) as u32;
+    if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
+        return dead_letter(&w, &ch, &d, &msg, "delivery_limit", "delivery limit reached").await;
+    }
+
+    // 1. A place to run: concrete free healthy GPUs.
+    let min_mem = msg.placement.min_gpu_memory_mb.unwrap_or(0);
+    let gpus = match w.slots.reserve(msg.id, msg.placement.gpus, min_mem) {
+        Ok(g) => g,
+        Err(NoPlacement::Busy) => return give_back(&w, &ch, &d, &msg, "no_free_gpu", Duration::from_millis(200)).await,
+        Err(NoPlacement::Never) => {
+            match w.coord.pool_can_place(pool, msg.placement.gpus, min_mem).await {
+                Ok(Some(false)) => {
+                    let why = format!(
+                        "no engine in pool {pool} has {} GPUs with {min_mem} MB",
+                        msg.placement.gpus
+                    );
+                    return dead_letter(&w, &ch, &d, &msg, "unschedulable", &why).await;
+                }
+                _ => return give_back(&w, &ch, &d, &msg, "not_placeable_here", Duration::from_secs(1)).await,
+            }
+        }
+    };
+    let outcome = with_gpus(&w, &ch, &d, &msg, attempt, gpus).await;
+    w.slots.release(msg.id);
+    outcome
+}
+
+async fn with_gpus(
+    w: &Arc<Worker>,
+    ch: &Arc<Channels>,
+    d: &Delivery,
+    msg: &JobMessage,
+    attempt: u32,
+    gpus: Vec<u32>,
+) -> Outcome {
+    let pool = msg.placement.pool.as_str();
+    // 2. Done marker and lease in one round trip; nothing runs without a lease.
+    let waited = Instant::now();
+    let acquired = loop {
+        match w.coord.acquire(msg.id).await {
+            Ok(Acquire::Held) if waited.elapsed() < ALIVE_TTL + Duration::from_secs(1) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Ok(a) => break a,
+            Err(e) => {
+                w.metrics.redis_errors.with_label_values(&["acquire"]).inc();
+                if w.shutdown.is_cancelled() {
+                    return give_back(w, ch, d, msg, "shutdown", Duration::ZERO).await;
+                }
+                tracing::warn!(error.message = %e, "Redis unavailable: waiting to take the lease");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    match acquired {
+        Acquire::Done => {
+            w.metrics.duplicates_suppressed.with_label_values(&[pool]).inc();
+            tracing::info!("job already done: duplicate delivery acked without running");
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            return Outcome::DuplicateSuppressed;
+        }
+        Acquire::Held => {
+            w.metrics.lease_contended.with_label_values(&[pool]).inc();
+            return give_back(w, ch, d, msg, "lease_held", Duration::ZERO).await;
+        }
+        Acquire::TakenOver => {
+            w.metrics.lease_takeovers.with_label_values(&[pool]).inc();
+            tracing::info!("took over the lease of a dead worker");
+        }
+        Acquire::Taken => {}
+    }
+    w.metrics.leases_held.inc();
+    let out = leased(w, ch, d, msg, attempt, gpus).await;
+    w.metrics.leases_held.dec();
+    out
+}
+
+/// Retries a store write until it succeeds (a store outage must not lose or repeat a result).
+async fn store_retry<T, F, Fut>(w: &Worker, op: &'static str, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Err(StoreError::Unavailable(e)) => {
+                w.metrics.store_retries.with_label_values(&[op]).inc();
+                tracing::warn!(error.message = %e, op, "store write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn leased(
+    w: &Arc<Worker>,
+    ch: &Arc<Channels>,
+    d: &Delivery,
+    msg: &JobMessage,
+    attempt: u32,
+    gpus: Vec<u32>,
+) -> Outcome {
+    let pool = msg.placement.pool.as_str();
+    let kind = msg.payload.kind().as_str();
+    let mut record = JobRecord::queued(msg);
+    record.status = JobStatus::Running;
+    record.attempts = attempt;
+    record.worker = Some(w.engine_id.clone());
+    record.gpus = gpus.clone();
+    record.started_at = Some(now_ms());
+    // 3. The store may already hold a final result (done marker lost, or cancelled).
+    match store_retry(w, "start", || w.store.start_attempt(&record)).await {
+        Ok(StartOutcome::Started) => {}
+        Ok(StartOutcome::AlreadyFinal(s)) => {
+            w.metrics.duplicates_suppressed.with_label_values(&[pool]).inc();
+            tracing::info!(status = s.as_str(), "job already final in the store: acked without running");
+            let _ = w.coord.mark_done(msg.id).await;
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            return Outcome::DuplicateSuppressed;
+        }
+        Err(e) => {
+            tracing::error!(error.message = %e, "cannot record the attempt; retrying later");
+            let _ = w.coord.release(msg.id).await;
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return Outcome::Retried;
+        }
+    }
+    w.metrics.jobs_started.with_label_values(&[pool, kind]).inc();
+    w.metrics
+        .queue_wait
+        .with_label_values(&[pool])
+        .observe(((now_ms() - msg.created_at_ms).max(0) as f64) / 1000.0);
+    tracing::info!(attempt, gpus = ?gpus, "job started");
+
+    // 4. Run, renewing the lease and watching for cancellation.
+    let scenario = w.faults.take();
+    if scenario != Scenario::Normal {
+        tracing::warn!(scenario = scenario.as_str(), "fault injected into this job");
+    }
+    let (stop_tx, stop_rx) = watch::channel(None);
+    w.running.lock().expect("running").insert(
+        msg.id,
+        Running {
+            stop: stop_tx.clone(),
+            gpus: gpus.clone(),
+            started: Instant::now(),
+            pool: pool.to_string(),
+        },
+    );
+    for &g in &gpus {
+        w.gpus.set_busy(g, true);
+    }
+    let keeper = tokio::spawn(keep_lease(w.clone(), msg.id, stop_tx));
+    let ctx = RunContext {
+        job: msg.id,
+        attempt,
+        gpus: gpus.clone(),
+        worker: w.engine_id.clone(),
+        programs: w.programs.clone(),
+        job_timeout: Duration::from_secs(w.settings.job_timeout_s),
+        progress_timeout: (w.settings.progress_timeout_s > 0)
+            .then(|| Duration::from_secs(w.settings.progress_timeout_s)),
+        output_tail_bytes: w.settings.output_tail_bytes,
+        stop: stop_rx,
+    };
+    let started = Instant::now();
+    let run = runner::run(&msg.payload, ctx);
+    let outcome = if scenario == Scenario::CrashMidTask {
+        let half = match &msg.payload {
+            gpuq_common::job::JobPayload::Simulate(p) => Duration::from_millis(p.duration_ms / 2),
+            _ => Duration::from_millis(100),
+        };
+        tokio::select! {
+            o = run => o,
+            _ = tokio::time::sleep(half) => crash("crash_mid_task"),
+        }
+    } else {
+        run.await
+    };
+    let elapsed = started.elapsed();
+    keeper.abort();
+    for &g in &gpus {
+        w.gpus.set_busy(g, false);
+    }
+    w.running.lock().expect("running").remove(&msg.id);
+    w.metrics
+        .job_duration
+        .with_label_values(&[pool, kind])
+        .observe(elapsed.as_secs_f64());
+    let outcome = match (scenario, outcome) {
+        (Scenario::ErrorBeforeAck, RunOutcome::Succeeded(_)) => {
+            RunOutcome::Retry("injected fault: error_before_ack".into())
+        }
+        (_, o) => o,
+    };
+    record_run(w, elapsed.as_millis() as u64, !matches!(outcome, RunOutcome::Succeeded(_)));
+
+    // 5. Record, mark done, then ack.
+    let final_write = |status: JobStatus, result: Option<Value>, error: Option<String>| FinalOutcome {
+        status,
+        result,
+        error,
+        worker: Some(w.engine_id.clone()),
+        finished_at: now_ms(),
+    };
+    let (fin, outcome_label, out) = match outcome {
+        RunOutcome::Succeeded(v) => (final_write(JobStatus::Succeeded, Some(v), None), "succeeded", Outcome::Succeeded),
+        RunOutcome::Failed { result, error } => {
+            (final_write(JobStatus::Failed, Some(result), Some(error)), "failed", Outcome::Failed)
+        }
+        RunOutcome::Stopped(StopReason::Cancelled) => (
+            final_write(JobStatus::Cancelled, None, Some("cancelled by request".into())),
+            "cancelled",
+            Outcome::Cancelled,
+        ),
+        RunOutcome::Retry(err) => {
+            w.metrics.jobs_completed.with_label_values(&[pool, kind, "retried"]).inc();
+            tracing::warn!(attempt, error.message = %err, "attempt failed; requeued for a retry");
+            let _ = w.store.record_error(msg.id, &format!("attempt {attempt}: {err}")).await;
+            let _ = w.coord.release(msg.id).await;
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return Outcome::Retried;
+        }
+        RunOutcome::Stopped(reason) => {
+            w.metrics.jobs_completed.with_label_values(&[pool, kind, "interrupted"]).inc();
+            tracing::warn!(?reason, "job stopped by the worker; giving it back to the queue");
+            let _ = w.coord.release(msg.id).await;
+            return give_back(w, ch, d, msg, "interrupted", Duration::ZERO).await;
+        }
+    };
+    match store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await {
+        Ok(FinishOutcome::Stored) => {
+            w.metrics.jobs_completed.with_label_values(&[pool, kind, outcome_label]).inc();
+            tracing::info!(status = outcome_label, ms = elapsed.as_millis() as u64, "job finished");
+        }
+        Ok(FinishOutcome::AlreadyFinal(s)) => {
+            w.metrics.results_discarded.with_label_values(&[pool]).inc();
+            tracing::warn!(status = s.as_str(), "another final result was stored first; this one is discarded");
+        }
+        Ok(FinishOutcome::NotFound) => tracing::error!("job vanished from the store"),
+        Err(e) => tracing::error!(error.message = %e, "store refused the result"),
+    }
+    match scenario {
+        Scenario::CrashAfterComplete => crash("crash_after_complete"),
+        Scenario::DuplicateAfterComplete => {
+            let _ = w.coord.mark_done(msg.id).await;
+            tracing::warn!("injected fault: dropping the channel before the ack");
+            let _ = ch.consume.close(406, "gpuq fault injection: ack lost".into()).await;
+            return Outcome::AckLost;
+        }
+        _ => {}
+    }
+    for _ in 0..3 {
+        match w.coord.mark_done(msg.id).await {
+            Ok(()) => break,
+            Err(e) => {
+                w.metrics.redis_errors.with_label_values(&["mark_done"]).inc();
+                tracing::warn!(error.message = %e, "cannot set the done marker (the store still guards the job)");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error.message = %e, "ack failed; a redelivery will be suppressed");
+    }
+    out
+}
+
+/// Dies at once, without cleanup: the injected crash of the tester's scenarios 2 and 4.
+fn crash(scenario: &str) -> ! {
+    tracing::error!(scenario, "injected fault: the worker process dies now");
+    std::process::abort()
+}
+
+/// Renews the lease while the job runs and stops the job when a client cancels it.
+async fn keep_lease(w: Arc<Worker>, job: Uuid, stop: watch::Sender<Option<StopReason>>) {
+    let every = Duration::from_millis((w.settings.lease_ttl_ms / 3).max(200));
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match w.coord.renew(job).await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!("lease taken by another worker while running"),
+            Err(e) => {
+                w.metrics.redis_errors.with_label_values(&["renew"]).inc();
+                tracing::warn!(error.message = %e, "lease renewal failed");
+            }
+        }
+        if let Ok(true) = w.coord.cancel_requested(job).await {
+            let _ = stop.send(Some(StopReason::Cancelled));
+        }
+    }
+}
+
+fn republish_headers(d: &Delivery, extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut h = d.properties.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        h.insert((*k).into(), v.clone());
+    }
+    h
+}
+
+/// Puts the job back at the end of its queue (confirmed) and acks this delivery. The broker's
+/// delivery count restarts, so the count so far travels in a header.
+async fn give_back(
+    w: &Arc<Worker>,
+    ch: &Arc<Channels>,
+    d: &Delivery,
+    msg: &JobMessage,
+    reason: &'static str,
+    delay: Duration,
+) -> Outcome {
+    let pool = msg.placement.pool.as_str();
+    w.metrics.given_back.with_label_values(&[pool, reason]).inc();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let headers = d.properties.headers().as_ref();
+    let prior = header_u64(headers, PRIOR_DELIVERIES_HEADER).unwrap_or(0)
+        + header_u64(headers, "x-delivery-count").unwrap_or(0);
+    let h = republish_headers(d, &[(PRIOR_DELIVERIES_HEADER, AMQPValue::LongLongInt(prior as i64))]);
+    let props = job_properties(&msg.id.to_string(), None, h);
+    let published = publish_confirmed(
+        &ch.publish,
+        &w.topology.jobs_exchange(),
+        pool,
+        &d.data,
+        props,
+        Duration::from_secs(5),
+    )
+    .await;
+    match published {
+        Ok(()) => {
+            tracing::debug!(reason, "delivery given back to the queue");
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            Outcome::GivenBack(reason)
+        }
+        Err(e) => {
+            tracing::warn!(error.message = %e, reason, "give-back failed; requeueing instead");
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            Outcome::Retried
+        }
+    }
+}
+
+/// Sends the job to the dead letters with a gpuq reason (confirmed), then acks.
+async fn dead_letter(
+    w: &Arc<Worker>,
+    ch: &Arc<Channels>,
+    d: &Delivery,
+    msg: &JobMessage,
+    reason: &'static str,
+    error: &str,
+) -> Outcome {
+    tracing::warn!(reason, error.message = %error, "dead-lettering the job");
+    let h = republish_headers(
+        d,
+        &[
+            (REASON_HEADER, AMQPValue::LongString(LongString::from(reason))),
+            (ERROR_HEADER, AMQPValue::LongString(LongString::from(error))),
+        ],
+    );
+    let props = job_properties(&msg.id.to_string(), None, h);
+    match publish_confirmed(
+        &ch.publish,
+        &w.topology.dead_letter_exchange(),
+        "",
+        &d.data,
+        props,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(()) => {
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            Outcome::DeadLettered(reason)
+        }
+        Err(e) => {
+            tracing::warn!(error.message = %e, "dead-lettering failed; requeueing instead");
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            Outcome::Retried
+        }
+    }
+}

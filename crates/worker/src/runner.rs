@@ -1,0 +1,374 @@
+//! Engines: what actually runs a job. `simulate` runs in-process; `command` runs an allow-listed
+//! program in its own process group on exactly the GPUs it was given (`CUDA_VISIBLE_DEVICES`).
+//! Every engine is stopped on timeout, on lost progress, on cancel, or when the worker must stop
+//! it, and no process of a job outlives it.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use gpuq_common::job::{CommandParams, JobPayload, SimulateParams, now_ms};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Mutex, watch};
+use uuid::Uuid;
+
+/// Why the worker stops a running engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    Shutdown,
+    GpuUnhealthy,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    Succeeded(Value),
+    /// The job ran and failed for good (e.g. a non-zero exit code); recorded as `failed`.
+    Failed { result: Value, error: String },
+    /// The attempt failed in a way worth retrying (error, timeout, hang, signal).
+    Retry(String),
+    Stopped(StopReason),
+}
+
+pub struct RunContext {
+    pub job: Uuid,
+    pub attempt: u32,
+    pub gpus: Vec<u32>,
+    pub worker: String,
+    pub programs: Arc<BTreeMap<String, String>>,
+    pub job_timeout: Duration,
+    /// Kill an engine silent for this long (None = never).
+    pub progress_timeout: Option<Duration>,
+    pub output_tail_bytes: usize,
+    pub stop: watch::Receiver<Option<StopReason>>,
+}
+
+pub async fn run(payload: &JobPayload, ctx: RunContext) -> RunOutcome {
+    match payload {
+        JobPayload::Simulate(p) => simulate(p, ctx).await,
+        JobPayload::Command(p) => command(p, ctx).await,
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
+    loop {
+        if let Some(r) = *stop.borrow_and_update() {
+            return r;
+        }
+        if stop.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// A random number in [0, 1) from the OS-seeded UUID generator.
+fn random_unit() -> f64 {
+    (Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
+async fn simulate(p: &SimulateParams, mut ctx: RunContext) -> RunOutcome {
+    if ctx.attempt <= p.hang_attempts {
+        let silent = ctx.progress_timeout.unwrap_or(ctx.job_timeout).min(ctx.job_timeout);
+        return tokio::select! {
+            r = stopped(&mut ctx.stop) => RunOutcome::Stopped(r),
+            _ = tokio::time::sleep(silent) => RunOutcome::Retry(format!(
+                "engine made no progress for {}s and was stopped", silent.as_secs()
+            )),
+        };
+    }
+    let steps = p.progress_steps.max(1);
+    let step = Duration::from_millis(p.duration_ms) / steps;
+    let deadline = tokio::time::Instant::now() + ctx.job_timeout;
+    for _ in 0..steps {
+        if !step.is_zero() {
+            tokio::select! {
+                r = stopped(&mut ctx.stop) => return RunOutcome::Stopped(r),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return RunOutcome::Retry(format!("timed out after {}s", ctx.job_timeout.as_secs()));
+                }
+                _ = tokio::time::sleep(step) => {}
+            }
+        }
+    }
+    let fail = p.always_fail
+        || ctx.attempt <= p.fail_times
+        || (p.fail_probability > 0.0 && random_unit() < p.fail_probability);
+    if fail {
+        return RunOutcome::Retry(format!("simulated failure on attempt {}", ctx.attempt));
+    }
+    RunOutcome::Succeeded(json!({
+        "duration_ms": p.duration_ms,
+        "steps": steps,
+        "attempt": ctx.attempt,
+        "worker": ctx.worker,
+        "gpus": ctx.gpus,
+    }))
+}
+
+/// The last `cap` bytes written to a stream.
+struct Tail {
+    cap: usize,
+    buf: Vec<u8>,
+    total: u64,
+}
+
+impl Tail {
+    fn push(&mut self, chunk: &[u8]) {
+        self.total += chunk.len() as u64;
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() > self.cap {
+            let cut = self.buf.len() - self.cap;
+            self.buf.drain(..cut);
+        }
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+fn spawn_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    mut r: R,
+    tail: Arc<Mutex<Tail>>,
+    last_output: Arc<AtomicI64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    last_output.store(now_ms(), Ordering::Relaxed);
+                    tail.lock().await.push(&buf[..n]);
+                }
+            }
+        }
+    })
+}
+
+fn kill_group(pgid: u32) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    // ESRCH (already gone) is fine.
+    let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+}
+
+/// Exit code that asks for a retry (BSD `EX_TEMPFAIL`).
+pub const EXIT_RETRY: i32 = 75;
+
+async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
+    let Some(path) = ctx.programs.get(&p.program) else {
+        return RunOutcome::Failed {
+            result: json!({"program": p.program}),
+            error: format!("program {:?} is not allowed on worker {}", p.program, ctx.worker),
+        };
+    };
+    let devices = ctx
+        .gpus
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.args(&p.args)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .envs(&p.env)
+        .env("CUDA_VISIBLE_DEVICES", &devices)
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .env("GPUQ_JOB_ID", ctx.job.to_string())
+        .env("GPUQ_ATTEMPT", ctx.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return RunOutcome::Retry(format!("cannot start {path}: {e}")),
+    };
+    let pgid = child.id().unwrap_or_default();
+    let last_output = Arc::new(AtomicI64::new(now_ms()));
+    let new_tail = || {
+        Arc::new(Mutex::new(Tail {
+            cap: ctx.output_tail_bytes,
+            buf: Vec::new(),
+            total: 0,
+        }))
+    };
+    let (out_tail, err_tail) = (new_tail(), new_tail());
+    let readers = [
+        spawn_reader(child.stdout.take().expect("piped"), out_tail.clone(), last_output.clone()),
+        spawn_reader(child.stderr.take().expect("piped"), err_tail.clone(), last_output.clone()),
+    ];
+    let timeout = p
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(ctx.job_timeout)
+        .min(ctx.job_timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break Ok(s),
+            r = stopped(&mut ctx.stop) => break Err(RunOutcome::Stopped(r)),
+            _ = tokio::time::sleep_until(deadline) => {
+                break Err(RunOutcome::Retry(format!("timed out after {}s; engine killed", timeout.as_secs())));
+            }
+            _ = watchdog.tick() => {
+                if let Some(limit) = ctx.progress_timeout {
+                    let silent = now_ms() - last_output.load(Ordering::Relaxed);
+                    if silent >= limit.as_millis() as i64 {
+                        break Err(RunOutcome::Retry(format!(
+                            "engine made no progress for {}s; killed", limit.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
+    };
+    // Whatever happened, nothing of this job survives it: the whole process group goes.
+    kill_group(pgid);
+    let status = match status {
+        Ok(s) => s,
+        Err(outcome) => {
+            let _ = child.wait().await;
+            for r in readers {
+                r.abort();
+            }
+            return outcome;
+        }
+    };
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+    }
+    let result = json!({
+        "exit_code": status.as_ref().ok().and_then(|s| s.code()),
+        "stdout_tail": out_tail.lock().await.text(),
+        "stderr_tail": err_tail.lock().await.text(),
+        "stdout_bytes": out_tail.lock().await.total,
+        "stderr_bytes": err_tail.lock().await.total,
+        "gpus": ctx.gpus,
+        "cuda_visible_devices": devices,
+    });
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => return RunOutcome::Retry(format!("waiting for the engine failed: {e}")),
+    };
+    match status.code() {
+        Some(0) => RunOutcome::Succeeded(result),
+        Some(EXIT_RETRY) => RunOutcome::Retry(format!("{} exited {EXIT_RETRY} (retry)", p.program)),
+        Some(code) => RunOutcome::Failed {
+            result,
+            error: format!("{} exited with code {code}", p.program),
+        },
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            RunOutcome::Retry(format!(
+                "{} was killed by signal {}",
+                p.program,
+                status.signal().unwrap_or_default()
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(attempt: u32, programs: &[(&str, &str)]) -> (RunContext, watch::Sender<Option<StopReason>>) {
+        let (tx, rx) = watch::channel(None);
+        (
+            RunContext {
+                job: Uuid::now_v7(),
+                attempt,
+                gpus: vec![1, 3],
+                worker: "w".into(),
+                programs: Arc::new(
+                    programs
+                        .iter()
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .collect(),
+                ),
+                job_timeout: Duration::from_secs(20),
+                progress_timeout: Some(Duration::from_secs(1)),
+                output_tail_bytes: 16,
+                stop: rx,
+            },
+            tx,
+        )
+    }
+
+    fn sh(script: &str) -> JobPayload {
+        JobPayload::Command(CommandParams {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_command_sees_exactly_its_gpus_and_keeps_a_bounded_tail() {
+        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
+        let out = run(&sh("echo 0123456789abcdef; echo $CUDA_VISIBLE_DEVICES"), c).await;
+        let RunOutcome::Succeeded(v) = out else { panic!("{out:?}") };
+        let full = "0123456789abcdef\n1,3\n";
+        assert_eq!(v["stdout_tail"], full[full.len() - 16..]);
+        assert_eq!(v["stdout_bytes"], full.len());
+        assert_eq!(v["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn exit_codes_are_classified() {
+        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
+        assert!(matches!(run(&sh("exit 3"), c).await, RunOutcome::Failed { .. }));
+        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
+        assert!(matches!(run(&sh("exit 75"), c).await, RunOutcome::Retry(_)));
+        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
+        assert!(matches!(run(&sh("kill -9 $$"), c).await, RunOutcome::Retry(_)));
+        let (c, _tx) = ctx(1, &[]);
+        assert!(matches!(run(&sh("true"), c).await, RunOutcome::Failed { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_silent_engine_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let out = run(&sh(&script), c).await;
+        assert!(matches!(&out, RunOutcome::Retry(m) if m.contains("no progress")), "{out:?}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "the engine's child process {pid} outlived the job");
+    }
+
+    #[tokio::test]
+    async fn a_stop_request_ends_the_engine() {
+        let (c, tx) = ctx(1, &[("sh", "/bin/sh")]);
+        let h = tokio::spawn(async move { run(&sh("while true; do echo .; sleep 0.1; done"), c).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(Some(StopReason::Cancelled)).unwrap();
+        assert_eq!(h.await.unwrap(), RunOutcome::Stopped(StopReason::Cancelled));
+    }
+
+    #[tokio::test]
+    async fn simulated_failures_follow_the_knobs() {
+        let p = |fail_times| JobPayload::Simulate(SimulateParams { fail_times, ..Default::default() });
+        let (c, _tx) = ctx(2, &[]);
+        assert!(matches!(run(&p(2), c).await, RunOutcome::Retry(_)));
+        let (c, _tx) = ctx(3, &[]);
+        assert!(matches!(run(&p(2), c).await, RunOutcome::Succeeded(_)));
+        let hang = JobPayload::Simulate(SimulateParams { hang_attempts: 1, ..Default::default() });
+        let (c, _tx) = ctx(1, &[]);
+        assert!(matches!(run(&hang, c).await, RunOutcome::Retry(m) if m.contains("no progress")));
+    }
+}
