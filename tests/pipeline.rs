@@ -1,1 +1,306 @@
+//! Issue 2's end-to-end proof on the real cluster: jobs go in over REST, run once on one of
+//! three workers, and come back out of the store; bad input, wrong keys and replays enqueue
+//! nothing.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use gpuq_common::JobStatus;
+use gpuq_e2e::{Stack, StackOptions, by_status};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_jobs_each_succeed_exactly_once_across_all_three_workers() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let body = json!({"kind": "simulate", "params": {"duration_ms": 5}});
+    let ids = stack.submit_many(1000, 48, &body).await.unwrap();
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        1000,
+        "ids are unique"
+    );
+    let records = stack
+        .wait_final(&ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(by_status(&records).get(&JobStatus::Succeeded), Some(&1000));
+    let workers: HashSet<_> = records.iter().filter_map(|r| r.worker.clone()).collect();
+    assert_eq!(workers.len(), 3, "all three workers ran jobs: {workers:?}");
+    // Each id exactly once in the store: page through everything the store holds.
+    let mut seen = HashSet::new();
+    let mut cursor = None;
+    loop {
+        let page = stack
+            .store
+            .list(&gpuq_common::store::ListQuery {
+                limit: 1000,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for j in &page.jobs {
+            assert!(seen.insert(j.id), "job {} stored twice", j.id);
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 1000);
+    assert_eq!(
+        stack.workers_metric("gpuq_results_discarded_total").await,
+        0.0
+    );
+    assert_eq!(
+        stack.queue_depth("default").await.unwrap(),
+        0,
+        "the queue is empty"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_that_fails_twice_succeeds_on_its_third_attempt() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let id = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10, "fail_times": 2}}))
+        .await
+        .unwrap();
+    let r = stack
+        .wait_final(&[id], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    assert_eq!(r.attempts, 3);
+    let v = stack.job(id).await.unwrap();
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["attempts"], 3);
+    assert_eq!(v["result"]["attempt"], 3);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_that_always_fails_is_dead_lettered_with_its_reason_and_its_worker_keeps_serving() {
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        env: vec![("GPUQ_DELIVERY_LIMIT".into(), "3".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let poison = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"always_fail": true}}))
+        .await
+        .unwrap();
+    let r = stack
+        .wait_final(&[poison], Duration::from_secs(60))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
+    let error = r.error.unwrap_or_default();
+    assert!(error.contains("delivery_limit"), "{error}");
+    assert!(error.contains("simulated failure"), "{error}");
+    let dead = stack
+        .auth(
+            stack
+                .http
+                .get(format!("{}/v1/dead-letters", stack.gateway_url)),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert!(
+        dead["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == poison.to_string())
+    );
+    let ok = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 5}}))
+        .await
+        .unwrap();
+    let r = stack
+        .wait_final(&[ok], Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, JobStatus::Succeeded);
+    assert_eq!(r.worker.as_deref(), Some("worker-1"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_inputs_get_a_4xx_json_error_and_enqueue_nothing() {
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/jobs", stack.gateway_url);
+    let post_raw = |body: String| {
+        stack
+            .auth(stack.http.post(&url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(String, u16)> = vec![
+        ("{not json".into(), 400),
+        (r#"{"kind":"simulate","gpus":"two"}"#.into(), 422),
+        (r#"{"kind":"teleport"}"#.into(), 422),
+        (r#"{"kind":"simulate","surprise":1}"#.into(), 422),
+        (
+            r#"{"kind":"simulate","params":{"duration_ms":-5}}"#.into(),
+            422,
+        ),
+        (r#"{"kind":"simulate","gpus":0}"#.into(), 422),
+        (r#"{"kind":"simulate","gpus":100000}"#.into(), 422),
+        (r#"{"kind":"simulate","ttl_s":0}"#.into(), 422),
+        (
+            r#"{"kind":"simulate","params":{"duration_ms":999999999999}}"#.into(),
+            422,
+        ),
+        (
+            r#"{"kind":"command","params":{"program":"/bin/rm","args":["-rf","/"]}}"#.into(),
+            422,
+        ),
+        (
+            format!(r#"{{"kind":"simulate","pool":"{}"}}"#, "x".repeat(200_000)),
+            413,
+        ),
+    ];
+    for (body, want) in cases {
+        let r = post_raw(body.clone()).await.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            status,
+            want,
+            "{} -> {status} {v}",
+            &body[..body.len().min(80)]
+        );
+        assert!(
+            v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+            "{v}"
+        );
+    }
+    let r = stack
+        .auth(stack.http.post(&url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16() / 100, 4, "no content type");
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    let counts = stack.store.count_by_status().await.unwrap();
+    assert!(
+        counts.values().all(|n| *n == 0),
+        "nothing stored: {counts:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_returns_the_same_job_and_runs_it_once() {
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let body = json!({"kind": "simulate", "params": {"duration_ms": 5}});
+    let post = || {
+        stack
+            .auth(stack.http.post(format!("{}/v1/jobs", stack.gateway_url)))
+            .header("Idempotency-Key", "order-42")
+            .json(&body)
+            .send()
+    };
+    let a = post().await.unwrap();
+    assert_eq!(a.status().as_u16(), 202);
+    let a: Value = a.json().await.unwrap();
+    let b = post().await.unwrap();
+    assert!(b.status().is_success());
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(
+        stack.queue_depth("default").await.unwrap(),
+        1,
+        "one message for two requests"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_api_key_get_401_and_enqueue_nothing() {
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let body = json!({"kind": "simulate"});
+    let url = format!("{}/v1/jobs", stack.gateway_url);
+    let none = stack.http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(none.status().as_u16(), 401);
+    let v: Value = none.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let wrong = stack
+        .http
+        .post(&url)
+        .bearer_auth("nope")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    let get = stack.http.get(&url).send().await.unwrap();
+    assert_eq!(get.status().as_u16(), 401);
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn gpuq_submit_wait_prints_the_final_status_and_result() {
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let out = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"))
+        .args([
+            "submit",
+            "--kind",
+            "simulate",
+            "--duration-ms",
+            "100",
+            "--wait",
+        ])
+        .env("GPUQ_GATEWAY_URL", &stack.gateway_url)
+        .env("GPUQ_API_KEY", &stack.api_key)
+        .current_dir(&stack.dir)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert!(
+        stdout.contains("duration_ms"),
+        "the result is printed: {stdout}"
+    );
+    stack.stop().await;
+}
