@@ -1,0 +1,221 @@
+//! The bench's numbers, computed from what was submitted and the final records, and their text.
+
+use std::collections::BTreeMap;
+
+use gpuq_common::JobStatus;
+use serde::Serialize;
+
+use crate::cli::BenchArgs;
+use crate::fleet::CounterDelta;
+use crate::load::LoadResult;
+use crate::output::fmt_ms;
+use crate::stats::Latency;
+use crate::wait::WaitOutcome;
+
+pub struct BenchInput<'a> {
+    pub args: &'a BenchArgs,
+    pub load: &'a LoadResult,
+    pub waited: &'a WaitOutcome,
+    pub counters: &'a CounterDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub jobs: u32,
+    pub duration_ms: u64,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
+    pub submitted: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub rejected_reasons: BTreeMap<String, u64>,
+    pub submit_seconds: f64,
+    /// Submitted jobs per second of submitting.
+    pub submit_rate: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub dead_lettered: u64,
+    pub cancelled: u64,
+    /// Accepted but not final before the timeout.
+    pub lost: u64,
+    /// From the first submit to the last job's `finished_at`.
+    pub end_to_end_seconds: Option<f64>,
+    /// Final jobs per end-to-end second.
+    pub jobs_per_second: Option<f64>,
+    /// Per job, `finished_at − created_at`.
+    pub latency: Latency,
+    /// Results the workers discarded because one was already stored (work done twice);
+    /// `None` when no worker's `/metrics` could be read.
+    pub duplicates: Option<u64>,
+    pub duplicates_suppressed: Option<u64>,
+    pub redeliveries: Option<u64>,
+    pub notes: Vec<String>,
+}
+
+impl BenchReport {
+    pub fn compute(i: BenchInput<'_>) -> Self {
+        let finals: Vec<_> = i.waited.finals.values().collect();
+        let count = |s: JobStatus| finals.iter().filter(|r| r.status == s).count() as u64;
+        let latency = Latency::from_samples(
+            finals
+                .iter()
+                .filter_map(|r| r.finished_at.map(|f| f - r.created_at))
+                .collect(),
+        );
+        let last_final = finals.iter().filter_map(|r| r.finished_at).max();
+        let end_to_end = match (i.load.first_submit_ms, last_final) {
+            (Some(first), Some(last)) => Some(((last - first).max(1)) as f64 / 1000.0),
+            _ => None,
+        };
+        let submit_seconds = i.load.wall.as_secs_f64();
+        let mut notes = i.counters.notes();
+        if !i.waited.missing.is_empty() {
+            notes.push(format!(
+                "{} accepted jobs are unknown to the gateway (404)",
+                i.waited.missing.len()
+            ));
+        }
+        Self {
+            jobs: i.args.jobs,
+            duration_ms: i.args.duration_ms,
+            concurrency: i.args.concurrency,
+            rate: i.args.rate,
+            submitted: i.load.submitted,
+            accepted: i.load.accepted.len() as u64,
+            rejected: i.load.rejected_total(),
+            rejected_reasons: i.load.rejected.clone(),
+            submit_seconds,
+            submit_rate: i.load.submitted as f64 / submit_seconds.max(1e-9),
+            succeeded: count(JobStatus::Succeeded),
+            failed: count(JobStatus::Failed),
+            dead_lettered: count(JobStatus::DeadLettered),
+            cancelled: count(JobStatus::Cancelled),
+            lost: i.waited.pending.len() as u64,
+            end_to_end_seconds: end_to_end,
+            jobs_per_second: end_to_end.map(|s| finals.len() as f64 / s),
+            latency,
+            duplicates: i.counters.results_discarded,
+            duplicates_suppressed: i.counters.duplicates_suppressed,
+            redeliveries: i.counters.redeliveries,
+            notes,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
+        let ms = |v: Option<i64>| v.map(fmt_ms).unwrap_or_else(|| "-".into());
+        let pace = match self.rate {
+            Some(r) => format!("at {r}/s"),
+            None => format!("{} in flight", self.concurrency),
+        };
+        let mut s = format!(
+            "jobs         {} × simulate {} ms, {pace}\n",
+            self.jobs, self.duration_ms
+        );
+        s.push_str(&format!(
+            "submitted    {} in {:.2}s = {:.1}/s (accepted {}, rejected {})\n",
+            self.submitted, self.submit_seconds, self.submit_rate, self.accepted, self.rejected
+        ));
+        for (reason, n) in &self.rejected_reasons {
+            s.push_str(&format!("  rejected   {n} × {reason}\n"));
+        }
+        s.push_str(&format!(
+            "final        {} succeeded, {} failed, {} dead-lettered, {} cancelled\n",
+            self.succeeded, self.failed, self.dead_lettered, self.cancelled
+        ));
+        match (self.end_to_end_seconds, self.jobs_per_second) {
+            (Some(e), Some(r)) => s.push_str(&format!(
+                "end to end   {:.2}s from the first submit to the last result = {r:.1} jobs/s\n",
+                e
+            )),
+            _ => s.push_str("end to end   -\n"),
+        }
+        s.push_str(&format!(
+            "latency      p50 {}  p95 {}  p99 {}  max {}  (submit → final, {} jobs)\n",
+            ms(self.latency.p50_ms),
+            ms(self.latency.p95_ms),
+            ms(self.latency.p99_ms),
+            ms(self.latency.max_ms),
+            self.latency.count
+        ));
+        s.push_str(&format!("lost         {}\n", self.lost));
+        s.push_str(&format!(
+            "duplicates   {} (results discarded: work done twice)  suppressed {}  redeliveries {}\n",
+            opt(self.duplicates),
+            opt(self.duplicates_suppressed),
+            opt(self.redeliveries)
+        ));
+        for n in &self.notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::tests::record;
+    use crate::load::Accepted;
+    use std::time::Duration;
+
+    #[test]
+    fn throughput_and_latency_come_from_the_store_stamps() {
+        let args = BenchArgs {
+            jobs: 3,
+            rate: None,
+            duration_ms: 0,
+            concurrency: 64,
+            pool: None,
+            timeout: Duration::from_secs(1),
+            json: false,
+        };
+        let jobs = [
+            record(JobStatus::Succeeded, 1_000, Some(1_001), Some(1_010)),
+            record(JobStatus::Succeeded, 1_002, Some(1_003), Some(1_030)),
+            record(JobStatus::DeadLettered, 1_004, Some(1_005), Some(2_000)),
+        ];
+        let mut waited = WaitOutcome::default();
+        for j in &jobs {
+            waited.finals.insert(j.id, j.clone());
+        }
+        let load = LoadResult {
+            submitted: 4,
+            accepted: jobs
+                .iter()
+                .map(|j| Accepted {
+                    id: j.id,
+                    submit_ms: j.created_at,
+                })
+                .collect(),
+            rejected: BTreeMap::from([("503 unavailable".to_string(), 1)]),
+            first_submit_ms: Some(1_000),
+            wall: Duration::from_millis(500),
+            ..LoadResult::default()
+        };
+        let counters = CounterDelta {
+            results_discarded: Some(0),
+            ..CounterDelta::default()
+        };
+        let r = BenchReport::compute(BenchInput {
+            args: &args,
+            load: &load,
+            waited: &waited,
+            counters: &counters,
+        });
+        assert_eq!((r.accepted, r.rejected, r.lost), (3, 1, 0));
+        assert_eq!((r.succeeded, r.dead_lettered), (2, 1));
+        assert_eq!(r.submit_rate, 8.0);
+        assert_eq!(r.end_to_end_seconds, Some(1.0));
+        assert_eq!(r.jobs_per_second, Some(3.0));
+        assert_eq!(r.latency.p50_ms, Some(28));
+        assert_eq!(r.latency.max_ms, Some(996));
+        let text = r.render();
+        assert!(text.contains("= 3.0 jobs/s"), "{text}");
+        assert!(text.contains("rejected   1 × 503 unavailable"));
+        assert!(text.contains("duplicates   0 ") && text.contains("suppressed n/a"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["latency"]["p99_ms"], 996);
+        assert_eq!(json["duplicates"], 0);
+    }
+}

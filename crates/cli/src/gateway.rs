@@ -1,0 +1,172 @@
+//! Typed client of the gateway's REST API (`/v1`, bearer API key).
+
+use gpuq_common::config::Secret;
+use gpuq_common::job::JobKind;
+use gpuq_common::store::JobPage;
+use gpuq_common::{JobRecord, JobStatus};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::client::{ClientError, Endpoint, query_string};
+
+/// The body of `POST /v1/jobs`; absent fields take the gateway's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubmitBody {
+    pub kind: JobKind,
+    pub params: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_gpu_memory_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+}
+
+impl SubmitBody {
+    /// A short `simulate` job, as the bench and the tester submit them.
+    pub fn simulate(duration_ms: u64) -> Self {
+        Self {
+            kind: JobKind::Simulate,
+            params: serde_json::json!({ "duration_ms": duration_ms }),
+            gpus: None,
+            min_gpu_memory_mb: None,
+            pool: None,
+            ttl_s: None,
+        }
+    }
+}
+
+/// The gateway's answer to a submission.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: Uuid,
+    pub status: JobStatus,
+    /// The Idempotency-Key was seen before: this is the earlier job.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// `GET /v1/jobs` filters.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub status: Option<JobStatus>,
+    pub pool: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    ep: Endpoint,
+}
+
+impl Gateway {
+    pub fn new(http: reqwest::Client, base: &str, api_key: Option<Secret>) -> Self {
+        Self {
+            ep: Endpoint::new("gateway", http, base, api_key),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.ep.base
+    }
+
+    pub async fn submit(
+        &self,
+        body: &SubmitBody,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, ClientError> {
+        let path = "/v1/jobs";
+        let mut rb = self.ep.request(Method::POST, path).json(body);
+        if let Some(k) = idempotency_key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        let resp = self.ep.send(rb, path).await?;
+        let replayed = resp
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let mut s: Submitted = self.ep.decode(resp, path).await?;
+        s.replayed |= replayed;
+        Ok(s)
+    }
+
+    pub async fn job(&self, id: Uuid) -> Result<JobRecord, ClientError> {
+        let path = format!("/v1/jobs/{id}");
+        self.ep
+            .json(self.ep.request(Method::GET, &path), &path)
+            .await
+    }
+
+    pub async fn list(&self, p: &ListParams) -> Result<JobPage, ClientError> {
+        let path = format!(
+            "/v1/jobs{}",
+            query_string(&[
+                ("status", p.status.map(|s| s.as_str().to_string())),
+                ("pool", p.pool.clone()),
+                ("limit", p.limit.map(|l| l.to_string())),
+                ("cursor", p.cursor.map(|c| c.to_string())),
+            ])
+        );
+        self.ep
+            .json(self.ep.request(Method::GET, &path), &path)
+            .await
+    }
+
+    pub async fn cancel(&self, id: Uuid) -> Result<JobRecord, ClientError> {
+        let path = format!("/v1/jobs/{id}/cancel");
+        self.ep
+            .json(self.ep.request(Method::POST, &path), &path)
+            .await
+    }
+
+    pub async fn dead_letters(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<Uuid>,
+    ) -> Result<JobPage, ClientError> {
+        let path = format!(
+            "/v1/dead-letters{}",
+            query_string(&[
+                ("limit", limit.map(|l| l.to_string())),
+                ("cursor", cursor.map(|c| c.to_string())),
+            ])
+        );
+        self.ep
+            .json(self.ep.request(Method::GET, &path), &path)
+            .await
+    }
+
+    pub async fn retry_dead_letter(&self, id: Uuid) -> Result<Submitted, ClientError> {
+        let path = format!("/v1/dead-letters/{id}/retry");
+        self.ep
+            .json(self.ep.request(Method::POST, &path), &path)
+            .await
+    }
+
+    /// Every page of a listing, following cursors; `stop` ends early once a page ends below it
+    /// (pages are newest first by id).
+    pub async fn list_all(
+        &self,
+        mut p: ListParams,
+        stop_below: Option<Uuid>,
+    ) -> Result<Vec<JobRecord>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.list(&p).await?;
+            let last = page.jobs.last().map(|j| j.id);
+            out.extend(page.jobs);
+            match (page.next_cursor, last, stop_below) {
+                (None, _, _) => break,
+                (Some(_), Some(last), Some(stop)) if last < stop => break,
+                (Some(c), _, _) => p.cursor = Some(c),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,133 @@
+//! The gpuq operator CLI: submit and watch jobs, list and steer engines and GPUs, run the fault
+//! tester and the bench. Typed clients per service (`gateway`, `manager`, `worker`), one module
+//! per command, formatting kept apart from the calls so it can be tested.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod engines;
+pub mod fleet;
+pub mod gateway;
+pub mod jobs;
+pub mod load;
+pub mod manager;
+pub mod output;
+pub mod prom;
+pub mod stats;
+pub mod submit;
+pub mod tester;
+pub mod wait;
+pub mod worker;
+
+use std::process::ExitCode;
+
+use cli::{Cli, Command};
+use client::ClientError;
+use config::Config;
+use gateway::Gateway;
+use manager::Manager;
+use worker::Worker;
+
+/// How a command that ran to its end went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0
+    Ok,
+    /// 1: a job failed, or a verdict is FAIL.
+    Failed,
+}
+
+/// Connection settings and one shared keep-alive HTTP client.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub cfg: Config,
+    pub http: reqwest::Client,
+}
+
+impl Ctx {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            http: client::http_client(64),
+        }
+    }
+
+    pub fn gateway(&self) -> Gateway {
+        self.gateway_with(self.http.clone())
+    }
+
+    pub fn gateway_with(&self, http: reqwest::Client) -> Gateway {
+        Gateway::new(
+            http,
+            &self.cfg.gateway_url.value,
+            self.cfg.api_key.value.clone(),
+        )
+    }
+
+    pub fn manager(&self) -> Manager {
+        Manager::new(
+            self.http.clone(),
+            &self.cfg.manager_url.value,
+            self.cfg.admin_token.value.clone(),
+        )
+    }
+
+    /// `worker-1`, `worker-2`, … in the order of `GPUQ_WORKER_URLS`.
+    pub fn workers(&self) -> Vec<Worker> {
+        self.cfg
+            .worker_urls
+            .value
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                Worker::new(
+                    format!("worker-{}", i + 1),
+                    self.http.clone(),
+                    url,
+                    self.cfg.admin_token.value.clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Runs one command line.
+pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
+    let ctx = Ctx::new(Config::load(&cli.conn));
+    match &cli.command {
+        Command::Submit(a) => submit::run(&ctx, a).await,
+        Command::Jobs { cmd } => jobs::run(&ctx, cmd).await,
+        Command::DeadLetters { cmd } => jobs::run_dead_letters(&ctx, cmd).await,
+        Command::Engines(a) => engines::run(&ctx, a).await,
+        Command::Gpus { cmd } => engines::run_gpus(&ctx, cmd).await,
+        Command::Bench(a) => bench::run(&ctx, a).await,
+        Command::Tester(a) => tester::run(&ctx, a).await,
+        Command::Config { json } => {
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&ctx.cfg.to_json())?);
+            } else {
+                print!("{}", ctx.cfg.render());
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+/// Runs and maps the outcome to the process exit code (0 ok, 1 failed, 2 error).
+pub async fn main_with(cli: Cli) -> ExitCode {
+    match run(cli).await {
+        Ok(Exit::Ok) => ExitCode::SUCCESS,
+        Ok(Exit::Failed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if let Some(hint) = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ClientError>()?.hint())
+            {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
