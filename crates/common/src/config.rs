@@ -21,7 +21,6 @@ pub const CLIENT_ENV_KEYS: &[&str] = &[
     "GPUQ_TEST_MONGODB_URL",
     "GPUQ_TEST_STACK_SCRIPT",
     "GPUQ_STACK_SCRIPT",
-    "GPUQ_MONGODB_URL",
 ];
 
 #[derive(Debug, thiserror::Error)]
