@@ -1,0 +1,201 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/stack.sh, scripts/dev.sh and scripts/test.sh.
+# Source it; it does not change shell options of its own.
+
+# The repository root (used by the scripts that source this file; not exported).
+# shellcheck disable=SC2034
+GPUQ_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+
+_ts() { date '+%H:%M:%S'; }
+log() { printf '[%s] %s\n' "$(_ts)" "$*" >&2; }
+warn() { printf '[%s] WARNING: %s\n' "$(_ts)" "$*" >&2; }
+die() {
+  printf '[%s] ERROR: %s\n' "$(_ts)" "$*" >&2
+  exit 1
+}
+
+# Seconds since the epoch with a fraction (for phase timing).
+now_s() { date '+%s.%N'; }
+# elapsed START [END] -> "12.3"
+elapsed() {
+  local start="$1" end="${2:-$(now_s)}"
+  awk -v s="$start" -v e="$end" 'BEGIN { printf "%.1f", e - s }'
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# True when the Debian package is installed.
+pkg_installed() {
+  local st
+  st="$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" || return 1
+  [[ "$st" == *"install ok installed"* ]]
+}
+
+# apt_install PKG... : installs the packages that are missing. Runs
+# `apt-get update` at most once per process tree (_GPUQ_SCRIPTS_APT_UPDATED is exported).
+# Package maintainer scripts are prevented from starting system services
+# (a temporary /usr/sbin/policy-rc.d answering 101) so a fresh install does not
+# start a system RabbitMQ / Redis / Prometheus on our ports.
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    pkg_installed "$p" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  have apt-get || die "missing packages (${missing[*]}) and no apt-get to install them"
+  [ "$(id -u)" -eq 0 ] || die "missing packages (${missing[*]}): run as root or install them first"
+  log "installing with apt-get: ${missing[*]}"
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# temporary, written by gpuq scripts/lib.sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  local rc=0
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "${_GPUQ_SCRIPTS_APT_UPDATED:-0}" != 1 ]; then
+    apt-get update -q >&2 || rc=$?
+    export _GPUQ_SCRIPTS_APT_UPDATED=1
+  fi
+  if [ "$rc" -eq 0 ]; then
+    apt-get install -y -q --no-install-recommends \
+      -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+      "${missing[@]}" >&2 || rc=$?
+  fi
+  if [ "$made_policy" -eq 1 ]; then rm -f "$policy"; fi
+  [ "$rc" -eq 0 ] || die "apt-get failed to install: ${missing[*]}"
+}
+
+# port_listening PORT : true when something listens on TCP PORT (any address).
+port_listening() {
+  local port="$1"
+  if have ss; then
+    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+  fi
+}
+
+# port_holder PORT : prints who listens on PORT (best effort).
+port_holder() {
+  local port="$1" out=""
+  if have ss; then
+    out="$(ss -Hltnp "sport = :$port" 2>/dev/null | sed -n 's/.*users:((\(.*\))).*/\1/p' | sed -n '1,3p')"
+  fi
+  if [ -z "$out" ] && have lsof; then
+    out="$(lsof -nP -iTCP:"$port" -sTCP:LISTEN 2>/dev/null | awk 'NR>1 {print $1" pid="$2" user="$3}' | sort -u | sed -n '1,3p')"
+  fi
+  [ -n "$out" ] || out="unknown process"
+  local pids pid
+  pids="$(printf '%s\n' "$out" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u)"
+  for pid in $pids; do
+    out="$out
+    pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-200)"
+  done
+  printf '%s\n' "$out"
+}
+
+# pid_alive PID
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# pid_from_file FILE -> prints the pid when the file holds a live one.
+pid_from_file() {
+  local f="$1" pid
+  [ -s "$f" ] || return 1
+  pid="$(tr -dc '0-9' <"$f")"
+  pid_alive "$pid" || return 1
+  printf '%s\n' "$pid"
+}
+
+# wait_pid_gone PID TIMEOUT_S : true when the process ended in time.
+wait_pid_gone() {
+  local pid="$1" timeout="$2" i=0
+  while pid_alive "$pid"; do
+    [ "$i" -ge $((timeout * 10)) ] && return 1
+    sleep 0.1
+    i=$((i + 1))
+  done
+  return 0
+}
+
+# kill_tree PID : TERM then KILL a process (and its process group when it leads one).
+kill_pid_or_group() {
+  local pid="$1" pgid
+  pid_alive "$pid" || return 0
+  pgid="$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')"
+  if [ -n "$pgid" ] && [ "$pgid" = "$pid" ]; then
+    kill -TERM -- "-$pgid" 2>/dev/null || true
+  else
+    kill -TERM "$pid" 2>/dev/null || true
+  fi
+  if ! wait_pid_gone "$pid" 10; then
+    if [ -n "$pgid" ] && [ "$pgid" = "$pid" ]; then
+      kill -KILL -- "-$pgid" 2>/dev/null || true
+    else
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait_pid_gone "$pid" 5 || true
+  fi
+}
+
+# pids_matching EXE_NAME MARKER : pids of processes named EXE_NAME whose command line or
+# environment contains MARKER.
+pids_matching() {
+  local name="$1" marker="$2" pid
+  for pid in $(pgrep -x "$name" 2>/dev/null || true); do
+    # (grep -q reads from a here-string: in a pipe it could SIGPIPE the writer under pipefail)
+    if grep -qF -- "$marker" <<<"$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null)" ||
+      grep -qF -- "$marker" <<<"$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null)"; then
+      printf '%s\n' "$pid"
+    fi
+  done
+}
+
+# pids_with_cwd EXE_NAME DIR : pids of processes named EXE_NAME whose working directory is DIR
+# (robust even for programs that overwrite their environment for their process title).
+pids_with_cwd() {
+  local name="$1" dir="$2" pid
+  for pid in $(pgrep -x "$name" 2>/dev/null || true); do
+    if [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$dir" ]; then
+      printf '%s\n' "$pid"
+    fi
+  done
+}
+
+# pids_under_cwd DIR NAME... : pids of processes named NAME... whose working directory is DIR
+# or below it.
+pids_under_cwd() {
+  local dir="$1" pid comm cwd name
+  shift
+  for pid in $(for name in "$@"; do pgrep -x "$name" 2>/dev/null || true; done); do
+    cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null)" || continue
+    case "$cwd" in
+      "$dir" | "$dir"/*) ;;
+      *) continue ;;
+    esac
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || continue
+    for name in "$@"; do
+      if [ "$comm" = "$name" ]; then
+        printf '%s\n' "$pid"
+        break
+      fi
+    done
+  done
+}
+
+# log_tail FILE [N] : prints the last lines of a log, indented.
+log_tail() {
+  local f="$1" n="${2:-40}"
+  if [ -f "$f" ]; then
+    printf -- '----- last %s lines of %s -----\n' "$n" "$f" >&2
+    tail -n "$n" "$f" | sed 's/^/  | /' >&2
+    printf -- '-----\n' >&2
+  else
+    printf -- '(no log file %s)\n' "$f" >&2
+  fi
+}
+
+# http_ok URL : true when GET URL answers 2xx.
+http_ok() {
+  curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
+}
