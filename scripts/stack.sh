@@ -8,6 +8,7 @@
 #   scripts/stack.sh node-start N  start RabbitMQ node N again (it rejoins the cluster)
 #   scripts/stack.sh redis-stop    stop Redis, keeping its data
 #   scripts/stack.sh redis-start   start Redis again
+#   scripts/stack.sh ctl N ARGS…   rabbitmqctl ARGS… against node N (with its cookie)
 #
 # Nodes: rabbitN@localhost, AMQP 5671+N, management 15671+N, prometheus 15691+N,
 # Erlang distribution 25671+N. Redis: 127.0.0.1:6379. Data and logs: <repo>/.stack/.
@@ -653,6 +654,13 @@ main() {
       check_node_arg "${2:-}"
       ensure_installed
       node_start "$2"
+      ;;
+    ctl)
+      # rabbitmqctl against one node with its cookie: stack.sh ctl N <rabbitmqctl args…>
+      check_node_arg "${2:-}"
+      local n="$2"
+      shift 2
+      rmqctl "$n" "$@"
       ;;
     redis-stop) redis_stop ;;
     redis-start)
