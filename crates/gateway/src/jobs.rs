@@ -1,0 +1,410 @@
+//! The job operations behind the REST routes: submit (store, then publish, then 202 only after
+//! the confirm), cancel, and re-drive a dead letter. Handlers stay thin; the rules live here.
+
+use gpuq_common::http::ApiError;
+use gpuq_common::job::{
+    CommandParams, FinalOutcome, JobId, JobKind, JobMessage, JobPayload, JobPlacement, JobRecord,
+    JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
+};
+use gpuq_common::store::{FinishOutcome, StoreError};
+use gpuq_common::topology::ATTEMPT_OFFSET_HEADER;
+use lapin::types::{AMQPValue, FieldTable};
+use tracing::{Instrument, Span, instrument};
+
+use crate::broker::PublishError;
+use crate::idempotency::{Claim, IdempotencyError, Ticket, body_hash};
+use crate::state::SharedState;
+
+/// The outcome of an accepted submission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// Stored and confirmed by the broker now.
+    Accepted(JobId),
+    /// An earlier request with the same `Idempotency-Key` made this job; nothing new enqueued.
+    Replayed { id: JobId, status: JobStatus },
+}
+
+/// Validates, deduplicates by `Idempotency-Key`, stores and publishes one job.
+#[instrument(skip_all, fields(job_id = tracing::field::Empty, pool = %req.pool, kind = req.kind.as_str()))]
+pub async fn submit(
+    state: &SharedState,
+    req: SubmitRequest,
+    idempotency_key: Option<String>,
+) -> Result<Submitted, ApiError> {
+    let (payload, placement) = req.validate().map_err(|e| invalid_job(&req, e))?;
+    let mut msg = JobMessage::new(payload, placement);
+    let ticket = match idempotency_key {
+        None => None,
+        Some(key) => match state
+            .idempotency
+            .claim(&key, &body_hash(&msg), msg.id)
+            .await
+            .map_err(idempotency_error)?
+        {
+            Claim::Replay(id) => {
+                Span::current().record("job_id", tracing::field::display(id));
+                return replay(state, id, &msg.placement.pool).await;
+            }
+            Claim::Owned(ticket) => {
+                msg.id = ticket.id;
+                Some(ticket)
+            }
+        },
+    };
+    Span::current().record("job_id", tracing::field::display(msg.id));
+    // Once the record is stored, finish in a task of its own: a client that hangs up must not
+    // leave a record without a message, or a claimed key that is never released.
+    let state = state.clone();
+    tokio::spawn(async move { enqueue(&state, msg, ticket).await }.instrument(Span::current()))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("submit task")))?
+}
+
+/// A 422 naming the field at fault. `validate` names only `params` when a parameter has the
+/// wrong type; find which one.
+fn invalid_job(req: &SubmitRequest, e: ValidationError) -> ApiError {
+    if e.field == "params" && req.params.is_object() {
+        let typed = match req.kind {
+            JobKind::Simulate => {
+                serde_path_to_error::deserialize::<_, SimulateParams>(&req.params).map(|_| ())
+            }
+            JobKind::Command => {
+                serde_path_to_error::deserialize::<_, CommandParams>(&req.params).map(|_| ())
+            }
+        };
+        if let Err(pe) = typed {
+            let path = pe.path().to_string();
+            if !path.is_empty() && path != "." && path != "?" {
+                return ApiError::Unprocessable(format!("params.{path}: {}", pe.inner()));
+            }
+        }
+    }
+    ApiError::Unprocessable(e.to_string())
+}
+
+async fn enqueue(
+    state: &SharedState,
+    msg: JobMessage,
+    ticket: Option<Ticket>,
+) -> Result<Submitted, ApiError> {
+    let taken_over = ticket.as_ref().is_some_and(|t| t.taken_over);
+    let mut inserted = true;
+    match state.store.insert(&JobRecord::queued(&msg)).await {
+        Ok(()) => {}
+        Err(StoreError::Conflict(_)) if taken_over => {
+            // The request that died stored it. If a worker has seen it, it was enqueued.
+            inserted = false;
+            if let Some(existing) = state.store.get(msg.id).await?
+                && existing.status != JobStatus::Queued
+            {
+                finish_claim(state, ticket.as_ref()).await;
+                return Ok(Submitted::Replayed {
+                    id: msg.id,
+                    status: existing.status,
+                });
+            }
+        }
+        Err(e) => {
+            release_claim(state, ticket.as_ref()).await;
+            return Err(e.into());
+        }
+    }
+    let started = std::time::Instant::now();
+    match state.broker.publish_job(&msg).await {
+        Ok(()) => {
+            let pool = msg.placement.pool.as_str();
+            state
+                .metrics
+                .confirm_seconds
+                .with_label_values(&[pool])
+                .observe(started.elapsed().as_secs_f64());
+            state
+                .metrics
+                .jobs_submitted
+                .with_label_values(&[pool, msg.payload.kind().as_str()])
+                .inc();
+            finish_claim(state, ticket.as_ref()).await;
+            tracing::debug!("job accepted");
+            Ok(Submitted::Accepted(msg.id))
+        }
+        Err(e) => {
+            state
+                .metrics
+                .publish_failures
+                .with_label_values(&[e.reason()])
+                .inc();
+            tracing::warn!(error.message = %e, reason = e.reason(), "job not accepted by the broker");
+            if inserted && let Err(de) = state.store.delete(msg.id).await {
+                tracing::error!(
+                    error.cause_chain = ?de,
+                    error.message = %de,
+                    "could not delete the record of a job the broker did not accept"
+                );
+            }
+            if e.ambiguous() {
+                abandon_claim(state, ticket.as_ref()).await;
+            } else {
+                release_claim(state, ticket.as_ref()).await;
+            }
+            Err(publish_error(e, &msg.placement.pool))
+        }
+    }
+}
+
+async fn replay(state: &SharedState, id: JobId, pool: &str) -> Result<Submitted, ApiError> {
+    let status = state
+        .store
+        .get(id)
+        .await?
+        .map_or(JobStatus::Queued, |r| r.status);
+    state
+        .metrics
+        .idempotent_replays
+        .with_label_values(&[pool])
+        .inc();
+    Ok(Submitted::Replayed { id, status })
+}
+
+/// Marks the idempotency claim done. The job is enqueued whatever happens here: on failure the
+/// claim stays pending and a retry takes it over with the same id, which workers deduplicate.
+async fn finish_claim(state: &SharedState, ticket: Option<&Ticket>) {
+    let Some(ticket) = ticket else { return };
+    match state.idempotency.commit(ticket).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("the idempotency claim was taken over before it was committed"),
+        Err(e) => tracing::warn!(
+            error.cause_chain = ?e,
+            error.message = %e,
+            "could not commit the idempotency claim"
+        ),
+    }
+}
+
+async fn abandon_claim(state: &SharedState, ticket: Option<&Ticket>) {
+    let Some(ticket) = ticket else { return };
+    if let Err(e) = state.idempotency.abandon(ticket).await {
+        tracing::warn!(
+            error.cause_chain = ?e,
+            error.message = %e,
+            "could not open the idempotency claim for a retry; it expires into a takeover"
+        );
+    }
+}
+
+async fn release_claim(state: &SharedState, ticket: Option<&Ticket>) {
+    let Some(ticket) = ticket else { return };
+    if let Err(e) = state.idempotency.release(ticket).await {
+        tracing::warn!(
+            error.cause_chain = ?e,
+            error.message = %e,
+            "could not release the idempotency claim; it expires into a takeover"
+        );
+    }
+}
+
+fn publish_error(e: PublishError, pool: &str) -> ApiError {
+    match e {
+        PublishError::Unroutable => {
+            ApiError::Unprocessable(format!("pool: no worker serves pool {pool:?}"))
+        }
+        other => ApiError::Unavailable(other.to_string()),
+    }
+}
+
+pub fn idempotency_error(e: IdempotencyError) -> ApiError {
+    match e {
+        IdempotencyError::BadKey => ApiError::BadRequest(e.to_string()),
+        IdempotencyError::BodyMismatch => ApiError::Unprocessable(e.to_string()),
+        IdempotencyError::InProgress => ApiError::Conflict(e.to_string()),
+        IdempotencyError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+        IdempotencyError::Corrupt => ApiError::Internal(e.into()),
+    }
+}
+
+fn not_found(id: JobId) -> ApiError {
+    ApiError::NotFound(format!("no job {id}"))
+}
+
+/// Cancels a queued or running job: its final status becomes `cancelled` (first final write
+/// wins), and a running job's worker is told through Redis to stop it.
+#[instrument(skip_all, fields(job_id = %id))]
+pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiError> {
+    let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+    if record.status.is_final() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is already {}",
+            record.status.as_str()
+        )));
+    }
+    if record.status == JobStatus::Running {
+        // Without the signal the GPU would keep running a job nobody wants: refuse instead.
+        signal_cancel(state, id).await.map_err(|e| {
+            tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot signal the cancel");
+            ApiError::Unavailable("cannot reach Redis to stop the running job; retry later".into())
+        })?;
+    }
+    let outcome = FinalOutcome {
+        status: JobStatus::Cancelled,
+        result: None,
+        error: Some("cancelled by request".into()),
+        worker: None,
+        finished_at: now_ms(),
+    };
+    match state.store.finish(id, &outcome).await? {
+        FinishOutcome::Stored => {}
+        FinishOutcome::AlreadyFinal(s) => {
+            return Err(ApiError::Conflict(format!(
+                "job {id} is already {}",
+                s.as_str()
+            )));
+        }
+        FinishOutcome::NotFound => return Err(not_found(id)),
+    }
+    if record.status == JobStatus::Queued
+        && let Err(e) = signal_cancel(state, id).await
+    {
+        // It was queued when we looked; should it have started since, its result is
+        // discarded by the store (the cancel was the first final write), only not stopped early.
+        tracing::warn!(error.cause_chain = ?e, error.message = %e, "cancel signal not set");
+    }
+    tracing::info!("job cancelled");
+    state.store.get(id).await?.ok_or_else(|| not_found(id))
+}
+
+async fn signal_cancel(state: &SharedState, id: JobId) -> Result<(), crate::kv::KvError> {
+    let (key, ttl) = (state.keys.cancel(id), state.cancel_ttl_s);
+    state
+        .kv
+        .run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(now_ms())
+                .arg("EX")
+                .arg(ttl)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+}
+
+/// Re-drives a dead-lettered job: back to `queued` in the store, and a message rebuilt from the
+/// record (same id, its attempts so far in `x-gpuq-attempt-offset`) published with a confirm.
+/// On a failed publish it is dead-lettered again.
+#[instrument(skip_all, fields(job_id = %id))]
+pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, ApiError> {
+    let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+    if record.status != JobStatus::DeadLettered {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {}, not dead_lettered",
+            record.status.as_str()
+        )));
+    }
+    let msg = message_from_record(&record)?;
+    // A done marker would make workers skip the re-driven job; a dead letter has no result, so
+    // one left behind is stale. Needs Redis: without it the re-drive could be silently dropped.
+    let done_key = state.keys.done(id);
+    state
+        .kv
+        .run(|mut c| async move { redis::cmd("DEL").arg(&done_key).query_async::<i64>(&mut c).await })
+        .await
+        .map_err(|e| {
+            tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot clear the done marker");
+            ApiError::Unavailable("cannot reach Redis to re-drive the job; retry later".into())
+        })?;
+    if !state.store.reset_for_retry(id).await? {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is no longer dead_lettered"
+        )));
+    }
+    // Attempt numbers go on from where the dead letter left them; the delivery budget restarts.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ATTEMPT_OFFSET_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(record.attempts)),
+    );
+    let state = state.clone();
+    let task = async move {
+        match state.broker.publish_job_with_headers(&msg, headers).await {
+            Ok(()) => {
+                state
+                    .metrics
+                    .jobs_submitted
+                    .with_label_values(&[msg.placement.pool.as_str(), msg.payload.kind().as_str()])
+                    .inc();
+                tracing::info!("dead letter re-driven");
+                Ok(id)
+            }
+            Err(e) => {
+                state
+                    .metrics
+                    .publish_failures
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                tracing::warn!(error.message = %e, "re-drive not accepted by the broker");
+                let back = FinalOutcome {
+                    status: JobStatus::DeadLettered,
+                    result: None,
+                    error: None,
+                    worker: None,
+                    finished_at: record.finished_at.unwrap_or_else(now_ms),
+                };
+                if let Err(se) = state.store.finish(id, &back).await {
+                    tracing::error!(
+                        error.cause_chain = ?se,
+                        error.message = %se,
+                        "could not put the job back to dead_lettered; it stays queued without a message"
+                    );
+                }
+                Err(publish_error(e, &msg.placement.pool))
+            }
+        }
+    };
+    tokio::spawn(task.instrument(Span::current()))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("retry task")))?
+}
+
+/// The message a stored job was made from, under its own id.
+pub fn message_from_record(record: &JobRecord) -> Result<JobMessage, ApiError> {
+    let corrupt = |e: serde_json::Error| {
+        ApiError::Internal(anyhow::Error::new(e).context(format!("params of job {}", record.id)))
+    };
+    let payload = match record.kind {
+        JobKind::Simulate => {
+            JobPayload::Simulate(serde_json::from_value(record.params.clone()).map_err(corrupt)?)
+        }
+        JobKind::Command => {
+            JobPayload::Command(serde_json::from_value(record.params.clone()).map_err(corrupt)?)
+        }
+    };
+    let mut msg = JobMessage::new(
+        payload,
+        JobPlacement {
+            gpus: record.gpus_requested,
+            min_gpu_memory_mb: record.min_gpu_memory_mb,
+            pool: record.pool.clone(),
+            ttl_s: None,
+        },
+    );
+    msg.id = record.id;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_rebuilds_the_message_it_came_from() {
+        let req: SubmitRequest = serde_json::from_str(
+            r#"{"kind":"command","params":{"program":"train","args":["--x"]},"gpus":2,"pool":"h100","min_gpu_memory_mb":1000}"#,
+        )
+        .unwrap();
+        let (payload, placement) = req.validate().unwrap();
+        let original = JobMessage::new(payload, placement);
+        let rebuilt = message_from_record(&JobRecord::queued(&original)).unwrap();
+        assert_eq!(rebuilt.id, original.id);
+        assert_eq!(rebuilt.payload, original.payload);
+        assert_eq!(rebuilt.placement, original.placement);
+    }
+}

@@ -1,0 +1,62 @@
+//! Redis for the gateway: idempotency keys and cancel signals. The connection is made lazily and
+//! heals itself, so the gateway starts and serves requests that do not need Redis while Redis is
+//! down; every command is bounded by a short timeout so a dead Redis costs a request a second, not
+//! a hang.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+/// Upper bound of one Redis command, connection included.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A cheap-to-clone handle on one multiplexed Redis connection.
+#[derive(Clone)]
+pub struct Kv {
+    conn: ConnectionManager,
+}
+
+impl Kv {
+    /// Parses the URL and prepares the connection without making it.
+    pub fn lazy(url: &str) -> Result<Self, KvError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self { conn })
+    }
+
+    /// Runs one command (or script invocation) with the timeout applied.
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, KvError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(REDIS_TIMEOUT, f(self.conn.clone())).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(KvError::Timeout(REDIS_TIMEOUT)),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), KvError> {
+        self.run(|mut c| async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+}

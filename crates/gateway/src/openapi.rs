@@ -1,0 +1,78 @@
+//! The OpenAPI document served at `/openapi.json`: every route, its bodies and the error shape.
+
+use gpuq_common::http::{ErrorBody, ErrorDetail};
+use gpuq_common::job::{JobKind, JobPlacement, JobRecord, JobStatus, SubmitRequest};
+use gpuq_common::store::JobPage;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes::{Readiness, SubmitResponse};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gpuq gateway",
+        description = "Submit GPU jobs and follow them. A job is accepted (202) only after the broker \
+            confirmed it to a replicated queue. Every error is `{\"error\":{\"code\",\"message\"}}`."
+    ),
+    paths(
+        crate::routes::jobs::submit_job,
+        crate::routes::jobs::list_jobs,
+        crate::routes::jobs::get_job,
+        crate::routes::jobs::cancel_job,
+        crate::routes::dead_letters::list_dead_letters,
+        crate::routes::dead_letters::retry_dead_letter,
+        crate::routes::health::readyz,
+        healthz,
+        metrics,
+        openapi_json,
+    ),
+    components(schemas(
+        SubmitRequest, SubmitResponse, JobRecord, JobPage, JobStatus, JobKind, JobPlacement,
+        ErrorBody, ErrorDetail, Readiness
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "jobs", description = "Submit, read, list and cancel jobs"),
+        (name = "dead letters", description = "Jobs the broker gave up on, and their re-drive"),
+        (name = "ops", description = "Health, readiness, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("One of the gateway's GPUQ_API_KEYS"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+// Routes served by shared code (`gpuq_common::http::ops_routes`) or a closure, documented here.
+
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "`{\"status\":\"ok\"}`", body = Object)))]
+#[allow(dead_code)]
+fn healthz() {}
+
+/// Prometheus metrics (`gpuq_http_*`, `gpuq_jobs_submitted_total`, `gpuq_publish_*`, …).
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
+#[allow(dead_code)]
+fn metrics() {}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
+#[allow(dead_code)]
+fn openapi_json() {}

@@ -1,0 +1,177 @@
+//! `/v1/jobs`: submit, read, list, cancel.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gpuq_common::http::{ApiError, ApiJson, ErrorBody};
+use gpuq_common::job::{JobRecord, JobStatus, SubmitRequest};
+use gpuq_common::store::{JobPage, ListQuery};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiQuery, parse_cursor, parse_id, parse_limit, parse_pool};
+use crate::idempotency::Idempotency;
+use crate::jobs::{self as ops, Submitted};
+use crate::state::SharedState;
+
+/// Request header naming a submission so that retries of it enqueue nothing new.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Response header set on a replayed submission.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// `202` (accepted now) or `200` (an idempotent replay) to `POST /v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SubmitResponse {
+    pub id: uuid::Uuid,
+    pub status: JobStatus,
+}
+
+/// Filters of `GET /v1/jobs`; newest first.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// One of queued, running, succeeded, failed, dead_lettered, cancelled.
+    pub status: Option<String>,
+    pub pool: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Submits a job. Answers 202 only once the broker has confirmed it to a replicated queue.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "Up to 200 characters. A retry with the same key and body answers 200 with the same job and enqueues nothing."),
+    ),
+    responses(
+        (status = 202, description = "Stored and confirmed by the broker", body = SubmitResponse),
+        (status = 200, description = "Idempotent replay: the job an earlier request with this key made",
+         body = SubmitResponse, headers(("Idempotent-Replayed" = String, description = "`true`"))),
+        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is still in progress", body = ErrorBody),
+        (status = 413, description = "Body larger than max_body_bytes", body = ErrorBody),
+        (status = 422, description = "Invalid job (the message names the field), unknown pool, or Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 503, description = "Broker (no confirm in time), store or Redis unavailable; nothing was enqueued", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit_job(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<SubmitRequest>,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .map(|v| Idempotency::validate_key(v.as_bytes()))
+        .transpose()
+        .map_err(ops::idempotency_error)?;
+    Ok(match ops::submit(&state, req, key).await? {
+        Submitted::Accepted(id) => (
+            StatusCode::ACCEPTED,
+            Json(SubmitResponse {
+                id,
+                status: JobStatus::Queued,
+            }),
+        )
+            .into_response(),
+        Submitted::Replayed { id, status } => (
+            StatusCode::OK,
+            [(
+                HeaderName::from_static(IDEMPOTENT_REPLAYED),
+                HeaderValue::from_static("true"),
+            )],
+            Json(SubmitResponse { id, status }),
+        )
+            .into_response(),
+    })
+}
+
+/// A job's status, attempts, placement and result.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id (UUID)")),
+    responses(
+        (status = 200, body = JobRecord),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_job(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    let id = parse_id(&id)?;
+    state
+        .store
+        .get(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
+/// Jobs, newest first, by status and pool; page with `next_cursor`.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(ListParams),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 400, description = "Unknown status, bad limit or cursor", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_jobs(
+    State(state): State<SharedState>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<JobPage>, ApiError> {
+    let status = match p.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            let known: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!(
+                "unknown status {s:?}; use one of {}",
+                known.join(", ")
+            ))
+        })?),
+    };
+    let query = ListQuery {
+        status,
+        pool: parse_pool(p.pool)?,
+        limit: parse_limit(p.limit)?,
+        cursor: parse_cursor(p.cursor.as_deref())?,
+    };
+    Ok(Json(state.store.list(&query).await?))
+}
+
+/// Cancels a queued or running job; a running job's worker is told to stop it.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "Job id (UUID)")),
+    responses(
+        (status = 200, description = "Cancelled", body = JobRecord),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The job already has a final status", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel_job(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
+    let id = parse_id(&id)?;
+    ops::cancel(&state, id).await.map(Json)
+}

@@ -1,0 +1,145 @@
+//! The HTTP surface: `/v1` behind bearer keys, the ops routes, `/openapi.json`, and JSON
+//! answers for everything else (unknown route 404, wrong method 405, bad query 400).
+
+pub mod dead_letters;
+pub mod health;
+pub mod jobs;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gpuq_common::http::{ApiError, ErrorBody, ErrorDetail, check_bearer, not_found, ops_routes};
+use gpuq_common::job::JobId;
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::openapi::ApiDoc;
+use crate::state::SharedState;
+
+pub use health::Readiness;
+pub use jobs::{IDEMPOTENT_REPLAYED, SubmitResponse};
+
+/// The gateway's whole HTTP application.
+pub fn router(state: SharedState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/jobs", post(jobs::submit_job).get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/dead-letters", get(dead_letters::list_dead_letters))
+        .route(
+            "/v1/dead-letters/{id}/retry",
+            post(dead_letters::retry_dead_letter),
+        )
+        .route_layer(from_fn_with_state(state.clone(), require_api_key));
+    let openapi = ApiDoc::openapi()
+        .to_json()
+        .expect("the OpenAPI document serializes");
+    Router::new()
+        .merge(v1)
+        .route("/readyz", get(health::readyz))
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
+        )
+        .with_state(state.clone())
+        .merge(ops_routes(state.registry.clone()))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(from_fn_with_state(
+            state.http_metrics.clone(),
+            gpuq_common::http::track_metrics,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", MatchedPath::as_str);
+                    tracing::info_span!("http", method = %req.method(), route)
+                })
+                // ApiError logs its own failures, once.
+                .on_failure(()),
+        )
+}
+
+async fn require_api_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    match check_bearer(req.headers(), &state.api_keys) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: "this route does not take that method".into(),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
+/// `Query<T>` whose rejections use the gpuq error shape (400).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|r| ApiError::BadRequest(r.body_text()))
+    }
+}
+
+/// A job id from the path; 400 when it is not a UUID.
+pub fn parse_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a job id (a UUID)")))
+}
+
+/// Checks a page size: 1 to 1000, 100 when absent.
+pub fn parse_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=gpuq_common::store::MAX_PAGE).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {}",
+            gpuq_common::store::MAX_PAGE
+        ))),
+    }
+}
+
+/// Checks a cursor: the last id of the previous page.
+pub fn parse_cursor(cursor: Option<&str>) -> Result<Option<JobId>, ApiError> {
+    cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse().map_err(|_| {
+                ApiError::BadRequest("cursor must be a job id from next_cursor".into())
+            })
+        })
+        .transpose()
+}
+
+/// Checks an optional pool filter.
+pub fn parse_pool(pool: Option<String>) -> Result<Option<String>, ApiError> {
+    match pool.filter(|p| !p.is_empty()) {
+        None => Ok(None),
+        Some(p) => gpuq_common::job::validate_pool(&p)
+            .map(|()| Some(p))
+            .map_err(|m| ApiError::BadRequest(format!("pool: {m}"))),
+    }
+}

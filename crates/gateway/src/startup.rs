@@ -1,0 +1,100 @@
+//! Building and running the gateway: open the store, start the broker supervisor, prepare Redis,
+//! bind (port 0 works), serve until told to stop, then drain requests and close the broker
+//! connection cleanly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gpuq_common::Settings;
+use gpuq_common::topology::Topology;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::kv::Kv;
+use crate::routes::router;
+use crate::state::{AppState, SharedState};
+
+/// How long `build` waits for a first broker link before serving anyway (`/readyz` tells).
+const FIRST_LINK_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Application {
+    port: u16,
+    listener: TcpListener,
+    state: SharedState,
+    shutdown: CancellationToken,
+    broker_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = gpuq_common::store::open(&settings.store_url)
+            .await
+            .context("opening the store")?;
+        let kv = Kv::lazy(&settings.redis_url).context("preparing the Redis connection")?;
+        let tracker = TaskTracker::new();
+        let broker_stop = CancellationToken::new();
+        let broker = Broker::start(
+            settings.amqp_url_list(),
+            Topology::from_settings(&settings),
+            Duration::from_millis(settings.confirm_timeout_ms.max(1)),
+            broker_stop.clone(),
+            &tracker,
+        );
+        if settings.api_key_list().iter().all(|k| k.is_empty()) {
+            tracing::warn!("GPUQ_API_KEYS is empty: every /v1 request will be refused with 401");
+        }
+        let listener = TcpListener::bind(&settings.gateway_bind)
+            .await
+            .with_context(|| format!("binding {}", settings.gateway_bind))?;
+        let port = listener
+            .local_addr()
+            .context("reading the bound port")?
+            .port();
+        if !broker.wait_connected(FIRST_LINK_WAIT).await {
+            tracing::warn!("no broker node answered yet; serving anyway, /readyz reports it");
+        }
+        let state = Arc::new(AppState::new(&settings, store, broker, kv));
+        Ok(Self {
+            port,
+            listener,
+            state,
+            shutdown: CancellationToken::new(),
+            broker_stop,
+            tracker,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The state the routes share (tests read the store and the broker link through it).
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// Cancel it to stop the gateway gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled: stops accepting, lets in-flight requests
+    /// finish, then closes the broker connection with `200 OK`.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "gateway listening");
+        let shutdown = self.shutdown.clone();
+        axum::serve(self.listener, router(self.state.clone()))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .context("serving HTTP")?;
+        tracing::info!("HTTP drained; closing the broker connection");
+        self.broker_stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        Ok(())
+    }
+}

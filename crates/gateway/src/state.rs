@@ -1,0 +1,59 @@
+//! What every handler shares: the store, the broker link, Redis, the accepted keys, metrics.
+
+use std::sync::Arc;
+
+use gpuq_common::config::{Secret, Settings};
+use gpuq_common::keys::Keys;
+use gpuq_common::metrics::{GatewayMetrics, HttpMetrics};
+use gpuq_common::store::JobStore;
+use prometheus::Registry;
+
+use crate::broker::Broker;
+use crate::idempotency::Idempotency;
+use crate::kv::Kv;
+
+pub type SharedState = Arc<AppState>;
+
+pub struct AppState {
+    pub store: Arc<dyn JobStore>,
+    pub broker: Broker,
+    pub kv: Kv,
+    pub idempotency: Idempotency,
+    pub keys: Keys,
+    pub api_keys: Vec<Secret>,
+    pub max_body_bytes: usize,
+    /// How long a cancel signal stays in Redis: the longest a job may run.
+    pub cancel_ttl_s: u64,
+    pub registry: Registry,
+    pub metrics: GatewayMetrics,
+    pub http_metrics: Arc<HttpMetrics>,
+}
+
+impl AppState {
+    /// Wires the parts together; the metrics families are registered on a fresh registry.
+    pub fn new(settings: &Settings, store: Arc<dyn JobStore>, broker: Broker, kv: Kv) -> Self {
+        let registry = gpuq_common::metrics::new_registry("gateway");
+        let metrics = GatewayMetrics::new(&registry);
+        let http_metrics = Arc::new(HttpMetrics::new(&registry));
+        let keys = Keys::new(&settings.queue_prefix);
+        let idempotency = Idempotency::new(
+            kv.clone(),
+            keys.clone(),
+            settings.idempotency_ttl_s,
+            broker.confirm_timeout(),
+        );
+        Self {
+            store,
+            broker,
+            kv,
+            idempotency,
+            keys,
+            api_keys: settings.api_key_list(),
+            max_body_bytes: settings.max_body_bytes,
+            cancel_ttl_s: settings.job_timeout_s.saturating_add(300),
+            registry,
+            metrics,
+            http_metrics,
+        }
+    }
+}
