@@ -1,0 +1,247 @@
+//! The manager's `/v1` engine API: heartbeats from workers, engine views for everyone, and the
+//! operator's actions (cordon, uncordon, drain, GPU faults) behind the admin token.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gpuq_common::engine::{AdminState, EngineState, EngineView, Heartbeat, derive_state};
+use gpuq_common::http::{ApiError, ApiJson, check_bearer};
+use gpuq_common::job::now_ms;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::registry::{Sighting, validate_engine_id};
+
+pub fn redis_error(e: redis::RedisError) -> ApiError {
+    ApiError::Unavailable(format!("redis: {e}"))
+}
+
+fn admin_only(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    check_bearer(headers, std::slice::from_ref(&state.settings().admin_token))
+}
+
+/// What the manager answers a heartbeat with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatAck {
+    pub engine: String,
+    pub state: EngineState,
+    /// Operator intent the worker must obey (it also reads it from Redis).
+    pub admin: Option<AdminState>,
+    pub restarts: u64,
+}
+
+/// A worker's heartbeat: stored with a TTL of a few intervals; its expiry makes the engine offline.
+#[utoipa::path(post, path = "/v1/heartbeats", tag = "engines", request_body = Heartbeat,
+    security(("admin_token" = [])),
+    responses((status = 200, body = HeartbeatAck), (status = 401), (status = 409), (status = 422)))]
+pub async fn post_heartbeat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(hb): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    admin_only(&state, &headers)?;
+    validate_engine_id(&hb.engine_id).map_err(ApiError::Unprocessable)?;
+    if hb.instance_id.is_empty() || hb.instance_id.len() > 128 {
+        return Err(ApiError::Unprocessable(
+            "instance_id: 1 to 128 characters".into(),
+        ));
+    }
+    if hb.gpus.len() > 1024 {
+        return Err(ApiError::Unprocessable("gpus: at most 1024".into()));
+    }
+    let settings = state.settings();
+    let interval = if hb.heartbeat_interval_ms > 0 {
+        hb.heartbeat_interval_ms
+    } else {
+        settings.heartbeat_interval_ms
+    };
+    let ttl_ms =
+        interval.saturating_mul(u64::from(settings.engine_offline_after_heartbeats.max(1)));
+    let now = now_ms();
+    let receipt = state
+        .registry()
+        .record_heartbeat(&hb, ttl_ms, now)
+        .await
+        .map_err(redis_error)?;
+    match receipt.sighting {
+        Sighting::Stale => {
+            return Err(ApiError::Conflict(format!(
+                "a newer instance of engine {} is running",
+                hb.engine_id
+            )));
+        }
+        Sighting::Restarted => {
+            state
+                .metrics()
+                .engine_restarts
+                .with_label_values(&[hb.engine_id.as_str()])
+                .inc();
+            tracing::warn!(worker_id = %hb.engine_id, instance = %hb.instance_id, restarts = receipt.restarts, "engine restarted");
+        }
+        Sighting::New => tracing::info!(worker_id = %hb.engine_id, "new engine registered"),
+        Sighting::Same => {}
+    }
+    let engine_state = derive_state(Some(&hb), receipt.admin);
+    let view = EngineView {
+        id: hb.engine_id.clone(),
+        state: engine_state,
+        admin: receipt.admin,
+        restarts: receipt.restarts,
+        last_seen_ms: Some(now),
+        heartbeat: Some(hb),
+    };
+    state.gauges().observe(&view);
+    Ok(Json(HeartbeatAck {
+        engine: view.id,
+        state: engine_state,
+        admin: receipt.admin,
+        restarts: receipt.restarts,
+    }))
+}
+
+/// Every engine ever seen, offline ones included.
+#[utoipa::path(get, path = "/v1/engines", tag = "engines",
+    responses((status = 200, body = [EngineView]), (status = 503)))]
+pub async fn list_engines(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<EngineView>>, ApiError> {
+    Ok(Json(
+        state.registry().all_views().await.map_err(redis_error)?,
+    ))
+}
+
+async fn known_view(state: &AppState, id: &str) -> Result<EngineView, ApiError> {
+    state
+        .registry()
+        .view(id)
+        .await
+        .map_err(redis_error)?
+        .ok_or_else(|| ApiError::NotFound(format!("engine {id} was never seen")))
+}
+
+#[utoipa::path(get, path = "/v1/engines/{id}", tag = "engines",
+    params(("id" = String, Path, description = "engine id, e.g. worker-1")),
+    responses((status = 200, body = EngineView), (status = 404)))]
+pub async fn get_engine(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EngineView>, ApiError> {
+    Ok(Json(known_view(&state, &id).await?))
+}
+
+async fn set_admin(
+    state: AppState,
+    headers: HeaderMap,
+    id: String,
+    admin: Option<AdminState>,
+) -> Result<Json<EngineView>, ApiError> {
+    admin_only(&state, &headers)?;
+    known_view(&state, &id).await?;
+    state
+        .registry()
+        .set_admin(&id, admin)
+        .await
+        .map_err(redis_error)?;
+    let what = admin.map_or("uncordoned", AdminState::as_str);
+    tracing::info!(worker_id = %id, admin = what, "operator changed engine intent");
+    let view = known_view(&state, &id).await?;
+    state.gauges().observe(&view);
+    Ok(Json(view))
+}
+
+/// The engine takes no new jobs; running ones go on.
+#[utoipa::path(post, path = "/v1/engines/{id}/cordon", tag = "engines", security(("admin_token" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+pub async fn cordon(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<EngineView>, ApiError> {
+    set_admin(state, headers, id, Some(AdminState::Cordoned)).await
+}
+
+/// Clears a cordon or drain.
+#[utoipa::path(post, path = "/v1/engines/{id}/uncordon", tag = "engines", security(("admin_token" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+pub async fn uncordon(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<EngineView>, ApiError> {
+    set_admin(state, headers, id, None).await
+}
+
+/// The engine finishes what it runs, then takes nothing.
+#[utoipa::path(post, path = "/v1/engines/{id}/drain", tag = "engines", security(("admin_token" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+pub async fn drain(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<EngineView>, ApiError> {
+    set_admin(state, headers, id, Some(AdminState::Draining)).await
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuFault {
+    Overheat,
+    Ecc,
+    Oom,
+    Lost,
+    Clear,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRequest {
+    pub fault: GpuFault,
+}
+
+/// Arms (or clears) a simulated GPU fault on the engine's worker; answers what the worker answered.
+#[utoipa::path(post, path = "/v1/engines/{id}/gpus/{gpu}/fault", tag = "engines",
+    security(("admin_token" = [])), request_body = FaultRequest,
+    params(("id" = String, Path), ("gpu" = u32, Path)),
+    responses((status = 200, body = gpuq_common::engine::GpuSnapshot), (status = 401), (status = 404),
+        (status = 409, description = "the worker refused (e.g. a real NVML GPU)"),
+        (status = 503, description = "the engine is offline or its worker did not answer")))]
+pub async fn gpu_fault(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, gpu)): Path<(String, u32)>,
+    ApiJson(req): ApiJson<FaultRequest>,
+) -> Result<Response, ApiError> {
+    admin_only(&state, &headers)?;
+    let view = known_view(&state, &id).await?;
+    let Some(hb) = view.heartbeat else {
+        return Err(ApiError::Unavailable(format!("engine {id} is offline")));
+    };
+    if hb.admin_url.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "engine {id} advertises no admin URL"
+        )));
+    }
+    let url = format!(
+        "{}/admin/gpus/{gpu}/fault",
+        hb.admin_url.trim_end_matches('/')
+    );
+    let answer = state
+        .http()
+        .post(&url)
+        .bearer_auth(state.settings().admin_token.expose())
+        .json(&req)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("worker {id} did not answer: {e}")))?;
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body: Bytes = answer
+        .bytes()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("worker {id} answer cut short: {e}")))?;
+    tracing::info!(worker_id = %id, gpu, fault = ?req.fault, status = status.as_u16(), "GPU fault proxied");
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+}

@@ -1,0 +1,332 @@
+//! Startup and wiring: `Application::build` connects Redis and the store and binds the port;
+//! `run_until_stopped` serves HTTP and runs the background loops (dead letters, fleet gauges,
+//! queue polling) until the shutdown token is cancelled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Redirect, Response};
+use axum::routing::{get, post};
+use gpuq_common::http::{not_found, ops_routes, track_metrics};
+use gpuq_common::keys::Keys;
+use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
+use gpuq_common::topology::Topology;
+use gpuq_common::{JobStore, Settings};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::deadletters::DeadLetterConsumer;
+use crate::fleet::{FleetGauges, refresh_loop};
+use crate::overview::ThroughputTracker;
+use crate::queues::QueuePoller;
+use crate::registry::Registry;
+use crate::{api, overview, ui};
+
+/// Timings of the background loops (tests shorten them).
+#[derive(Debug, Clone)]
+pub struct Intervals {
+    /// Re-deriving engine states and refreshing gauges.
+    pub fleet_refresh: Duration,
+    /// Polling the RabbitMQ management API.
+    pub queue_poll: Duration,
+}
+
+impl Default for Intervals {
+    fn default() -> Self {
+        Self {
+            fleet_refresh: Duration::from_secs(2),
+            queue_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Inner {
+    settings: Settings,
+    registry: Registry,
+    store: Arc<dyn JobStore>,
+    metrics: ManagerMetrics,
+    prometheus: prometheus::Registry,
+    http_metrics: Arc<HttpMetrics>,
+    gauges: FleetGauges,
+    queues: QueuePoller,
+    throughput: ThroughputTracker,
+    http: reqwest::Client,
+    broker_connected: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+/// Shared state of every handler and loop; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    pub fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.0.store
+    }
+    pub fn metrics(&self) -> &ManagerMetrics {
+        &self.0.metrics
+    }
+    pub fn gauges(&self) -> &FleetGauges {
+        &self.0.gauges
+    }
+    pub fn queues(&self) -> &QueuePoller {
+        &self.0.queues
+    }
+    pub fn throughput(&self) -> &ThroughputTracker {
+        &self.0.throughput
+    }
+    pub fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+    pub fn broker_connected(&self) -> bool {
+        self.0.broker_connected.load(Ordering::Relaxed)
+    }
+    /// Cancelled when the manager shuts down (ends event streams).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.0.shutdown.clone()
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    state: AppState,
+    intervals: Intervals,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with(settings, Intervals::default()).await
+    }
+
+    pub async fn build_with(settings: Settings, intervals: Intervals) -> anyhow::Result<Self> {
+        if settings.admin_token.is_empty() {
+            tracing::warn!(
+                "GPUQ_ADMIN_TOKEN is empty: heartbeats and admin actions will be refused"
+            );
+        }
+        let store = gpuq_common::store::open(&settings.store_url)
+            .await
+            .context("opening the job store")?;
+        let client =
+            redis::Client::open(settings.redis_url.as_str()).context("parsing GPUQ_REDIS_URL")?;
+        let redis_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        // Lazy: the manager starts (and reports not ready) while Redis is away.
+        let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
+            .context("creating the Redis connection manager")?;
+        let prometheus = new_registry("manager");
+        let metrics = ManagerMetrics::new(&prometheus);
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .context("building the HTTP client")?;
+        let listener = TcpListener::bind(&settings.manager_bind)
+            .await
+            .with_context(|| format!("binding {}", settings.manager_bind))?;
+        let port = listener.local_addr()?.port();
+        let state = AppState(Arc::new(Inner {
+            registry: Registry::new(redis, Keys::new(&settings.queue_prefix)),
+            store,
+            gauges: FleetGauges::new(metrics.clone()),
+            queues: QueuePoller::new(
+                http.clone(),
+                settings.rabbitmq_mgmt_url_list(),
+                &settings.queue_prefix,
+                metrics.clone(),
+            ),
+            metrics,
+            http_metrics: Arc::new(HttpMetrics::new(&prometheus)),
+            prometheus,
+            throughput: ThroughputTracker::default(),
+            http,
+            broker_connected: Arc::new(AtomicBool::new(false)),
+            shutdown: CancellationToken::new(),
+            settings,
+        }));
+        Ok(Self {
+            listener,
+            port,
+            state,
+            intervals,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Cancel it to stop the server and the loops (main wires it to SIGTERM / Ctrl-C).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown_token()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops the loops and waits for them.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            intervals,
+            ..
+        } = self;
+        let token = state.shutdown_token();
+        let tracker = TaskTracker::new();
+        let s = state.settings();
+        let consumer = DeadLetterConsumer {
+            amqp_urls: s.amqp_url_list(),
+            topology: Topology::from_settings(s),
+            pools: s.worker_pool_list(),
+            store: state.store().clone(),
+            metrics: state.metrics().clone(),
+            connected: state.0.broker_connected.clone(),
+        };
+        tracker.spawn(consumer.run(token.child_token()));
+        tracker.spawn(refresh_loop(
+            state.clone(),
+            intervals.fleet_refresh,
+            token.child_token(),
+        ));
+        let poller_state = state.clone();
+        let poll_token = token.child_token();
+        tracker.spawn(async move {
+            poller_state
+                .queues()
+                .run(intervals.queue_poll, poll_token)
+                .await;
+        });
+        tracker.close();
+
+        tracing::info!(addr = %listener.local_addr()?, "manager listening");
+        let serve_token = token.clone();
+        let served = axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { serve_token.cancelled().await })
+            .await
+            .context("serving HTTP");
+        token.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background loops did not stop within 10 s");
+        }
+        tracing::info!("manager stopped");
+        served
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gpuq manager",
+        description = "Engine registry, fleet status and dead-letter bookkeeping"
+    ),
+    paths(
+        api::post_heartbeat,
+        api::list_engines,
+        api::get_engine,
+        api::cordon,
+        api::uncordon,
+        api::drain,
+        api::gpu_fault,
+        overview::get_overview,
+        overview::events,
+        readyz,
+    ),
+    components(schemas(
+        gpuq_common::engine::EngineView,
+        gpuq_common::engine::Heartbeat,
+        gpuq_common::engine::GpuSnapshot,
+        gpuq_common::job::JobRecord,
+        gpuq_common::http::ErrorBody,
+        api::HeartbeatAck,
+        api::FaultRequest,
+        api::GpuFault,
+        overview::Overview,
+        crate::queues::QueueStats,
+    ))
+)]
+pub struct ApiDoc;
+
+/// Ready when the dead-letter consumer is attached and Redis and the store answer.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, description = "ready"), (status = 503, description = "a dependency is down")))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let (redis, store) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(2), state.registry().ping()),
+        tokio::time::timeout(Duration::from_secs(2), state.store().ping()),
+    );
+    let broker = state.broker_connected();
+    let redis = matches!(redis, Ok(Ok(())));
+    let store = matches!(store, Ok(Ok(())));
+    let ready = broker && redis && store;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": { "broker": broker, "redis": redis, "store": store },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Every route of the manager, with request metrics and tracing by matched route.
+pub fn router(state: AppState) -> Router {
+    let http_metrics = state.0.http_metrics.clone();
+    let ops = ops_routes(state.0.prometheus.clone());
+    Router::new()
+        .route("/v1/heartbeats", post(api::post_heartbeat))
+        .route("/v1/engines", get(api::list_engines))
+        .route("/v1/engines/{id}", get(api::get_engine))
+        .route("/v1/engines/{id}/cordon", post(api::cordon))
+        .route("/v1/engines/{id}/uncordon", post(api::uncordon))
+        .route("/v1/engines/{id}/drain", post(api::drain))
+        .route("/v1/engines/{id}/gpus/{gpu}/fault", post(api::gpu_fault))
+        .route("/v1/overview", get(overview::get_overview))
+        .route("/v1/events", get(overview::events))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .route("/ui", get(ui::page))
+        .route("/", get(|| async { Redirect::temporary("/ui") }))
+        .with_state(state)
+        .merge(ops)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            http_metrics,
+            track_metrics,
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str);
+            tracing::info_span!("http", method = %req.method(), route)
+        }))
+}

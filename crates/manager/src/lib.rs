@@ -1,0 +1,13 @@
+//! gpuq manager: the engine registry and states (Redis, heartbeat TTLs), health gating by
+//! cordon/drain, dead-letter bookkeeping, fleet and queue metrics, and the live status page.
+
+pub mod api;
+pub mod app;
+pub mod deadletters;
+pub mod fleet;
+pub mod overview;
+pub mod queues;
+pub mod registry;
+pub mod ui;
+
+pub use app::{AppState, Application, Intervals, router};

@@ -1,0 +1,276 @@
+//! The engine registry in Redis: the latest heartbeat of each engine under a TTL (its expiry is
+//! what makes an engine `offline`), the set of every engine ever seen, restart detection by
+//! instance id, and the operator's cordon/drain intent that workers read and obey.
+
+use std::collections::HashSet;
+
+use gpuq_common::engine::{AdminState, EngineView, Heartbeat, derive_state};
+use gpuq_common::keys::Keys;
+use redis::aio::ConnectionManager;
+
+/// Records a heartbeat atomically.
+/// KEYS: 1 info hash, 2 starts counter, 3 heartbeat key, 4 engines set, 5 admin key.
+/// ARGV: 1 instance id, 2 started_at_ms, 3 heartbeat JSON, 4 ttl ms, 5 engine id, 6 now ms.
+/// Returns {change, starts, admin}: change is 0 (same instance), 1 (a restart), 2 (first
+/// sighting) or -1 (a late heartbeat of an instance older than the current one: ignored).
+const HEARTBEAT_LUA: &str = r#"
+local inst = redis.call('HGET', KEYS[1], 'instance')
+local change = 0
+if inst ~= ARGV[1] then
+  local started = tonumber(redis.call('HGET', KEYS[1], 'started_at_ms') or '0') or 0
+  if inst and tonumber(ARGV[2]) < started then
+    return {-1, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[5]) or ''}
+  end
+  redis.call('HSET', KEYS[1], 'instance', ARGV[1], 'started_at_ms', ARGV[2])
+  redis.call('INCR', KEYS[2])
+  if inst then change = 1 else change = 2 end
+end
+redis.call('HSET', KEYS[1], 'last_seen_ms', ARGV[6])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[5])
+return {change, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[5]) or ''}
+"#;
+
+/// What recording a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighting {
+    /// The instance we already knew.
+    Same,
+    /// A new instance of a known engine: the worker restarted.
+    Restarted,
+    /// The first heartbeat of this engine.
+    New,
+    /// A heartbeat of an older instance than the current one (a late packet): not stored.
+    Stale,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeartbeatReceipt {
+    pub sighting: Sighting,
+    pub restarts: u64,
+    pub admin: Option<AdminState>,
+}
+
+/// Engine names become Redis keys and metric labels: keep them short and plain.
+pub fn validate_engine_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err("engine ids are 1 to 64 characters".into());
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err("engine ids use letters, digits, '-', '_' and '.'".into());
+    }
+    Ok(())
+}
+
+/// Redis access for the engine registry.
+#[derive(Clone)]
+pub struct Registry {
+    redis: ConnectionManager,
+    keys: Keys,
+}
+
+impl Registry {
+    pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
+        Self { redis, keys }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Stores the heartbeat with a TTL of `ttl_ms`, notes the engine, and detects restarts.
+    pub async fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> redis::RedisResult<HeartbeatReceipt> {
+        let json = serde_json::to_string(hb).expect("heartbeat serializes");
+        let id = hb.engine_id.as_str();
+        let (change, starts, admin): (i64, i64, String) = redis::Script::new(HEARTBEAT_LUA)
+            .key(self.keys.engine_info(id))
+            .key(self.keys.engine_starts(id))
+            .key(self.keys.engine(id))
+            .key(self.keys.engines())
+            .key(self.keys.engine_admin(id))
+            .arg(&hb.instance_id)
+            .arg(hb.started_at_ms)
+            .arg(json)
+            .arg(ttl_ms.max(1))
+            .arg(id)
+            .arg(now_ms)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        let sighting = match change {
+            0 => Sighting::Same,
+            1 => Sighting::Restarted,
+            2 => Sighting::New,
+            _ => Sighting::Stale,
+        };
+        Ok(HeartbeatReceipt {
+            sighting,
+            restarts: restarts_from_starts(starts),
+            admin: AdminState::parse(&admin),
+        })
+    }
+
+    /// Every engine ever seen, sorted.
+    pub async fn engine_ids(&self) -> redis::RedisResult<Vec<String>> {
+        let ids: HashSet<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.engines())
+            .query_async(&mut self.redis.clone())
+            .await?;
+        let mut ids: Vec<String> = ids.into_iter().collect();
+        ids.sort_by_key(|a| natural_key(a));
+        Ok(ids)
+    }
+
+    pub async fn is_known(&self, id: &str) -> redis::RedisResult<bool> {
+        redis::cmd("SISMEMBER")
+            .arg(self.keys.engines())
+            .arg(id)
+            .query_async(&mut self.redis.clone())
+            .await
+    }
+
+    /// The views of the given engines, read in one round trip.
+    pub async fn views(&self, ids: &[String]) -> redis::RedisResult<Vec<EngineView>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("GET").arg(self.keys.engine(id));
+            pipe.cmd("GET").arg(self.keys.engine_admin(id));
+            pipe.cmd("GET").arg(self.keys.engine_starts(id));
+            pipe.cmd("HGET")
+                .arg(self.keys.engine_info(id))
+                .arg("last_seen_ms");
+        }
+        let rows: Vec<Option<String>> = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(ids
+            .iter()
+            .zip(rows.chunks(4))
+            .map(|(id, r)| {
+                build_view(
+                    id,
+                    r[0].as_deref(),
+                    r[1].as_deref(),
+                    r[2].as_deref(),
+                    r[3].as_deref(),
+                )
+            })
+            .collect())
+    }
+
+    /// The view of every engine ever seen.
+    pub async fn all_views(&self) -> redis::RedisResult<Vec<EngineView>> {
+        let ids = self.engine_ids().await?;
+        self.views(&ids).await
+    }
+
+    /// One engine's view; `None` for an engine never seen.
+    pub async fn view(&self, id: &str) -> redis::RedisResult<Option<EngineView>> {
+        if !self.is_known(id).await? {
+            return Ok(None);
+        }
+        Ok(self.views(&[id.to_string()]).await?.pop())
+    }
+
+    /// Writes (or with `None` clears) the operator's intent for an engine.
+    pub async fn set_admin(&self, id: &str, admin: Option<AdminState>) -> redis::RedisResult<()> {
+        let key = self.keys.engine_admin(id);
+        let mut conn = self.redis.clone();
+        match admin {
+            Some(a) => {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(a.as_str())
+                    .query_async(&mut conn)
+                    .await
+            }
+            None => redis::cmd("DEL").arg(key).query_async(&mut conn).await,
+        }
+    }
+
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.redis.clone())
+            .await
+            .map(drop)
+    }
+}
+
+fn restarts_from_starts(starts: i64) -> u64 {
+    u64::try_from(starts.saturating_sub(1)).unwrap_or(0)
+}
+
+/// Builds a view from the raw Redis values; a heartbeat that does not parse counts as absent.
+pub fn build_view(
+    id: &str,
+    heartbeat: Option<&str>,
+    admin: Option<&str>,
+    starts: Option<&str>,
+    last_seen: Option<&str>,
+) -> EngineView {
+    let heartbeat: Option<Heartbeat> = heartbeat.and_then(|s| match serde_json::from_str(s) {
+        Ok(hb) => Some(hb),
+        Err(e) => {
+            tracing::warn!(engine = id, error.message = %e, "unreadable heartbeat in Redis");
+            None
+        }
+    });
+    let admin = admin.and_then(AdminState::parse);
+    EngineView {
+        id: id.to_string(),
+        state: derive_state(heartbeat.as_ref(), admin),
+        admin,
+        restarts: restarts_from_starts(starts.and_then(|s| s.parse().ok()).unwrap_or(0)),
+        last_seen_ms: last_seen.and_then(|s| s.parse().ok()),
+        heartbeat,
+    }
+}
+
+/// Sorts `worker-2` before `worker-10`.
+fn natural_key(s: &str) -> (String, u64, String) {
+    let digits_at = s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, tail) = s.split_at(digits_at);
+    (head.to_string(), tail.parse().unwrap_or(0), s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuq_common::engine::EngineState;
+
+    #[test]
+    fn engine_ids_that_would_break_keys_or_labels_are_refused() {
+        assert!(validate_engine_id("worker-1").is_ok());
+        assert!(validate_engine_id("").is_err());
+        assert!(validate_engine_id("a b").is_err());
+        assert!(validate_engine_id("x:y").is_err());
+        assert!(validate_engine_id(&"w".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn an_engine_without_a_fresh_heartbeat_is_offline_whatever_the_operator_said() {
+        let v = build_view("w1", None, Some("cordoned"), Some("3"), Some("1700"));
+        assert_eq!(v.state, EngineState::Offline);
+        assert_eq!(v.admin, Some(AdminState::Cordoned));
+        assert_eq!(v.restarts, 2);
+        assert_eq!(v.last_seen_ms, Some(1700));
+        let v = build_view("w1", Some("not json"), None, None, None);
+        assert_eq!(v.state, EngineState::Offline);
+        assert_eq!(v.restarts, 0);
+    }
+
+    #[test]
+    fn engines_sort_naturally() {
+        let mut ids = vec!["worker-10", "worker-2", "alpha", "worker-1"];
+        ids.sort_by_key(|a| natural_key(a));
+        assert_eq!(ids, vec!["alpha", "worker-1", "worker-2", "worker-10"]);
+    }
+}
