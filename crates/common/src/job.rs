@@ -96,6 +96,9 @@ pub struct SimulateParams {
     pub always_fail: bool,
     /// The first N attempts hang without progress (until the worker's progress watchdog kills them).
     pub hang_attempts: u32,
+    /// Chance in [0, 1] that the worker process dies mid-attempt; honoured only by workers
+    /// started with fault injection (the original project's crash load test).
+    pub crash_probability: f64,
 }
 
 /// Parameters of a `command` job.
@@ -218,6 +221,9 @@ impl SubmitRequest {
                 }
                 if !(0.0..=1.0).contains(&p.fail_probability) {
                     return Err(verr("params.fail_probability", "must be within [0, 1]"));
+                }
+                if !(0.0..=1.0).contains(&p.crash_probability) {
+                    return Err(verr("params.crash_probability", "must be within [0, 1]"));
                 }
                 JobPayload::Simulate(p)
             }

@@ -49,6 +49,11 @@ impl Keys {
     pub fn engine_starts(&self, engine: &str) -> String {
         format!("{}:starts:{engine}", self.prefix)
     }
+    /// Set once the manager recorded the dead letter of one drive of a job (`drive` = the
+    /// `x-gpuq-drive` header, `0` for the first), so a late duplicate cannot undo a re-drive.
+    pub fn dead_seen(&self, job: Uuid, drive: &str) -> String {
+        format!("{}:dead-seen:{job}:{drive}", self.prefix)
+    }
     /// What the manager remembers of an engine without a TTL (a hash: `instance`,
     /// `started_at_ms`, `last_seen_ms`), so restarts and the last sighting outlive the heartbeat.
     pub fn engine_info(&self, engine: &str) -> String {

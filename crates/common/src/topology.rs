@@ -12,6 +12,13 @@ use crate::Settings;
 pub const REASON_HEADER: &str = "x-gpuq-reason";
 /// Header carrying the last error a worker saw, for the dead-letter record.
 pub const ERROR_HEADER: &str = "x-gpuq-error";
+/// Attempts a job had before a re-drive from the dead letters (attempt numbers go on counting,
+/// the delivery budget starts afresh).
+pub const ATTEMPT_OFFSET_HEADER: &str = "x-gpuq-attempt-offset";
+/// Names one drive of a job through the queue (absent on the first; a fresh id per re-drive).
+/// At-least-once dead-lettering may deliver a dead letter twice; the manager records each drive's
+/// dead letter once, so a late copy of an old one cannot undo a re-drive.
+pub const DRIVE_HEADER: &str = "x-gpuq-drive";
 
 /// Names derived from a prefix, so tests can isolate themselves on one cluster.
 #[derive(Debug, Clone)]

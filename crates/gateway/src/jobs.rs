@@ -7,7 +7,7 @@ use gpuq_common::job::{
     JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
 };
 use gpuq_common::store::{FinishOutcome, StoreError};
-use gpuq_common::topology::ATTEMPT_OFFSET_HEADER;
+use gpuq_common::topology::{ATTEMPT_OFFSET_HEADER, DRIVE_HEADER};
 use lapin::types::{AMQPValue, FieldTable};
 use tracing::{Instrument, Span, instrument};
 
@@ -321,6 +321,10 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
     headers.insert(
         ATTEMPT_OFFSET_HEADER.into(),
         AMQPValue::LongLongInt(i64::from(record.attempts)),
+    );
+    headers.insert(
+        DRIVE_HEADER.into(),
+        AMQPValue::LongString(uuid::Uuid::new_v4().to_string().into()),
     );
     let state = state.clone();
     let task = async move {

@@ -201,6 +201,7 @@ impl Application {
             store: state.store().clone(),
             metrics: state.metrics().clone(),
             connected: state.0.broker_connected.clone(),
+            registry: state.registry().clone(),
         };
         tracker.spawn(consumer.run(token.child_token()));
         tracker.spawn(refresh_loop(

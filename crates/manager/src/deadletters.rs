@@ -12,7 +12,9 @@ use gpuq_common::amqp::{connect_any, death_reason, header_str};
 use gpuq_common::job::{FinalOutcome, JobMessage, JobRecord, JobStatus, now_ms};
 use gpuq_common::metrics::ManagerMetrics;
 use gpuq_common::store::FinishOutcome;
-use gpuq_common::topology::{ERROR_HEADER, REASON_HEADER, Topology};
+use gpuq_common::topology::{DRIVE_HEADER, ERROR_HEADER, REASON_HEADER, Topology};
+
+use crate::registry::Registry;
 use gpuq_common::{JobId, JobStore, StoreError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -32,6 +34,8 @@ pub struct DeadLetter {
     pub error: Option<String>,
     /// The queue the job died in (from `x-death`).
     pub queue: Option<String>,
+    /// Which drive of the job died (`x-gpuq-drive`; `0` for the first drive).
+    pub drive: String,
     pub body: Vec<u8>,
 }
 
@@ -61,6 +65,9 @@ impl DeadLetter {
             reason: label_safe(&reason),
             error: header_str(headers, ERROR_HEADER).filter(|e| !e.is_empty()),
             queue: first_death_queue(headers),
+            drive: header_str(headers, DRIVE_HEADER)
+                .filter(|d| !d.is_empty() && d.len() <= 64)
+                .unwrap_or_else(|| "0".into()),
             body: body.to_vec(),
         }
     }
@@ -162,6 +169,9 @@ pub struct DeadLetterConsumer {
     pub metrics: ManagerMetrics,
     /// True while a consumer is attached to the dead queue (read by `/readyz`).
     pub connected: Arc<AtomicBool>,
+    /// Remembers which drives' dead letters were recorded (at-least-once dead-lettering can
+    /// deliver one twice, and a late copy must not undo a re-drive).
+    pub registry: Registry,
 }
 
 impl DeadLetterConsumer {
@@ -236,8 +246,20 @@ impl DeadLetterConsumer {
                 None => return Ok(()),
             };
             let dl = DeadLetter::from_message(&delivery.properties, &delivery.data);
+            if let Some(id) = dl.id
+                && self.registry.dead_letter_seen(id, &dl.drive).await.unwrap_or(false)
+            {
+                tracing::info!(job_id = %id, drive = %dl.drive, "duplicate dead letter of a recorded drive: acked");
+                delivery.ack(BasicAckOptions::default()).await.context("ack")?;
+                continue;
+            }
             match self.record_with_retry(&dl, token).await {
                 Some(Ok(())) => {
+                    if let Some(id) = dl.id
+                        && let Err(e) = self.registry.mark_dead_letter_seen(id, &dl.drive).await
+                    {
+                        tracing::warn!(job_id = %id, error.message = %e, "cannot remember the recorded dead letter");
+                    }
                     delivery
                         .ack(BasicAckOptions::default())
                         .await

@@ -73,6 +73,27 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Whether this drive's dead letter was already recorded.
+    pub async fn dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> redis::RedisResult<bool> {
+        let mut c = self.redis.clone();
+        redis::cmd("EXISTS")
+            .arg(self.keys.dead_seen(job, drive))
+            .query_async(&mut c)
+            .await
+    }
+
+    /// Remembers (for a week) that this drive's dead letter is recorded.
+    pub async fn mark_dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> redis::RedisResult<()> {
+        let mut c = self.redis.clone();
+        redis::cmd("SET")
+            .arg(self.keys.dead_seen(job, drive))
+            .arg(1)
+            .arg("EX")
+            .arg(7 * 24 * 3600)
+            .query_async(&mut c)
+            .await
+    }
+
     pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
         Self { redis, keys }
     }

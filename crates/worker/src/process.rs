@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use gpuq_common::amqp::{header_u64, job_properties, publish_confirmed};
 use gpuq_common::job::{FinalOutcome, JobMessage, now_ms};
 use gpuq_common::store::{FinishOutcome, StartOutcome, StoreError};
-use gpuq_common::topology::{ERROR_HEADER, REASON_HEADER};
+use gpuq_common::topology::{ATTEMPT_OFFSET_HEADER, ERROR_HEADER, REASON_HEADER};
 use gpuq_common::{JobRecord, JobStatus};
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -75,7 +75,8 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     if d.redelivered || count > 0 {
         w.metrics.redeliveries.with_label_values(&[pool]).inc();
     }
-    let attempt = (prior + count + 1) as u32;
+    let offset = header_u64(headers, ATTEMPT_OFFSET_HEADER).unwrap_or(0);
+    let attempt = (offset + prior + count + 1) as u32;
     if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
         return dead_letter(&w, &ch, &d, &msg, "delivery_limit", "delivery limit reached").await;
     }
@@ -214,7 +215,14 @@ async fn leased(
     tracing::info!(attempt, gpus = ?gpus, "job started");
 
     // 4. Run, renewing the lease and watching for cancellation.
-    let scenario = w.faults.take();
+    let mut scenario = w.faults.take();
+    if let gpuq_common::job::JobPayload::Simulate(p) = &msg.payload
+        && w.faults.enabled()
+        && p.crash_probability > 0.0
+        && runner::random_unit() < p.crash_probability
+    {
+        scenario = Scenario::CrashMidTask;
+    }
     if scenario != Scenario::Normal {
         tracing::warn!(scenario = scenario.as_str(), "fault injected into this job");
     }

@@ -66,7 +66,7 @@ async fn stopped(stop: &mut watch::Receiver<Option<StopReason>>) -> StopReason {
 }
 
 /// A random number in [0, 1) from the OS-seeded UUID generator.
-fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     (Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
 }
 

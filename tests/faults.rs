@@ -1,0 +1,298 @@
+//! Issue 3: nothing lost, nothing recorded twice, under every crash the tester can cause.
+//! Real worker processes are killed (abort or SIGKILL) and brought back by the restart loop.
+
+use std::time::{Duration, Instant};
+
+use gpuq_common::JobStatus;
+use gpuq_e2e::{Stack, StackOptions, by_status};
+use serde_json::{Value, json};
+
+fn fault_stack(workers: usize, delivery_limit: u32) -> StackOptions {
+    StackOptions {
+        workers,
+        fault_injection: true,
+        env: vec![("GPUQ_DELIVERY_LIMIT".into(), delivery_limit.to_string())],
+        ..Default::default()
+    }
+}
+
+/// Arms `count` jobs on worker 2 with `scenario`, runs 100 jobs and checks the verdict.
+async fn scenario(name: &str, count: u32) -> (Stack, f64) {
+    let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
+    stack
+        .worker_admin(
+            1,
+            "/admin/faults",
+            &json!({"scenario": name, "count": count}),
+        )
+        .await
+        .unwrap();
+    let body = json!({"kind": "simulate", "params": {"duration_ms": 200}});
+    let ids = stack.submit_many(100, 16, &body).await.unwrap();
+    let records = stack
+        .wait_final(&ids, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let counts = by_status(&records);
+    assert_eq!(
+        counts.get(&JobStatus::Succeeded),
+        Some(&100),
+        "{name}: {counts:?}"
+    );
+    // Settle: late redeliveries of finished jobs must be suppressed, not run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for r in &records {
+        let now = stack.store.get(r.id).await.unwrap().unwrap();
+        assert_eq!(&now, r, "{name}: job {} changed after it was final", r.id);
+    }
+    assert_eq!(
+        stack.workers_metric("gpuq_results_discarded_total").await,
+        0.0,
+        "{name}: work recorded twice"
+    );
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    let suppressed = stack
+        .workers_metric("gpuq_duplicates_suppressed_total")
+        .await;
+    (stack, suppressed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_0_normal_completion_runs_every_job_once() {
+    let (stack, _) = scenario("normal", 5).await;
+    assert_eq!(stack.workers[1].restarts(), 0);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_1_an_error_before_the_ack_is_retried_to_success() {
+    let (stack, _) = scenario("error_before_ack", 5).await;
+    let retried = stack.workers_metric("gpuq_jobs_completed_total").await;
+    assert!(
+        retried >= 105.0,
+        "five failed attempts were counted besides the 100 successes"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_2_a_worker_dying_mid_task_loses_nothing() {
+    let (stack, _) = scenario("crash_mid_task", 1).await;
+    assert!(
+        stack.workers[1].restarts() >= 1,
+        "worker-2 crashed and came back"
+    );
+    assert!(
+        stack
+            .log_lines("worker-2")
+            .iter()
+            .any(|l| l.contains("crash_mid_task"))
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_3_a_lost_ack_after_completion_is_suppressed_as_a_duplicate() {
+    let (stack, suppressed) = scenario("duplicate_after_complete", 3).await;
+    assert!(
+        suppressed >= 1.0,
+        "redeliveries of finished jobs were suppressed: {suppressed}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scenario_4_a_worker_dying_after_completion_does_not_run_the_job_again() {
+    let (stack, suppressed) = scenario("crash_after_complete", 1).await;
+    assert!(
+        stack.workers[1].restarts() >= 1,
+        "worker-2 crashed and came back"
+    );
+    assert!(
+        suppressed >= 1.0,
+        "the redelivered finished job was suppressed: {suppressed}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_original_load_test_with_20_percent_errors_and_5_percent_crashes_finishes_every_job_once()
+ {
+    let stack = Stack::start(fault_stack(3, 20)).await.unwrap();
+    let body = json!({"kind": "simulate", "params": {
+        "duration_ms": 100, "fail_probability": 0.2, "crash_probability": 0.05
+    }});
+    let ids = stack.submit_many(100, 16, &body).await.unwrap();
+    let records = stack
+        .wait_final(&ids, Duration::from_secs(240))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_status(&records).get(&JobStatus::Succeeded),
+        Some(&100),
+        "{:?}",
+        by_status(&records)
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stack.workers_metric("gpuq_results_discarded_total").await,
+        0.0
+    );
+    let restarts: u32 = stack.workers.iter().map(|w| w.restarts()).sum();
+    let retried = records.iter().filter(|r| r.attempts > 1).count();
+    eprintln!("load test: {restarts} worker crashes, {retried} jobs needed more than one attempt");
+    assert!(retried > 0, "errors were injected");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_worker_is_killed_mid_task_finishes_on_another_worker_within_ten_seconds() {
+    let stack = Stack::start(StackOptions {
+        workers: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut recoveries = vec![];
+    for trial in 0..20 {
+        let id = stack
+            .submit_ok(
+                &json!({"kind": "simulate", "params": {"duration_ms": 1000, "progress_steps": 10}}),
+            )
+            .await
+            .unwrap();
+        let worker = loop {
+            let r = stack.store.get(id).await.unwrap().unwrap();
+            if r.status == JobStatus::Running {
+                break r.worker.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let victim = &stack.workers[if worker == "worker-1" { 0 } else { 1 }];
+        victim.kill_and_hold().await;
+        let killed = Instant::now();
+        let killed_ms = gpuq_common::job::now_ms();
+        let r = stack
+            .wait_final(&[id], Duration::from_secs(30))
+            .await
+            .unwrap()
+            .remove(0);
+        let recovery = killed.elapsed();
+        assert_eq!(r.status, JobStatus::Succeeded, "trial {trial}: {r:?}");
+        assert_ne!(
+            r.worker.as_deref(),
+            Some(worker.as_str()),
+            "trial {trial}: finished elsewhere"
+        );
+        assert!(r.finished_at.unwrap() >= killed_ms);
+        recoveries.push(recovery);
+        victim.resume();
+        stack.wait_ready().await.unwrap();
+    }
+    recoveries.sort();
+    let median = recoveries[recoveries.len() / 2];
+    let worst = *recoveries.last().unwrap();
+    eprintln!("kill → finished elsewhere over 20 trials: median {median:?}, worst {worst:?}");
+    assert!(worst < Duration::from_secs(10), "worst recovery {worst:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_job_is_dead_lettered_with_its_reason_and_can_be_re_driven() {
+    let stack = Stack::start(fault_stack(2, 3)).await.unwrap();
+    // Fails its first 4 attempts: more than the delivery budget of 3 allows.
+    let id = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10, "fail_times": 4}}))
+        .await
+        .unwrap();
+    let r = stack
+        .wait_final(&[id], Duration::from_secs(60))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("delivery_limit"),
+        "{r:?}"
+    );
+    let before = r.attempts;
+    let resp = stack
+        .auth(
+            stack
+                .http
+                .post(format!("{}/v1/dead-letters/{id}/retry", stack.gateway_url)),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{:?}", resp.text().await);
+    let r = stack
+        .wait_final(&[id], Duration::from_secs(60))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    assert!(
+        r.attempts > before,
+        "attempts go on counting: {} then {}",
+        before,
+        r.attempts
+    );
+    let again = stack
+        .auth(
+            stack
+                .http
+                .post(format!("{}/v1/dead-letters/{id}/retry", stack.gateway_url)),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status().as_u16(),
+        409,
+        "only dead letters can be re-driven"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
+    let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
+    let out = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"))
+        .args([
+            "tester",
+            "run",
+            "--worker",
+            "2",
+            "--scenario",
+            "crash_mid_task",
+            "--jobs",
+            "30",
+            "--duration-ms",
+            "200",
+            "--json",
+            "--timeout",
+            "90s",
+        ])
+        .env("GPUQ_GATEWAY_URL", &stack.gateway_url)
+        .env("GPUQ_API_KEY", &stack.api_key)
+        .env("GPUQ_MANAGER_URL", &stack.manager_url)
+        .env("GPUQ_ADMIN_TOKEN", &stack.admin_token)
+        .env("GPUQ_WORKER_URLS", stack.worker_urls.join(","))
+        .current_dir(&stack.dir)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["succeeded"], 30);
+    stack.stop().await;
+}
