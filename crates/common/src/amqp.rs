@@ -70,7 +70,11 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
 }
 
 /// Properties of a job message: persistent JSON whose `message_id` is the job id.
-pub fn job_properties(id: &str, expiration_ms: Option<u64>, headers: FieldTable) -> BasicProperties {
+pub fn job_properties(
+    id: &str,
+    expiration_ms: Option<u64>,
+    headers: FieldTable,
+) -> BasicProperties {
     let mut props = BasicProperties::default()
         .with_message_id(ShortString::from(id.to_string()))
         .with_content_type(ShortString::from("application/json"))
@@ -168,13 +172,19 @@ mod tests {
     #[test]
     fn the_death_reason_is_read_from_x_death() {
         let mut death = FieldTable::default();
-        death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
         let mut headers = FieldTable::default();
         headers.insert(
             "x-death".into(),
             AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
         );
-        assert_eq!(death_reason(Some(&headers)).as_deref(), Some("delivery_limit"));
+        assert_eq!(
+            death_reason(Some(&headers)).as_deref(),
+            Some("delivery_limit")
+        );
         headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
         assert_eq!(header_u64(Some(&headers), "x-delivery-count"), Some(3));
     }

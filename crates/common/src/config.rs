@@ -26,9 +26,15 @@ pub const CLIENT_ENV_KEYS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {source}")]
-    Toml { path: String, source: toml::de::Error },
+    Toml {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -255,7 +261,10 @@ impl Settings {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return Err(invalid("queue_prefix", "use letters, digits, '-', '_', '.'"));
+            return Err(invalid(
+                "queue_prefix",
+                "use letters, digits, '-', '_', '.'",
+            ));
         }
         if self.delivery_limit == 0 {
             return Err(invalid("delivery_limit", "must be at least 1"));
@@ -315,7 +324,10 @@ impl Settings {
         if !self.worker_advertise_url.is_empty() {
             return self.worker_advertise_url.trim_end_matches('/').to_string();
         }
-        format!("http://{}", self.worker_bind.replace("0.0.0.0", "127.0.0.1"))
+        format!(
+            "http://{}",
+            self.worker_bind.replace("0.0.0.0", "127.0.0.1")
+        )
     }
 
     /// The worker's name: `worker_id`, else the host name.
@@ -386,7 +398,10 @@ mod tests {
         assert_eq!(s.delivery_limit, 7);
         assert_eq!(s.queue_prefix, "fromenv");
         assert!(s.fault_injection);
-        assert_eq!(s.heartbeat_interval_ms, Settings::default().heartbeat_interval_ms);
+        assert_eq!(
+            s.heartbeat_interval_ms,
+            Settings::default().heartbeat_interval_ms
+        );
     }
 
     #[test]
@@ -408,7 +423,14 @@ mod tests {
 
     #[test]
     fn typos_are_reported_but_client_keys_are_not() {
-        let keys = ["GPUQ_AMQP_URL".to_string(), "GPUQ_API_KEY".to_string(), "PATH".to_string()];
-        assert_eq!(Settings::unknown_env_keys(&keys), vec!["GPUQ_AMQP_URL".to_string()]);
+        let keys = [
+            "GPUQ_AMQP_URL".to_string(),
+            "GPUQ_API_KEY".to_string(),
+            "PATH".to_string(),
+        ];
+        assert_eq!(
+            Settings::unknown_env_keys(&keys),
+            vec!["GPUQ_AMQP_URL".to_string()]
+        );
     }
 }

@@ -13,7 +13,11 @@ pub enum GpuHealth {
 }
 
 impl GpuHealth {
-    pub const ALL: [GpuHealth; 3] = [GpuHealth::Healthy, GpuHealth::Degraded, GpuHealth::Unhealthy];
+    pub const ALL: [GpuHealth; 3] = [
+        GpuHealth::Healthy,
+        GpuHealth::Degraded,
+        GpuHealth::Unhealthy,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             GpuHealth::Healthy => "healthy",

@@ -96,7 +96,9 @@ impl IntoResponse for ApiError {
             ApiError::Internal(e) => {
                 tracing::error!(error.cause_chain = ?e, error.message = %e, "internal error")
             }
-            ApiError::Unavailable(m) => tracing::warn!(error.message = %m, "dependency unavailable"),
+            ApiError::Unavailable(m) => {
+                tracing::warn!(error.message = %m, "dependency unavailable")
+            }
             _ => {}
         }
         let mut resp = (
@@ -113,7 +115,10 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
         }
-        if matches!(self, ApiError::Unavailable(_) | ApiError::TooManyRequests(_)) {
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::TooManyRequests(_)
+        ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, "1".parse().expect("header"));
         }
@@ -124,8 +129,12 @@ impl IntoResponse for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
-            crate::store::StoreError::Unavailable(m) => ApiError::Unavailable(format!("store: {m}")),
-            crate::store::StoreError::Conflict(id) => ApiError::Conflict(format!("job {id} exists")),
+            crate::store::StoreError::Unavailable(m) => {
+                ApiError::Unavailable(format!("store: {m}"))
+            }
+            crate::store::StoreError::Conflict(id) => {
+                ApiError::Conflict(format!("job {id} exists"))
+            }
             other => ApiError::Internal(other.into()),
         }
     }
@@ -171,8 +180,14 @@ pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiE
     let ok = accepted
         .iter()
         .filter(|k| !k.is_empty())
-        .fold(false, |acc, k| acc | constant_time_eq(token.as_bytes(), k.expose().as_bytes()));
-    if ok { Ok(()) } else { Err(ApiError::Unauthorized) }
+        .fold(false, |acc, k| {
+            acc | constant_time_eq(token.as_bytes(), k.expose().as_bytes())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -209,7 +224,10 @@ pub async fn track_metrics(
 /// `/healthz` (the process answers) and `/metrics` (the registry), for any service.
 pub fn ops_routes(registry: Registry) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route(
             "/metrics",
             get(move || {

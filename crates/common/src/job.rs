@@ -230,10 +230,7 @@ impl SubmitRequest {
             JobKind::Command => {
                 let p: CommandParams =
                     serde_json::from_value(params).map_err(|e| verr("params", e.to_string()))?;
-                if p.program.is_empty()
-                    || p.program.contains('/')
-                    || p.program.len() > 128
-                {
+                if p.program.is_empty() || p.program.contains('/') || p.program.len() > 128 {
                     return Err(verr(
                         "params.program",
                         "must name an allow-listed program, not a path",
@@ -448,6 +445,9 @@ mod tests {
         assert!(!JobStatus::Queued.is_final());
         assert!(!JobStatus::Running.is_final());
         assert!(JobStatus::DeadLettered.is_final());
-        assert_eq!(JobStatus::parse("dead_lettered"), Some(JobStatus::DeadLettered));
+        assert_eq!(
+            JobStatus::parse("dead_lettered"),
+            Some(JobStatus::DeadLettered)
+        );
     }
 }

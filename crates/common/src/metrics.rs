@@ -155,8 +155,8 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new(r: &Registry) -> Self {
-        let leases_held = IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.")
-            .expect("metric");
+        let leases_held =
+            IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.").expect("metric");
         r.register(Box::new(leases_held.clone())).expect("register");
         let consuming = IntGauge::new(
             "gpuq_worker_consuming",
@@ -378,13 +378,19 @@ mod tests {
         let r = new_registry("test");
         HttpMetrics::new(&r);
         GatewayMetrics::new(&r);
-        WorkerMetrics::new(&r).jobs_started.with_label_values(&["default", "simulate"]).inc();
+        WorkerMetrics::new(&r)
+            .jobs_started
+            .with_label_values(&["default", "simulate"])
+            .inc();
         ManagerMetrics::new(&r);
         let text = encode(&r);
         assert!(text.contains("gpuq_build_info{service=\"test\""));
         for family in r.gather() {
             let name = family.name();
-            assert!(name.starts_with("gpuq_") || name.starts_with("process_"), "{name}");
+            assert!(
+                name.starts_with("gpuq_") || name.starts_with("process_"),
+                "{name}"
+            );
         }
     }
 }

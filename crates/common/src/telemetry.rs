@@ -61,7 +61,8 @@ impl Visit for Collect<'_> {
         self.0.insert(f.name().to_string(), Value::from(v));
     }
     fn record_error(&mut self, f: &Field, v: &(dyn std::error::Error + 'static)) {
-        self.0.insert(f.name().to_string(), Value::from(v.to_string()));
+        self.0
+            .insert(f.name().to_string(), Value::from(v.to_string()));
     }
     fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
         self.0
@@ -151,6 +152,6 @@ mod tests {
     fn civil_dates_are_right() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_414), (2025, 11, 22));
-        assert_eq!(civil_from_days(11_016), (2000, 02, 29));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 }

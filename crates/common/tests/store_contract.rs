@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use gpuq_common::job::{FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms};
+use gpuq_common::job::{
+    FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms,
+};
 use gpuq_common::store::{self, FinishOutcome, JobStore, ListQuery, StartOutcome, StoreError};
 use gpuq_common::{JobRecord, JobStatus};
 use serde_json::json;
@@ -43,7 +45,10 @@ async fn contract(store: Arc<dyn JobStore>) {
     let job = new_job(&pool);
     store.insert(&job).await.unwrap();
     assert_eq!(store.get(job.id).await.unwrap().unwrap(), job);
-    assert!(matches!(store.insert(&job).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.insert(&job).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert!(store.get(uuid::Uuid::now_v7()).await.unwrap().is_none());
 
     // start an attempt
@@ -53,13 +58,19 @@ async fn contract(store: Arc<dyn JobStore>) {
     running.worker = Some("w1".into());
     running.gpus = vec![0, 1];
     running.started_at = Some(now_ms());
-    assert_eq!(store.start_attempt(&running).await.unwrap(), StartOutcome::Started);
+    assert_eq!(
+        store.start_attempt(&running).await.unwrap(),
+        StartOutcome::Started
+    );
     let got = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(got.status, JobStatus::Running);
     assert_eq!(got.gpus, vec![0, 1]);
     assert_eq!(got.attempts, 1);
 
-    store.record_error(job.id, "attempt 1 failed").await.unwrap();
+    store
+        .record_error(job.id, "attempt 1 failed")
+        .await
+        .unwrap();
     assert_eq!(
         store.get(job.id).await.unwrap().unwrap().error.as_deref(),
         Some("attempt 1 failed")
@@ -71,7 +82,9 @@ async fn contract(store: Arc<dyn JobStore>) {
         let s = store.clone();
         let id = job.id;
         handles.push(tokio::spawn(async move {
-            s.finish(id, &outcome(JobStatus::Succeeded, &format!("w{i}"))).await.unwrap()
+            s.finish(id, &outcome(JobStatus::Succeeded, &format!("w{i}")))
+                .await
+                .unwrap()
         }));
     }
     let mut stored = 0;
@@ -91,7 +104,10 @@ async fn contract(store: Arc<dyn JobStore>) {
         StartOutcome::AlreadyFinal(JobStatus::Succeeded)
     );
     assert_eq!(
-        store.finish(uuid::Uuid::now_v7(), &outcome(JobStatus::Failed, "w")).await.unwrap(),
+        store
+            .finish(uuid::Uuid::now_v7(), &outcome(JobStatus::Failed, "w"))
+            .await
+            .unwrap(),
         FinishOutcome::NotFound
     );
 
@@ -102,15 +118,24 @@ async fn contract(store: Arc<dyn JobStore>) {
         j.attempts = 1;
         j
     };
-    assert_eq!(store.start_attempt(&orphan).await.unwrap(), StartOutcome::Started);
-    assert_eq!(store.get(orphan.id).await.unwrap().unwrap().status, JobStatus::Running);
+    assert_eq!(
+        store.start_attempt(&orphan).await.unwrap(),
+        StartOutcome::Started
+    );
+    assert_eq!(
+        store.get(orphan.id).await.unwrap().unwrap().status,
+        JobStatus::Running
+    );
 
     // dead letters can be re-driven, other statuses cannot
     let dead = new_job(&pool);
     store.insert(&dead).await.unwrap();
     let mut o = outcome(JobStatus::DeadLettered, "manager");
     o.error = Some("delivery_limit: boom".into());
-    assert_eq!(store.finish(dead.id, &o).await.unwrap(), FinishOutcome::Stored);
+    assert_eq!(
+        store.finish(dead.id, &o).await.unwrap(),
+        FinishOutcome::Stored
+    );
     assert!(!store.reset_for_retry(job.id).await.unwrap());
     assert!(store.reset_for_retry(dead.id).await.unwrap());
     let back = store.get(dead.id).await.unwrap().unwrap();
@@ -179,11 +204,15 @@ async fn two_sqlite_stores_on_one_file_see_each_others_writes() {
     let job = new_job("default");
     a.insert(&job).await.unwrap();
     assert_eq!(
-        b.finish(job.id, &outcome(JobStatus::Succeeded, "b")).await.unwrap(),
+        b.finish(job.id, &outcome(JobStatus::Succeeded, "b"))
+            .await
+            .unwrap(),
         FinishOutcome::Stored
     );
     assert_eq!(
-        a.finish(job.id, &outcome(JobStatus::Failed, "a")).await.unwrap(),
+        a.finish(job.id, &outcome(JobStatus::Failed, "a"))
+            .await
+            .unwrap(),
         FinishOutcome::AlreadyFinal(JobStatus::Succeeded)
     );
 }
@@ -191,7 +220,9 @@ async fn two_sqlite_stores_on_one_file_see_each_others_writes() {
 #[tokio::test]
 async fn the_mongodb_store_keeps_the_contract() {
     let Ok(url) = std::env::var("GPUQ_TEST_MONGODB_URL") else {
-        eprintln!("SKIPPED: the MongoDB store contract needs GPUQ_TEST_MONGODB_URL (no MongoDB server here)");
+        eprintln!(
+            "SKIPPED: the MongoDB store contract needs GPUQ_TEST_MONGODB_URL (no MongoDB server here)"
+        );
         return;
     };
     contract(store::open(&url).await.unwrap()).await;

@@ -247,10 +247,17 @@ impl DeadLetterConsumer {
             };
             let dl = DeadLetter::from_message(&delivery.properties, &delivery.data);
             if let Some(id) = dl.id
-                && self.registry.dead_letter_seen(id, &dl.drive).await.unwrap_or(false)
+                && self
+                    .registry
+                    .dead_letter_seen(id, &dl.drive)
+                    .await
+                    .unwrap_or(false)
             {
                 tracing::info!(job_id = %id, drive = %dl.drive, "duplicate dead letter of a recorded drive: acked");
-                delivery.ack(BasicAckOptions::default()).await.context("ack")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("ack")?;
                 continue;
             }
             match self.record_with_retry(&dl, token).await {

@@ -83,7 +83,11 @@ impl Registry {
     }
 
     /// Remembers (for a week) that this drive's dead letter is recorded.
-    pub async fn mark_dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> redis::RedisResult<()> {
+    pub async fn mark_dead_letter_seen(
+        &self,
+        job: uuid::Uuid,
+        drive: &str,
+    ) -> redis::RedisResult<()> {
         let mut c = self.redis.clone();
         redis::cmd("SET")
             .arg(self.keys.dead_seen(job, drive))

@@ -10,7 +10,9 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use gpuq_common::engine::{GpuSnapshot, Heartbeat};
-use gpuq_common::http::{ApiError, ApiJson, ErrorBody, check_bearer, not_found, ops_routes, track_metrics};
+use gpuq_common::http::{
+    ApiError, ApiJson, ErrorBody, check_bearer, not_found, ops_routes, track_metrics,
+};
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -20,9 +22,20 @@ use crate::gpu::{GpuError, GpuFault, snapshot};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "gpuq worker admin API", description = "Status, fault injection and simulated GPU faults of one worker."),
+    info(
+        title = "gpuq worker admin API",
+        description = "Status, fault injection and simulated GPU faults of one worker."
+    ),
     paths(readyz, status, get_faults, arm_faults, clear_faults, gpu_fault),
-    components(schemas(ErrorBody, FaultsView, ArmRequest, GpuFaultRequest, Heartbeat, GpuSnapshot, Scenario))
+    components(schemas(
+        ErrorBody,
+        FaultsView,
+        ArmRequest,
+        GpuFaultRequest,
+        Heartbeat,
+        GpuSnapshot,
+        Scenario
+    ))
 )]
 struct ApiDoc;
 
@@ -30,14 +43,20 @@ pub fn router(w: Arc<Worker>) -> Router {
     let admin = Router::new()
         .route("/readyz", get(readyz))
         .route("/admin/status", get(status))
-        .route("/admin/faults", get(get_faults).post(arm_faults).delete(clear_faults))
+        .route(
+            "/admin/faults",
+            get(get_faults).post(arm_faults).delete(clear_faults),
+        )
         .route("/admin/gpus/{index}/fault", post(gpu_fault))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(w.clone());
     admin
         .merge(ops_routes(w.registry.clone()))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(w.http_metrics.clone(), track_metrics))
+        .layer(middleware::from_fn_with_state(
+            w.http_metrics.clone(),
+            track_metrics,
+        ))
 }
 
 fn admin_auth(w: &Worker, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -55,18 +74,26 @@ async fn readyz(State(w): State<Arc<Worker>>) -> Result<Json<serde_json::Value>,
         .await
         .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?;
     w.store.ping().await?;
-    Ok(Json(serde_json::json!({"status": "ready", "consuming": w.consuming.load(Ordering::Relaxed)})))
+    Ok(Json(
+        serde_json::json!({"status": "ready", "consuming": w.consuming.load(Ordering::Relaxed)}),
+    ))
 }
 
 /// The worker's state as its next heartbeat would report it.
 #[utoipa::path(get, path = "/admin/status", responses((status = 200, body = Heartbeat), (status = 401, body = ErrorBody)))]
-async fn status(State(w): State<Arc<Worker>>, headers: HeaderMap) -> Result<Json<Heartbeat>, ApiError> {
+async fn status(
+    State(w): State<Arc<Worker>>,
+    headers: HeaderMap,
+) -> Result<Json<Heartbeat>, ApiError> {
     admin_auth(&w, &headers)?;
     Ok(Json(crate::monitor::current(&w)))
 }
 
 #[utoipa::path(get, path = "/admin/faults", responses((status = 200, body = FaultsView)))]
-async fn get_faults(State(w): State<Arc<Worker>>, headers: HeaderMap) -> Result<Json<FaultsView>, ApiError> {
+async fn get_faults(
+    State(w): State<Arc<Worker>>,
+    headers: HeaderMap,
+) -> Result<Json<FaultsView>, ApiError> {
     admin_auth(&w, &headers)?;
     Ok(Json(w.faults.view()))
 }
@@ -101,7 +128,10 @@ async fn arm_faults(
 }
 
 #[utoipa::path(delete, path = "/admin/faults", responses((status = 200, body = FaultsView)))]
-async fn clear_faults(State(w): State<Arc<Worker>>, headers: HeaderMap) -> Result<Json<FaultsView>, ApiError> {
+async fn clear_faults(
+    State(w): State<Arc<Worker>>,
+    headers: HeaderMap,
+) -> Result<Json<FaultsView>, ApiError> {
     admin_auth(&w, &headers)?;
     w.faults.clear();
     Ok(Json(w.faults.view()))
@@ -129,9 +159,13 @@ async fn gpu_fault(
     match w.gpus.inject(index, fault) {
         Ok(()) => {}
         Err(GpuError::NotSimulated) => {
-            return Err(ApiError::Conflict("faults can be injected only into simulated GPUs".into()));
+            return Err(ApiError::Conflict(
+                "faults can be injected only into simulated GPUs".into(),
+            ));
         }
-        Err(GpuError::NoSuchGpu(i)) => return Err(ApiError::NotFound(format!("no GPU {i} on this worker"))),
+        Err(GpuError::NoSuchGpu(i)) => {
+            return Err(ApiError::NotFound(format!("no GPU {i} on this worker")));
+        }
         Err(e) => return Err(ApiError::Internal(e.into())),
     }
     tracing::warn!(worker_id = %w.engine_id, gpu = index, fault = fault.as_str(), "GPU fault injected");

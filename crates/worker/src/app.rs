@@ -74,7 +74,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn running_jobs(&self) -> Vec<Uuid> {
-        self.running.lock().expect("running").keys().copied().collect()
+        self.running
+            .lock()
+            .expect("running")
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Asks every running job (or those given) to stop.

@@ -42,7 +42,10 @@ async fn drain(w: &Worker, jobs: &TaskTracker) {
     jobs.close();
     let grace = Duration::from_secs(w.settings.shutdown_grace_s);
     if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
-        tracing::warn!(running = w.running_jobs().len(), "grace period over: stopping running jobs");
+        tracing::warn!(
+            running = w.running_jobs().len(),
+            "grace period over: stopping running jobs"
+        );
         w.stop_jobs(None, crate::runner::StopReason::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(10), jobs.wait()).await;
     }
@@ -54,7 +57,11 @@ struct Session {
 }
 
 async fn open(w: &Worker) -> anyhow::Result<Session> {
-    let (conn, _url) = connect_any(&w.settings.amqp_url_list(), &format!("gpuq-worker {}", w.instance_id)).await?;
+    let (conn, _url) = connect_any(
+        &w.settings.amqp_url_list(),
+        &format!("gpuq-worker {}", w.instance_id),
+    )
+    .await?;
     let consume = conn.create_channel().await?;
     let publish = confirm_channel(&conn).await?;
     w.topology.declare(&publish, &w.pools).await?;
@@ -64,8 +71,14 @@ async fn open(w: &Worker) -> anyhow::Result<Session> {
     })
 }
 
-async fn consume_all(w: &Worker, ch: &Channel, prefetch: u16, tx: &mpsc::Sender<lapin::message::Delivery>) -> anyhow::Result<Vec<ShortString>> {
-    ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+async fn consume_all(
+    w: &Worker,
+    ch: &Channel,
+    prefetch: u16,
+    tx: &mpsc::Sender<lapin::message::Delivery>,
+) -> anyhow::Result<Vec<ShortString>> {
+    ch.basic_qos(prefetch, BasicQosOptions { global: false })
+        .await?;
     let mut tags = vec![];
     for pool in &w.pools {
         let tag = ShortString::from(format!("{}:{pool}", w.instance_id));
@@ -128,7 +141,10 @@ async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Resu
         let slots = w.slots.capacity().schedulable.min(u32::from(u16::MAX)) as u16;
         if (!want || slots != prefetch) && !tags.is_empty() {
             for tag in tags.drain(..) {
-                s.channels.consume.basic_cancel(tag, BasicCancelOptions::default()).await?;
+                s.channels
+                    .consume
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await?;
             }
             w.consuming.store(false, Ordering::Relaxed);
             w.metrics.consuming.set(0);

@@ -96,13 +96,10 @@ impl Faults {
     /// Arms `count` jobs with `scenario`, after what is armed already.
     pub fn arm(&self, scenario: Scenario, count: u32) {
         if count > 0 {
-            self.queue
-                .lock()
-                .expect("faults")
-                .push_back(Armed {
-                    scenario,
-                    remaining: count,
-                });
+            self.queue.lock().expect("faults").push_back(Armed {
+                scenario,
+                remaining: count,
+            });
         }
     }
 
@@ -161,7 +158,10 @@ mod tests {
     #[test]
     fn scenarios_parse_by_menu_number_or_name() {
         assert_eq!(Scenario::parse("2"), Some(Scenario::CrashMidTask));
-        assert_eq!(Scenario::parse("duplicate_after_complete"), Some(Scenario::DuplicateAfterComplete));
+        assert_eq!(
+            Scenario::parse("duplicate_after_complete"),
+            Some(Scenario::DuplicateAfterComplete)
+        );
         assert_eq!(Scenario::parse("7"), None);
     }
 }

@@ -48,15 +48,24 @@ async fn sample(w: &Arc<Worker>) {
         .iter()
         .map(|r| {
             let mut s = snapshot(r, &w.thresholds);
-            s.job = jobs.iter().find(|(i, _)| *i == r.index).and_then(|(_, j)| *j);
+            s.job = jobs
+                .iter()
+                .find(|(i, _)| *i == r.index)
+                .and_then(|(_, j)| *j);
             s
         })
         .collect();
     let health: Vec<(u32, GpuHealth)> = snaps.iter().map(|s| (s.index, s.health)).collect();
     w.slots.set_health(&health);
     let cap = w.slots.capacity();
-    w.metrics.slots.with_label_values(&["free"]).set(i64::from(cap.free));
-    w.metrics.slots.with_label_values(&["busy"]).set(i64::from(cap.busy));
+    w.metrics
+        .slots
+        .with_label_values(&["free"])
+        .set(i64::from(cap.free));
+    w.metrics
+        .slots
+        .with_label_values(&["busy"])
+        .set(i64::from(cap.busy));
     w.metrics
         .slots
         .with_label_values(&["unavailable"])
@@ -118,7 +127,11 @@ pub fn current(w: &Worker) -> Heartbeat {
         consuming: w.consuming.load(Ordering::Relaxed),
         jobs_processed: processed,
         jobs_failed: w.stats.failed.load(Ordering::Relaxed),
-        avg_job_ms: if processed == 0 { 0.0 } else { total as f64 / processed as f64 },
+        avg_job_ms: if processed == 0 {
+            0.0
+        } else {
+            total as f64 / processed as f64
+        },
         admin_url: w.settings.worker_admin_url(),
         started_at_ms: w.started_at_ms,
         sent_at_ms: now_ms(),
@@ -130,7 +143,10 @@ async fn heartbeat(w: &Worker) {
     if w.settings.manager_url.is_empty() {
         return;
     }
-    let url = format!("{}/v1/heartbeats", w.settings.manager_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/v1/heartbeats",
+        w.settings.manager_url.trim_end_matches('/')
+    );
     let sent = w
         .http
         .post(&url)
@@ -140,7 +156,10 @@ async fn heartbeat(w: &Worker) {
         .await;
     match sent {
         Ok(r) if r.status().is_success() => {}
-        Ok(r) => tracing::warn!(status = r.status().as_u16(), "manager refused the heartbeat"),
+        Ok(r) => tracing::warn!(
+            status = r.status().as_u16(),
+            "manager refused the heartbeat"
+        ),
         Err(e) => tracing::debug!(error.message = %e, "manager unreachable for the heartbeat"),
     }
 }

@@ -78,16 +78,30 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     let offset = header_u64(headers, ATTEMPT_OFFSET_HEADER).unwrap_or(0);
     let attempt = (offset + prior + count + 1) as u32;
     if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
-        return dead_letter(&w, &ch, &d, &msg, "delivery_limit", "delivery limit reached").await;
+        return dead_letter(
+            &w,
+            &ch,
+            &d,
+            &msg,
+            "delivery_limit",
+            "delivery limit reached",
+        )
+        .await;
     }
 
     // 1. A place to run: concrete free healthy GPUs.
     let min_mem = msg.placement.min_gpu_memory_mb.unwrap_or(0);
     let gpus = match w.slots.reserve(msg.id, msg.placement.gpus, min_mem) {
         Ok(g) => g,
-        Err(NoPlacement::Busy) => return give_back(&w, &ch, &d, &msg, "no_free_gpu", Duration::from_millis(200)).await,
+        Err(NoPlacement::Busy) => {
+            return give_back(&w, &ch, &d, &msg, "no_free_gpu", Duration::from_millis(200)).await;
+        }
         Err(NoPlacement::Never) => {
-            match w.coord.pool_can_place(pool, msg.placement.gpus, min_mem).await {
+            match w
+                .coord
+                .pool_can_place(pool, msg.placement.gpus, min_mem)
+                .await
+            {
                 Ok(Some(false)) => {
                     let why = format!(
                         "no engine in pool {pool} has {} GPUs with {min_mem} MB",
@@ -95,7 +109,17 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
                     );
                     return dead_letter(&w, &ch, &d, &msg, "unschedulable", &why).await;
                 }
-                _ => return give_back(&w, &ch, &d, &msg, "not_placeable_here", Duration::from_secs(1)).await,
+                _ => {
+                    return give_back(
+                        &w,
+                        &ch,
+                        &d,
+                        &msg,
+                        "not_placeable_here",
+                        Duration::from_secs(1),
+                    )
+                    .await;
+                }
             }
         }
     };
@@ -133,7 +157,10 @@ async fn with_gpus(
     };
     match acquired {
         Acquire::Done => {
-            w.metrics.duplicates_suppressed.with_label_values(&[pool]).inc();
+            w.metrics
+                .duplicates_suppressed
+                .with_label_values(&[pool])
+                .inc();
             tracing::info!("job already done: duplicate delivery acked without running");
             let _ = d.acker.ack(BasicAckOptions::default()).await;
             return Outcome::DuplicateSuppressed;
@@ -194,8 +221,14 @@ async fn leased(
     match store_retry(w, "start", || w.store.start_attempt(&record)).await {
         Ok(StartOutcome::Started) => {}
         Ok(StartOutcome::AlreadyFinal(s)) => {
-            w.metrics.duplicates_suppressed.with_label_values(&[pool]).inc();
-            tracing::info!(status = s.as_str(), "job already final in the store: acked without running");
+            w.metrics
+                .duplicates_suppressed
+                .with_label_values(&[pool])
+                .inc();
+            tracing::info!(
+                status = s.as_str(),
+                "job already final in the store: acked without running"
+            );
             let _ = w.coord.mark_done(msg.id).await;
             let _ = d.acker.ack(BasicAckOptions::default()).await;
             return Outcome::DuplicateSuppressed;
@@ -203,11 +236,20 @@ async fn leased(
         Err(e) => {
             tracing::error!(error.message = %e, "cannot record the attempt; retrying later");
             let _ = w.coord.release(msg.id).await;
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             return Outcome::Retried;
         }
     }
-    w.metrics.jobs_started.with_label_values(&[pool, kind]).inc();
+    w.metrics
+        .jobs_started
+        .with_label_values(&[pool, kind])
+        .inc();
     w.metrics
         .queue_wait
         .with_label_values(&[pool])
@@ -282,49 +324,92 @@ async fn leased(
         }
         (_, o) => o,
     };
-    record_run(w, elapsed.as_millis() as u64, !matches!(outcome, RunOutcome::Succeeded(_)));
+    record_run(
+        w,
+        elapsed.as_millis() as u64,
+        !matches!(outcome, RunOutcome::Succeeded(_)),
+    );
 
     // 5. Record, mark done, then ack.
-    let final_write = |status: JobStatus, result: Option<Value>, error: Option<String>| FinalOutcome {
-        status,
-        result,
-        error,
-        worker: Some(w.engine_id.clone()),
-        finished_at: now_ms(),
-    };
+    let final_write =
+        |status: JobStatus, result: Option<Value>, error: Option<String>| FinalOutcome {
+            status,
+            result,
+            error,
+            worker: Some(w.engine_id.clone()),
+            finished_at: now_ms(),
+        };
     let (fin, outcome_label, out) = match outcome {
-        RunOutcome::Succeeded(v) => (final_write(JobStatus::Succeeded, Some(v), None), "succeeded", Outcome::Succeeded),
-        RunOutcome::Failed { result, error } => {
-            (final_write(JobStatus::Failed, Some(result), Some(error)), "failed", Outcome::Failed)
-        }
+        RunOutcome::Succeeded(v) => (
+            final_write(JobStatus::Succeeded, Some(v), None),
+            "succeeded",
+            Outcome::Succeeded,
+        ),
+        RunOutcome::Failed { result, error } => (
+            final_write(JobStatus::Failed, Some(result), Some(error)),
+            "failed",
+            Outcome::Failed,
+        ),
         RunOutcome::Stopped(StopReason::Cancelled) => (
-            final_write(JobStatus::Cancelled, None, Some("cancelled by request".into())),
+            final_write(
+                JobStatus::Cancelled,
+                None,
+                Some("cancelled by request".into()),
+            ),
             "cancelled",
             Outcome::Cancelled,
         ),
         RunOutcome::Retry(err) => {
-            w.metrics.jobs_completed.with_label_values(&[pool, kind, "retried"]).inc();
+            w.metrics
+                .jobs_completed
+                .with_label_values(&[pool, kind, "retried"])
+                .inc();
             tracing::warn!(attempt, error.message = %err, "attempt failed; requeued for a retry");
-            let _ = w.store.record_error(msg.id, &format!("attempt {attempt}: {err}")).await;
+            let _ = w
+                .store
+                .record_error(msg.id, &format!("attempt {attempt}: {err}"))
+                .await;
             let _ = w.coord.release(msg.id).await;
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             return Outcome::Retried;
         }
         RunOutcome::Stopped(reason) => {
-            w.metrics.jobs_completed.with_label_values(&[pool, kind, "interrupted"]).inc();
-            tracing::warn!(?reason, "job stopped by the worker; giving it back to the queue");
+            w.metrics
+                .jobs_completed
+                .with_label_values(&[pool, kind, "interrupted"])
+                .inc();
+            tracing::warn!(
+                ?reason,
+                "job stopped by the worker; giving it back to the queue"
+            );
             let _ = w.coord.release(msg.id).await;
             return give_back(w, ch, d, msg, "interrupted", Duration::ZERO).await;
         }
     };
     match store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await {
         Ok(FinishOutcome::Stored) => {
-            w.metrics.jobs_completed.with_label_values(&[pool, kind, outcome_label]).inc();
-            tracing::info!(status = outcome_label, ms = elapsed.as_millis() as u64, "job finished");
+            w.metrics
+                .jobs_completed
+                .with_label_values(&[pool, kind, outcome_label])
+                .inc();
+            tracing::info!(
+                status = outcome_label,
+                ms = elapsed.as_millis() as u64,
+                "job finished"
+            );
         }
         Ok(FinishOutcome::AlreadyFinal(s)) => {
             w.metrics.results_discarded.with_label_values(&[pool]).inc();
-            tracing::warn!(status = s.as_str(), "another final result was stored first; this one is discarded");
+            tracing::warn!(
+                status = s.as_str(),
+                "another final result was stored first; this one is discarded"
+            );
         }
         Ok(FinishOutcome::NotFound) => tracing::error!("job vanished from the store"),
         Err(e) => tracing::error!(error.message = %e, "store refused the result"),
@@ -334,7 +419,10 @@ async fn leased(
         Scenario::DuplicateAfterComplete => {
             let _ = w.coord.mark_done(msg.id).await;
             tracing::warn!("injected fault: dropping the channel before the ack");
-            let _ = ch.consume.close(406, "gpuq fault injection: ack lost".into()).await;
+            let _ = ch
+                .consume
+                .close(406, "gpuq fault injection: ack lost".into())
+                .await;
             return Outcome::AckLost;
         }
         _ => {}
@@ -343,7 +431,10 @@ async fn leased(
         match w.coord.mark_done(msg.id).await {
             Ok(()) => break,
             Err(e) => {
-                w.metrics.redis_errors.with_label_values(&["mark_done"]).inc();
+                w.metrics
+                    .redis_errors
+                    .with_label_values(&["mark_done"])
+                    .inc();
                 tracing::warn!(error.message = %e, "cannot set the done marker (the store still guards the job)");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -401,14 +492,23 @@ async fn give_back(
     delay: Duration,
 ) -> Outcome {
     let pool = msg.placement.pool.as_str();
-    w.metrics.given_back.with_label_values(&[pool, reason]).inc();
+    w.metrics
+        .given_back
+        .with_label_values(&[pool, reason])
+        .inc();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let headers = d.properties.headers().as_ref();
     let prior = header_u64(headers, PRIOR_DELIVERIES_HEADER).unwrap_or(0)
         + header_u64(headers, "x-delivery-count").unwrap_or(0);
-    let h = republish_headers(d, &[(PRIOR_DELIVERIES_HEADER, AMQPValue::LongLongInt(prior as i64))]);
+    let h = republish_headers(
+        d,
+        &[(
+            PRIOR_DELIVERIES_HEADER,
+            AMQPValue::LongLongInt(prior as i64),
+        )],
+    );
     let props = job_properties(&msg.id.to_string(), None, h);
     let published = publish_confirmed(
         &ch.publish,
@@ -427,7 +527,13 @@ async fn give_back(
         }
         Err(e) => {
             tracing::warn!(error.message = %e, reason, "give-back failed; requeueing instead");
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             Outcome::Retried
         }
     }
@@ -446,7 +552,10 @@ async fn dead_letter(
     let h = republish_headers(
         d,
         &[
-            (REASON_HEADER, AMQPValue::LongString(LongString::from(reason))),
+            (
+                REASON_HEADER,
+                AMQPValue::LongString(LongString::from(reason)),
+            ),
             (ERROR_HEADER, AMQPValue::LongString(LongString::from(error))),
         ],
     );
@@ -467,7 +576,13 @@ async fn dead_letter(
         }
         Err(e) => {
             tracing::warn!(error.message = %e, "dead-lettering failed; requeueing instead");
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             Outcome::Retried
         }
     }

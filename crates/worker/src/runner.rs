@@ -28,7 +28,10 @@ pub enum StopReason {
 pub enum RunOutcome {
     Succeeded(Value),
     /// The job ran and failed for good (e.g. a non-zero exit code); recorded as `failed`.
-    Failed { result: Value, error: String },
+    Failed {
+        result: Value,
+        error: String,
+    },
     /// The attempt failed in a way worth retrying (error, timeout, hang, signal).
     Retry(String),
     Stopped(StopReason),
@@ -72,7 +75,10 @@ pub fn random_unit() -> f64 {
 
 async fn simulate(p: &SimulateParams, mut ctx: RunContext) -> RunOutcome {
     if ctx.attempt <= p.hang_attempts {
-        let silent = ctx.progress_timeout.unwrap_or(ctx.job_timeout).min(ctx.job_timeout);
+        let silent = ctx
+            .progress_timeout
+            .unwrap_or(ctx.job_timeout)
+            .min(ctx.job_timeout);
         return tokio::select! {
             r = stopped(&mut ctx.stop) => RunOutcome::Stopped(r),
             _ = tokio::time::sleep(silent) => RunOutcome::Retry(format!(
@@ -163,7 +169,10 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     let Some(path) = ctx.programs.get(&p.program) else {
         return RunOutcome::Failed {
             result: json!({"program": p.program}),
-            error: format!("program {:?} is not allowed on worker {}", p.program, ctx.worker),
+            error: format!(
+                "program {:?} is not allowed on worker {}",
+                p.program, ctx.worker
+            ),
         };
     };
     let devices = ctx
@@ -175,8 +184,14 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     let mut cmd = tokio::process::Command::new(path);
     cmd.args(&p.args)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        )
         .envs(&p.env)
         .env("CUDA_VISIBLE_DEVICES", &devices)
         .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -202,8 +217,16 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     };
     let (out_tail, err_tail) = (new_tail(), new_tail());
     let readers = [
-        spawn_reader(child.stdout.take().expect("piped"), out_tail.clone(), last_output.clone()),
-        spawn_reader(child.stderr.take().expect("piped"), err_tail.clone(), last_output.clone()),
+        spawn_reader(
+            child.stdout.take().expect("piped"),
+            out_tail.clone(),
+            last_output.clone(),
+        ),
+        spawn_reader(
+            child.stderr.take().expect("piped"),
+            err_tail.clone(),
+            last_output.clone(),
+        ),
     ];
     let timeout = p
         .timeout_s
@@ -281,7 +304,10 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
 mod tests {
     use super::*;
 
-    fn ctx(attempt: u32, programs: &[(&str, &str)]) -> (RunContext, watch::Sender<Option<StopReason>>) {
+    fn ctx(
+        attempt: u32,
+        programs: &[(&str, &str)],
+    ) -> (RunContext, watch::Sender<Option<StopReason>>) {
         let (tx, rx) = watch::channel(None);
         (
             RunContext {
@@ -316,7 +342,9 @@ mod tests {
     async fn a_command_sees_exactly_its_gpus_and_keeps_a_bounded_tail() {
         let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
         let out = run(&sh("echo 0123456789abcdef; echo $CUDA_VISIBLE_DEVICES"), c).await;
-        let RunOutcome::Succeeded(v) = out else { panic!("{out:?}") };
+        let RunOutcome::Succeeded(v) = out else {
+            panic!("{out:?}")
+        };
         let full = "0123456789abcdef\n1,3\n";
         assert_eq!(v["stdout_tail"], full[full.len() - 16..]);
         assert_eq!(v["stdout_bytes"], full.len());
@@ -326,13 +354,22 @@ mod tests {
     #[tokio::test]
     async fn exit_codes_are_classified() {
         let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        assert!(matches!(run(&sh("exit 3"), c).await, RunOutcome::Failed { .. }));
+        assert!(matches!(
+            run(&sh("exit 3"), c).await,
+            RunOutcome::Failed { .. }
+        ));
         let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
         assert!(matches!(run(&sh("exit 75"), c).await, RunOutcome::Retry(_)));
         let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        assert!(matches!(run(&sh("kill -9 $$"), c).await, RunOutcome::Retry(_)));
+        assert!(matches!(
+            run(&sh("kill -9 $$"), c).await,
+            RunOutcome::Retry(_)
+        ));
         let (c, _tx) = ctx(1, &[]);
-        assert!(matches!(run(&sh("true"), c).await, RunOutcome::Failed { .. }));
+        assert!(matches!(
+            run(&sh("true"), c).await,
+            RunOutcome::Failed { .. }
+        ));
     }
 
     #[tokio::test]
@@ -342,8 +379,15 @@ mod tests {
         let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
         let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
         let out = run(&sh(&script), c).await;
-        assert!(matches!(&out, RunOutcome::Retry(m) if m.contains("no progress")), "{out:?}");
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        assert!(
+            matches!(&out, RunOutcome::Retry(m) if m.contains("no progress")),
+            "{out:?}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
@@ -354,7 +398,9 @@ mod tests {
     #[tokio::test]
     async fn a_stop_request_ends_the_engine() {
         let (c, tx) = ctx(1, &[("sh", "/bin/sh")]);
-        let h = tokio::spawn(async move { run(&sh("while true; do echo .; sleep 0.1; done"), c).await });
+        let h = tokio::spawn(
+            async move { run(&sh("while true; do echo .; sleep 0.1; done"), c).await },
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         tx.send(Some(StopReason::Cancelled)).unwrap();
         assert_eq!(h.await.unwrap(), RunOutcome::Stopped(StopReason::Cancelled));
@@ -362,12 +408,20 @@ mod tests {
 
     #[tokio::test]
     async fn simulated_failures_follow_the_knobs() {
-        let p = |fail_times| JobPayload::Simulate(SimulateParams { fail_times, ..Default::default() });
+        let p = |fail_times| {
+            JobPayload::Simulate(SimulateParams {
+                fail_times,
+                ..Default::default()
+            })
+        };
         let (c, _tx) = ctx(2, &[]);
         assert!(matches!(run(&p(2), c).await, RunOutcome::Retry(_)));
         let (c, _tx) = ctx(3, &[]);
         assert!(matches!(run(&p(2), c).await, RunOutcome::Succeeded(_)));
-        let hang = JobPayload::Simulate(SimulateParams { hang_attempts: 1, ..Default::default() });
+        let hang = JobPayload::Simulate(SimulateParams {
+            hang_attempts: 1,
+            ..Default::default()
+        });
         let (c, _tx) = ctx(1, &[]);
         assert!(matches!(run(&hang, c).await, RunOutcome::Retry(m) if m.contains("no progress")));
     }

@@ -61,11 +61,19 @@ impl MongoStore {
         jobs.create_indexes([
             IndexModel::builder()
                 .keys(doc! { "status": 1, "_id": -1 })
-                .options(IndexOptions::builder().name("status_id".to_string()).build())
+                .options(
+                    IndexOptions::builder()
+                        .name("status_id".to_string())
+                        .build(),
+                )
                 .build(),
             IndexModel::builder()
                 .keys(doc! { "created_at": -1 })
-                .options(IndexOptions::builder().name("created_at".to_string()).build())
+                .options(
+                    IndexOptions::builder()
+                        .name("created_at".to_string())
+                        .build(),
+                )
                 .build(),
         ])
         .await
@@ -155,7 +163,10 @@ impl JobStore for MongoStore {
         for _ in 0..3 {
             let r = self
                 .jobs
-                .update_one(doc! { "_id": job.id.to_string(), "status": not_final() }, set.clone())
+                .update_one(
+                    doc! { "_id": job.id.to_string(), "status": not_final() },
+                    set.clone(),
+                )
                 .await
                 .map_err(unavailable)?;
             if r.matched_count == 1 {
