@@ -70,7 +70,7 @@ skip_phase() { # NAME REASON
 # Phases
 
 phase_install() {
-  apt_install rabbitmq-server redis-server redis-tools prometheus sqlite3 curl iproute2 procps || return 1
+  apt_install rabbitmq-server redis-server redis-tools prometheus chromium sqlite3 curl iproute2 procps || return 1
   if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked || return 1

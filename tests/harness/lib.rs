@@ -449,3 +449,97 @@ pub fn by_status(records: &[JobRecord]) -> HashMap<JobStatus, usize> {
     }
     m
 }
+
+// ---------------------------------------------------------------------------------------------
+// Manager and engine helpers (added for the GPU suite, tests/gpus.rs). Additive only.
+// ---------------------------------------------------------------------------------------------
+
+impl Stack {
+    /// GET a manager path (its reads are open); the JSON body, or an error on a non-2xx answer.
+    pub async fn manager_get(&self, path: &str) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.manager_url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// POST to a manager path with the admin token; the JSON body, or an error on a non-2xx answer.
+    pub async fn manager_admin(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.manager_url))
+            .bearer_auth(&self.admin_token)
+            .json(body)
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST {path} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// `GET /v1/engines`: every engine the manager has seen.
+    pub async fn engines(&self) -> anyhow::Result<Vec<Value>> {
+        let v = self.manager_get("/v1/engines").await?;
+        match v {
+            Value::Array(a) => Ok(a),
+            other => bail!("/v1/engines is not a list: {other}"),
+        }
+    }
+
+    /// `GET /v1/engines/{id}`.
+    pub async fn engine(&self, id: &str) -> anyhow::Result<Value> {
+        self.manager_get(&format!("/v1/engines/{id}")).await
+    }
+
+    /// Polls `GET /v1/engines/{id}` until `pred` holds; returns the view that satisfied it.
+    pub async fn wait_engine(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        loop {
+            if let Ok(v) = self.engine(id).await {
+                if pred(&v) {
+                    return Ok(v);
+                }
+                last = v;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "engine {id} not {what} after {timeout:?}; last view {last}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the manager lists engines `worker-1..=worker-n` as healthy and consuming.
+    pub async fn wait_engines_healthy(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        for i in 1..=n {
+            self.wait_engine(
+                &format!("worker-{i}"),
+                timeout,
+                "healthy and consuming",
+                |v| v["state"] == "healthy" && v["heartbeat"]["consuming"] == true,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -313,6 +313,10 @@ async fn leased(
     for &g in &gpus {
         w.gpus.set_busy(g, false);
     }
+    // The engine is gone: free its GPUs now, before the ack below lets the broker send the
+    // next delivery (freed only after the ack, that delivery could find its GPU still held
+    // and be given back with a 200 ms delay, idling the GPU). `process` releases again: no-op.
+    w.slots.release(msg.id);
     w.running.lock().expect("running").remove(&msg.id);
     w.metrics
         .job_duration
@@ -474,7 +478,15 @@ async fn keep_lease(w: Arc<Worker>, job: Uuid, stop: watch::Sender<Option<StopRe
 }
 
 fn republish_headers(d: &Delivery, extra: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut h = d.properties.headers().clone().unwrap_or_default();
+    let old = d.properties.headers().clone().unwrap_or_default();
+    // The broker's count of this delivery travels as `x-gpuq-prior-deliveries`; a copied
+    // `x-delivery-count` would be counted a second time on the republished message.
+    let mut h = FieldTable::default();
+    for (k, v) in old.inner().iter() {
+        if k.as_str() != "x-delivery-count" {
+            h.insert(k.clone(), v.clone());
+        }
+    }
     for (k, v) in extra {
         h.insert((*k).into(), v.clone());
     }
