@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod config;
 pub mod engine;
+pub mod faults;
 pub mod http;
 pub mod job;
 pub mod keys;

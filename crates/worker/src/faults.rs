@@ -7,48 +7,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Scenario {
-    /// 0: no fault.
-    Normal,
-    /// 1: the job fails with an error; the worker nacks and it is retried.
-    ErrorBeforeAck,
-    /// 2: the process dies abruptly while the job runs.
-    CrashMidTask,
-    /// 3: result stored and marked done, then the ack is lost (channel dropped).
-    DuplicateAfterComplete,
-    /// 4: result stored, then the process dies before the ack.
-    CrashAfterComplete,
-}
-
-impl Scenario {
-    pub const ALL: [Scenario; 5] = [
-        Scenario::Normal,
-        Scenario::ErrorBeforeAck,
-        Scenario::CrashMidTask,
-        Scenario::DuplicateAfterComplete,
-        Scenario::CrashAfterComplete,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scenario::Normal => "normal",
-            Scenario::ErrorBeforeAck => "error_before_ack",
-            Scenario::CrashMidTask => "crash_mid_task",
-            Scenario::DuplicateAfterComplete => "duplicate_after_complete",
-            Scenario::CrashAfterComplete => "crash_after_complete",
-        }
-    }
-
-    /// By name or by the tester's menu number (0–4).
-    pub fn parse(s: &str) -> Option<Self> {
-        if let Ok(n) = s.parse::<usize>() {
-            return Self::ALL.get(n).copied();
-        }
-        Self::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
+pub use gpuq_common::faults::Scenario;
 
 /// `scenario` as a name or a number.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
