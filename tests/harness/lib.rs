@@ -429,6 +429,32 @@ impl Stack {
     }
 }
 
+/// Lints a `/metrics` exposition with `promtool check metrics` (installed by scripts/test.sh):
+/// naming rules, help texts, units. Returns promtool's complaints (empty when clean).
+pub fn promtool_lint(text: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed by scripts/test.sh");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("promtool ran");
+    let mut complaints = String::from_utf8_lossy(&out.stdout).into_owned();
+    complaints.push_str(&String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() && complaints.trim().is_empty() {
+        complaints = format!("promtool exited with {}", out.status);
+    }
+    complaints.trim().to_string()
+}
+
 /// Sum of every sample of a metric family in Prometheus text.
 pub fn sum_metric(text: &str, name: &str) -> f64 {
     text.lines()
