@@ -99,7 +99,9 @@ phase_tests() {
   if [ "${CI:-}" = true ] && [ -f .config/nextest.toml ] && grep -q '^\[profile\.ci\]' .config/nextest.toml; then
     args+=(--profile ci)
   fi
-  if [ -z "${GPUQ_TEST_MONGODB_URL:-}" ]; then
+  if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
+    args+=(--run-ignored all)
+  else
     log "MongoDB store contract: SKIPPED (set GPUQ_TEST_MONGODB_URL to run it; no MongoDB server here)"
   fi
   local rc1 rc2
