@@ -1762,6 +1762,13 @@ fn gpu_of<'a>(ui: &'a Value, engine: &str, gpu: &str) -> Option<&'a Value> {
         .find(|g| g["gpu"] == gpu)
 }
 
+fn note_not_ready(e: &anyhow::Error) {
+    eprintln!(
+        "page not ready yet: {}",
+        e.to_string().lines().last().unwrap_or("")
+    );
+}
+
 async fn wait_ui(
     page: &mut Cdp,
     what: &str,
@@ -1770,7 +1777,17 @@ async fn wait_ui(
 ) -> anyhow::Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let ui = page.eval(UI_STATE_JS).await?;
+        // Right after navigation the document may not exist yet: a failed look counts as
+        // "not shown yet" until the deadline.
+        let ui = match page.eval(UI_STATE_JS).await {
+            Ok(ui) => ui,
+            Err(e) if Instant::now() <= deadline => {
+                note_not_ready(&e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("the page never showed {what}"))),
+        };
         if pred(&ui) {
             return Ok(ui);
         }
