@@ -173,11 +173,7 @@ async fn a_job_whose_worker_is_killed_mid_task_finishes_on_another_worker_within
         victim.kill_and_hold().await;
         let killed = Instant::now();
         let killed_ms = gpuq_common::job::now_ms();
-        let r = stack
-            .wait_final(&[id], Duration::from_secs(30))
-            .await
-            .unwrap()
-            .remove(0);
+        let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
         let recovery = killed.elapsed();
         assert_eq!(r.status, JobStatus::Succeeded, "trial {trial}: {r:?}");
         assert_ne!(
@@ -206,11 +202,7 @@ async fn a_poison_job_is_dead_lettered_with_its_reason_and_can_be_re_driven() {
         .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10, "fail_times": 4}}))
         .await
         .unwrap();
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(60))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
     assert!(
         r.error.as_deref().unwrap_or("").contains("delivery_limit"),
@@ -227,11 +219,7 @@ async fn a_poison_job_is_dead_lettered_with_its_reason_and_can_be_re_driven() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202, "{:?}", resp.text().await);
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(60))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert!(
         r.attempts > before,

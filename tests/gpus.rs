@@ -260,11 +260,7 @@ async fn a_cordoned_worker_takes_no_new_jobs_a_drained_one_finishes_its_job_firs
         !workers_of(&records).contains("worker-1"),
         "a draining worker took new jobs"
     );
-    let r = stack
-        .wait_final(&[long], Duration::from_secs(60))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(long, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert_eq!(
         r.worker.as_deref(),
@@ -332,11 +328,7 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
 
     // CUDA_VISIBLE_DEVICES names exactly the GPUs recorded on the job.
     let id = stack.submit_ok(&print_gpus_job(2)).await.unwrap();
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert_eq!(r.gpus_requested, 2);
     assert_eq!(r.gpus.len(), 2, "{r:?}");
@@ -409,10 +401,9 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
     let pair = stack.submit_ok(&print_gpus_job(2)).await.unwrap();
     let single = stack.submit_ok(&print_gpus_job(1)).await.unwrap();
     let r = stack
-        .wait_final(&[single], Duration::from_secs(30))
+        .wait_one(single, Duration::from_secs(30))
         .await
-        .unwrap()
-        .remove(0);
+        .unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     let healthy_gpu = match r.worker.as_deref() {
         Some("worker-1") => 0,
@@ -435,11 +426,7 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     gpu_fault(&stack, "worker-3", 0, "clear").await;
-    let r = stack
-        .wait_final(&[pair], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(pair, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert_eq!(
         r.worker.as_deref(),
@@ -458,11 +445,7 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
         .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10}, "gpus": 64}))
         .await
         .unwrap();
-    let r = stack
-        .wait_final(&[huge], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(huge, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
     assert_eq!(r.attempts, 0, "it never ran: {r:?}");
     let reason = r
@@ -476,18 +459,7 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
     eprintln!("gpus:64 job dead-lettered: error {error:?}");
     let v = stack.job(huge).await.unwrap();
     assert_eq!(v["status"], "dead_lettered", "{v}");
-    let dead = stack
-        .auth(
-            stack
-                .http
-                .get(format!("{}/v1/dead-letters", stack.gateway_url)),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let dead = stack.dead_letters().await.unwrap();
     assert!(
         dead["jobs"]
             .as_array()
@@ -630,11 +602,7 @@ async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
     let hang = json!({"kind": "simulate", "params": {"duration_ms": 100, "hang_attempts": 1}});
     let id = stack.submit_ok(&hang).await.unwrap();
     let first = wait_running(&stack, id, Duration::from_secs(15)).await;
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert!(r.attempts >= 2, "{r:?}");
     eprintln!(
@@ -648,11 +616,7 @@ async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
     let first = wait_running(&stack, id, Duration::from_secs(15)).await;
     let hung_on = first.worker.clone().unwrap();
     engine_action(&stack, &hung_on, "cordon").await;
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert_eq!(r.attempts, 2, "{r:?}");
     assert_ne!(
@@ -690,11 +654,7 @@ async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert!(r.attempts >= 2, "{r:?}");
     let out = r

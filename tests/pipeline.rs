@@ -67,11 +67,7 @@ async fn a_job_that_fails_twice_succeeds_on_its_third_attempt() {
         .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10, "fail_times": 2}}))
         .await
         .unwrap();
-    let r = stack
-        .wait_final(&[id], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert_eq!(r.attempts, 3);
     let v = stack.job(id).await.unwrap();
@@ -95,26 +91,14 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_reason_and_its_worker
         .await
         .unwrap();
     let r = stack
-        .wait_final(&[poison], Duration::from_secs(60))
+        .wait_one(poison, Duration::from_secs(60))
         .await
-        .unwrap()
-        .remove(0);
+        .unwrap();
     assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
     let error = r.error.unwrap_or_default();
     assert!(error.contains("delivery_limit"), "{error}");
     assert!(error.contains("simulated failure"), "{error}");
-    let dead = stack
-        .auth(
-            stack
-                .http
-                .get(format!("{}/v1/dead-letters", stack.gateway_url)),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let dead = stack.dead_letters().await.unwrap();
     assert!(
         dead["jobs"]
             .as_array()
@@ -126,11 +110,7 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_reason_and_its_worker
         .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 5}}))
         .await
         .unwrap();
-    let r = stack
-        .wait_final(&[ok], Duration::from_secs(30))
-        .await
-        .unwrap()
-        .remove(0);
+    let r = stack.wait_one(ok, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded);
     assert_eq!(r.worker.as_deref(), Some("worker-1"));
     stack.stop().await;

@@ -318,6 +318,23 @@ impl Stack {
         }
     }
 
+    /// Waits until one job is final and returns its record.
+    pub async fn wait_one(&self, id: Uuid, timeout: Duration) -> anyhow::Result<JobRecord> {
+        Ok(self.wait_final(&[id], timeout).await?.remove(0))
+    }
+
+    /// GET /v1/dead-letters (the first page).
+    pub async fn dead_letters(&self) -> anyhow::Result<Value> {
+        let r = self
+            .auth(
+                self.http
+                    .get(format!("{}/v1/dead-letters", self.gateway_url)),
+            )
+            .send()
+            .await?;
+        Ok(r.json().await?)
+    }
+
     /// Messages in a pool's queue (ready + unacked), read by a passive declare.
     pub async fn queue_depth(&self, pool: &str) -> anyhow::Result<u32> {
         let queue = format!("{}.jobs.{pool}", self.prefix);
