@@ -111,6 +111,9 @@ pub struct Settings {
     /// Enables `POST /admin/faults` on the worker (tests, the tester, demos).
     pub fault_injection: bool,
     pub lease_ttl_ms: u64,
+    /// A job still running after this long gets its `running` record in the store; a shorter
+    /// one is written once, with its final result (one store write per job instead of two).
+    pub running_record_delay_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub shutdown_grace_s: u64,
     /// Programs `command` jobs may run: `name=/abs/path` pairs, comma separated.
@@ -165,6 +168,7 @@ impl Default for Settings {
             sim_gpu_memory_mb: 24 * 1024,
             fault_injection: false,
             lease_ttl_ms: 30_000,
+            running_record_delay_ms: 100,
             heartbeat_interval_ms: 2000,
             shutdown_grace_s: 30,
             programs: String::new(),

@@ -382,6 +382,17 @@ pub struct FinalOutcome {
     pub error: Option<String>,
     pub worker: Option<String>,
     pub finished_at: i64,
+    /// The attempt that produced it, recorded with the outcome. A worker sends it because a
+    /// short job's `running` record is never written (see the worker's `running_record_delay_ms`).
+    pub attempt: Option<AttemptInfo>,
+}
+
+/// Which attempt ran a job, where, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptInfo {
+    pub attempts: u32,
+    pub gpus: Vec<u32>,
+    pub started_at: i64,
 }
 
 pub fn now_ms() -> i64 {

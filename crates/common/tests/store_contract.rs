@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use gpuq_common::job::{
-    FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms,
+    AttemptInfo, FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms,
 };
 use gpuq_common::store::{self, FinishOutcome, JobStore, ListQuery, StartOutcome, StoreError};
 use gpuq_common::{JobRecord, JobStatus};
@@ -34,6 +34,7 @@ fn outcome(status: JobStatus, worker: &str) -> FinalOutcome {
         error: None,
         worker: Some(worker.into()),
         finished_at: now_ms(),
+        attempt: None,
     }
 }
 
@@ -68,12 +69,22 @@ async fn contract(store: Arc<dyn JobStore>) {
     assert_eq!(got.attempts, 1);
 
     store
-        .record_error(job.id, "attempt 1 failed")
+        .record_error(job.id, 1, "attempt 1 failed")
         .await
         .unwrap();
     assert_eq!(
         store.get(job.id).await.unwrap().unwrap().error.as_deref(),
         Some("attempt 1 failed")
+    );
+    // a failed attempt's error raises the attempt count (short attempts have no running record)
+    store
+        .record_error(job.id, 2, "attempt 2 failed")
+        .await
+        .unwrap();
+    let got = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.attempts, got.error.as_deref()),
+        (2, Some("attempt 2 failed"))
     );
 
     // the first final result wins, whatever races it
@@ -110,6 +121,35 @@ async fn contract(store: Arc<dyn JobStore>) {
             .unwrap(),
         FinishOutcome::NotFound
     );
+
+    // a short job goes from queued to final in one write that records its attempt
+    let quick = new_job(&pool);
+    store.insert(&quick).await.unwrap();
+    let started = now_ms() - 3;
+    let mut o = outcome(JobStatus::Succeeded, "w2");
+    o.attempt = Some(AttemptInfo {
+        attempts: 3,
+        gpus: vec![1],
+        started_at: started,
+    });
+    assert_eq!(
+        store.finish(quick.id, &o).await.unwrap(),
+        FinishOutcome::Stored
+    );
+    let got = store.get(quick.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.attempts, got.gpus.clone(), got.started_at),
+        (JobStatus::Succeeded, 3, vec![1], Some(started))
+    );
+    assert_eq!(got.worker.as_deref(), Some("w2"));
+    // without attempt info (a cancel, a dead letter) the recorded attempt stays as it was
+    let mut late = outcome(JobStatus::Cancelled, "gateway");
+    late.worker = None;
+    assert_eq!(
+        store.finish(quick.id, &late).await.unwrap(),
+        FinishOutcome::AlreadyFinal(JobStatus::Succeeded)
+    );
+    assert_eq!(store.get(quick.id).await.unwrap().unwrap(), got);
 
     // an attempt for a job the store never saw creates it
     let orphan = {

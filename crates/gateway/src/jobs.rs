@@ -249,6 +249,7 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
         error: Some("cancelled by request".into()),
         worker: None,
         finished_at: now_ms(),
+        attempt: None,
     };
     match state.store.finish(id, &outcome).await? {
         FinishOutcome::Stored => {}
@@ -351,6 +352,7 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
                     error: None,
                     worker: None,
                     finished_at: record.finished_at.unwrap_or_else(now_ms),
+                    attempt: None,
                 };
                 if let Err(se) = state.store.finish(id, &back).await {
                     tracing::error!(

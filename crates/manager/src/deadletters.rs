@@ -132,6 +132,7 @@ pub async fn record(store: &dyn JobStore, dl: &DeadLetter) -> Result<Recorded, S
         }),
         worker: None,
         finished_at: now_ms(),
+        attempt: None,
     };
     let mut finished = store.finish(id, &outcome).await?;
     if finished == FinishOutcome::NotFound {

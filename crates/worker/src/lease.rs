@@ -15,10 +15,12 @@ const DONE_TTL_S: u64 = 7 * 24 * 3600;
 /// Liveness of this process: refreshed every second, gone 3 s after the process dies.
 pub const ALIVE_TTL: Duration = Duration::from_secs(3);
 
-/// Done check and lease in one round trip. KEYS: done, lease. ARGV: owner, ttl ms, alive prefix.
-/// -1 done; 0 held by a live owner; 1 taken; 2 taken over from a dead owner.
+/// Done check, cancel check and lease in one round trip. KEYS: done, lease, cancel. ARGV: owner,
+/// ttl ms, alive prefix. -1 done; -2 cancelled; 0 held by a live owner; 1 taken; 2 taken over
+/// from a dead owner.
 const ACQUIRE_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 local owner = redis.call('GET', KEYS[2])
 if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) return 1 end
@@ -41,6 +43,8 @@ return 0
 pub enum Acquire {
     /// The job already has a final result.
     Done,
+    /// A client cancelled the job before it started.
+    Cancelled,
     /// A live worker holds the lease.
     Held,
     Taken,
@@ -82,6 +86,7 @@ impl Coordinator {
             .acquire
             .key(self.keys.done(job))
             .key(self.keys.lease(job))
+            .key(self.keys.cancel(job))
             .arg(&self.owner)
             .arg(self.lease_ttl_ms)
             .arg(self.keys.instance_alive(""))
@@ -89,6 +94,7 @@ impl Coordinator {
             .await?;
         Ok(match r {
             -1 => Acquire::Done,
+            -2 => Acquire::Cancelled,
             0 => Acquire::Held,
             2 => Acquire::TakenOver,
             _ => Acquire::Taken,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuq_common::amqp::{header_u64, job_properties, publish_confirmed};
-use gpuq_common::job::{FinalOutcome, JobMessage, now_ms};
+use gpuq_common::job::{AttemptInfo, FinalOutcome, JobMessage, now_ms};
 use gpuq_common::store::{FinishOutcome, StartOutcome, StoreError};
 use gpuq_common::topology::{ATTEMPT_OFFSET_HEADER, ERROR_HEADER, REASON_HEADER};
 use gpuq_common::{JobRecord, JobStatus};
@@ -19,7 +19,6 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::Instrument;
-use uuid::Uuid;
 
 use crate::app::{Running, Worker, record_run};
 use crate::faults::Scenario;
@@ -77,6 +76,8 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     }
     let offset = header_u64(headers, ATTEMPT_OFFSET_HEADER).unwrap_or(0);
     let attempt = (offset + prior + count + 1) as u32;
+    // The first delivery of a freshly submitted job: its record is `queued` in the store.
+    let first = !d.redelivered && count == 0 && prior == 0 && offset == 0;
     if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
         return dead_letter(
             &w,
@@ -123,9 +124,27 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
             }
         }
     };
-    let outcome = with_gpus(&w, &ch, &d, &msg, attempt, gpus).await;
+    let outcome = with_gpus(
+        &w,
+        &ch,
+        &d,
+        &msg,
+        Attempt {
+            number: attempt,
+            first,
+        },
+        gpus,
+    )
+    .await;
     w.slots.release(msg.id);
     outcome
+}
+
+/// Which attempt a delivery is, and whether it is the job's first delivery ever.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    number: u32,
+    first: bool,
 }
 
 async fn with_gpus(
@@ -133,7 +152,7 @@ async fn with_gpus(
     ch: &Arc<Channels>,
     d: &Delivery,
     msg: &JobMessage,
-    attempt: u32,
+    attempt: Attempt,
     gpus: Vec<u32>,
 ) -> Outcome {
     let pool = msg.placement.pool.as_str();
@@ -164,6 +183,22 @@ async fn with_gpus(
             tracing::info!("job already done: duplicate delivery acked without running");
             let _ = d.acker.ack(BasicAckOptions::default()).await;
             return Outcome::DuplicateSuppressed;
+        }
+        Acquire::Cancelled => {
+            tracing::info!("job cancelled before it started: acked without running");
+            // The gateway wrote `cancelled` already; this conditional write covers a cancel whose
+            // store write failed after its signal was set.
+            let fin = FinalOutcome {
+                status: JobStatus::Cancelled,
+                result: None,
+                error: Some("cancelled by request".into()),
+                worker: Some(w.engine_id.clone()),
+                finished_at: now_ms(),
+                attempt: None,
+            };
+            let _ = store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await;
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            return Outcome::Cancelled;
         }
         Acquire::Held => {
             w.metrics.lease_contended.with_label_values(&[pool]).inc();
@@ -206,7 +241,10 @@ async fn leased(
     ch: &Arc<Channels>,
     d: &Delivery,
     msg: &JobMessage,
-    attempt: u32,
+    Attempt {
+        number: attempt,
+        first,
+    }: Attempt,
     gpus: Vec<u32>,
 ) -> Outcome {
     let pool = msg.placement.pool.as_str();
@@ -217,33 +255,29 @@ async fn leased(
     record.worker = Some(w.engine_id.clone());
     record.gpus = gpus.clone();
     record.started_at = Some(now_ms());
-    // 3. The store may already hold a final result (done marker lost, or cancelled).
-    match store_retry(w, "start", || w.store.start_attempt(&record)).await {
-        Ok(StartOutcome::Started) => {}
-        Ok(StartOutcome::AlreadyFinal(s)) => {
-            w.metrics
-                .duplicates_suppressed
-                .with_label_values(&[pool])
-                .inc();
-            tracing::info!(
-                status = s.as_str(),
-                "job already final in the store: acked without running"
-            );
-            let _ = w.coord.mark_done(msg.id).await;
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
-            return Outcome::DuplicateSuppressed;
-        }
-        Err(e) => {
-            tracing::error!(error.message = %e, "cannot record the attempt; retrying later");
-            let _ = w.coord.release(msg.id).await;
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-            return Outcome::Retried;
+    // 3. A redelivered job may already be final in the store (its done marker lost with Redis);
+    // a first delivery cannot be (its record was queued when it was published, and a cancel
+    // since then was seen by `acquire`), so it costs no store round trip.
+    if !first {
+        match store_retry(w, "check", || w.store.get(msg.id)).await {
+            Ok(Some(r)) if r.status.is_final() => {
+                w.metrics
+                    .duplicates_suppressed
+                    .with_label_values(&[pool])
+                    .inc();
+                tracing::info!(
+                    status = r.status.as_str(),
+                    "job already final in the store: acked without running"
+                );
+                let _ = w.coord.mark_done(msg.id).await;
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                return Outcome::DuplicateSuppressed;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error.message = %e, "cannot read the job's record; retrying later");
+                return requeue(w, d, msg).await;
+            }
         }
     }
     w.metrics
@@ -281,7 +315,7 @@ async fn leased(
     for &g in &gpus {
         w.gpus.set_busy(g, true);
     }
-    let keeper = tokio::spawn(keep_lease(w.clone(), msg.id, stop_tx));
+    let keeper = tokio::spawn(keep_lease(w.clone(), record.clone(), stop_tx));
     let ctx = RunContext {
         job: msg.id,
         attempt,
@@ -342,6 +376,11 @@ async fn leased(
             error,
             worker: Some(w.engine_id.clone()),
             finished_at: now_ms(),
+            attempt: Some(AttemptInfo {
+                attempts: attempt,
+                gpus: gpus.clone(),
+                started_at: record.started_at.unwrap_or_else(now_ms),
+            }),
         };
     let (fin, outcome_label, out) = match outcome {
         RunOutcome::Succeeded(v) => (
@@ -371,17 +410,9 @@ async fn leased(
             tracing::warn!(attempt, error.message = %err, "attempt failed; requeued for a retry");
             let _ = w
                 .store
-                .record_error(msg.id, &format!("attempt {attempt}: {err}"))
+                .record_error(msg.id, attempt, &format!("attempt {attempt}: {err}"))
                 .await;
-            let _ = w.coord.release(msg.id).await;
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-            return Outcome::Retried;
+            return requeue(w, d, msg).await;
         }
         RunOutcome::Stopped(reason) => {
             w.metrics
@@ -396,7 +427,14 @@ async fn leased(
             return give_back(w, ch, d, msg, "interrupted", Duration::ZERO).await;
         }
     };
-    match store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await {
+    let mut stored = store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await;
+    if let Ok(FinishOutcome::NotFound) = stored {
+        // The store has no record of this job (lost, or the gateway removed it after a missing
+        // confirm that the broker did in fact take): recreate it, then record the result.
+        let _ = store_retry(w, "start", || w.store.start_attempt(&record)).await;
+        stored = store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await;
+    }
+    match stored {
         Ok(FinishOutcome::Stored) => {
             w.metrics
                 .jobs_completed
@@ -407,6 +445,9 @@ async fn leased(
                 ms = elapsed.as_millis() as u64,
                 "job finished"
             );
+        }
+        Ok(FinishOutcome::AlreadyFinal(JobStatus::Cancelled)) if out == Outcome::Cancelled => {
+            tracing::info!("job stopped after its cancel was recorded");
         }
         Ok(FinishOutcome::AlreadyFinal(s)) => {
             w.metrics.results_discarded.with_label_values(&[pool]).inc();
@@ -450,18 +491,52 @@ async fn leased(
     out
 }
 
+/// Drops the lease (if this process holds it) and nacks for a retry (counted toward the
+/// delivery limit by the broker).
+async fn requeue(w: &Worker, d: &Delivery, msg: &JobMessage) -> Outcome {
+    let _ = w.coord.release(msg.id).await;
+    let _ = d
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+    Outcome::Retried
+}
+
 /// Dies at once, without cleanup: the injected crash of the tester's scenarios 2 and 4.
 fn crash(scenario: &str) -> ! {
     tracing::error!(scenario, "injected fault: the worker process dies now");
     std::process::abort()
 }
 
-/// Renews the lease while the job runs and stops the job when a client cancels it.
-async fn keep_lease(w: Arc<Worker>, job: Uuid, stop: watch::Sender<Option<StopReason>>) {
+/// While the job runs: records it as `running` once it has run for `running_record_delay_ms`
+/// (a shorter job is written once, with its result), renews the lease, and stops the job when
+/// a client cancels it.
+async fn keep_lease(w: Arc<Worker>, record: JobRecord, stop: watch::Sender<Option<StopReason>>) {
+    let job = record.id;
+    tokio::time::sleep(Duration::from_millis(w.settings.running_record_delay_ms)).await;
+    // One try: a store outage must not hold up the lease renewals below; the final write
+    // carries the attempt anyway.
+    match w.store.start_attempt(&record).await {
+        Ok(StartOutcome::Started) => {}
+        Ok(StartOutcome::AlreadyFinal(s)) => {
+            tracing::warn!(
+                status = s.as_str(),
+                "the job became final while running here: stopping it"
+            );
+            let _ = stop.send(Some(StopReason::Cancelled));
+        }
+        Err(e) => tracing::error!(error.message = %e, "cannot record the job as running"),
+    }
     let every = Duration::from_millis((w.settings.lease_ttl_ms / 3).max(200));
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
+        if let Ok(true) = w.coord.cancel_requested(job).await {
+            let _ = stop.send(Some(StopReason::Cancelled));
+        }
         tick.tick().await;
         match w.coord.renew(job).await {
             Ok(true) => {}
@@ -470,9 +545,6 @@ async fn keep_lease(w: Arc<Worker>, job: Uuid, stop: watch::Sender<Option<StopRe
                 w.metrics.redis_errors.with_label_values(&["renew"]).inc();
                 tracing::warn!(error.message = %e, "lease renewal failed");
             }
-        }
-        if let Ok(true) = w.coord.cancel_requested(job).await {
-            let _ = stop.send(Some(StopReason::Cancelled));
         }
     }
 }
@@ -539,14 +611,7 @@ async fn give_back(
         }
         Err(e) => {
             tracing::warn!(error.message = %e, reason, "give-back failed; requeueing instead");
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-            Outcome::Retried
+            requeue(w, d, msg).await
         }
     }
 }
@@ -588,14 +653,7 @@ async fn dead_letter(
         }
         Err(e) => {
             tracing::warn!(error.message = %e, "dead-lettering failed; requeueing instead");
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
-            Outcome::Retried
+            requeue(w, d, msg).await
         }
     }
 }

@@ -78,8 +78,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Marks an attempt running (creating the record from `job` if it is missing), unless the
     /// job is already final.
     async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError>;
-    /// Notes the error of a failed attempt that will be retried; the status stays non-final.
-    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError>;
+    /// Notes the error of a failed attempt (number `attempt`) that will be retried; the status
+    /// stays non-final, `attempts` becomes at least `attempt`.
+    async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError>;
     /// Writes the final outcome unless the job already has one.
     async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError>;
     /// Puts a dead-lettered job back to `queued` for a re-drive; false if it is not dead-lettered.

@@ -188,11 +188,14 @@ impl JobStore for MongoStore {
         )))
     }
 
-    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError> {
+    async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError> {
         self.jobs
             .update_one(
                 doc! { "_id": id.to_string(), "status": not_final() },
-                doc! { "$set": { "error": error } },
+                doc! {
+                    "$set": { "error": error },
+                    "$max": { "attempts": i64::from(attempt) },
+                },
             )
             .await
             .map(|_| ())
@@ -210,6 +213,14 @@ impl JobStore for MongoStore {
         }
         if let Some(w) = &o.worker {
             set.insert("worker", w.as_str());
+        }
+        if let Some(a) = &o.attempt {
+            set.insert("attempts", i64::from(a.attempts));
+            set.insert(
+                "gpus",
+                a.gpus.iter().map(|g| i64::from(*g)).collect::<Vec<_>>(),
+            );
+            set.insert("started_at", a.started_at);
         }
         let r = self
             .jobs

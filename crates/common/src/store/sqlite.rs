@@ -37,15 +37,32 @@ CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 ";
 
-const COLUMNS: &str = "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at";
-const NOT_FINAL: &str = "('queued','running')";
+/// The column list, as a macro so that the fixed statements below can be `concat!`ed (and
+/// prepared once per connection).
+macro_rules! columns {
+    () => {
+        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at"
+    };
+}
+macro_rules! not_final {
+    () => {
+        "('queued','running')"
+    };
+}
+const COLUMNS: &str = columns!();
+const INSERT_SQL: &str = concat!(
+    "INSERT OR IGNORE INTO jobs (",
+    columns!(),
+    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+);
+const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
 const MAX_BATCH: usize = 512;
 
 enum Op {
     Insert(JobRecord, oneshot::Sender<Result<(), StoreError>>),
     Delete(JobId, oneshot::Sender<Result<(), StoreError>>),
     Start(JobRecord, oneshot::Sender<Result<StartOutcome, StoreError>>),
-    RecordError(JobId, String, oneshot::Sender<Result<(), StoreError>>),
+    RecordError(JobId, u32, String, oneshot::Sender<Result<(), StoreError>>),
     Finish(
         JobId,
         FinalOutcome,
@@ -168,7 +185,7 @@ fn fail(op: Op, e: StoreError) {
     let msg = e.to_string();
     let err = || StoreError::Unavailable(msg.clone());
     match op {
-        Op::Insert(_, r) | Op::Delete(_, r) | Op::RecordError(_, _, r) => {
+        Op::Insert(_, r) | Op::Delete(_, r) | Op::RecordError(_, _, _, r) => {
             let _ = r.send(Err(err()));
         }
         Op::Start(_, r) => {
@@ -212,12 +229,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
             reply(r, v)
         }
         Op::Start(job, r) => reply(r, start(tx, &job)),
-        Op::RecordError(id, err, r) => {
+        Op::RecordError(id, attempt, err, r) => {
             let v = tx
-                .execute(
-                    &format!("UPDATE jobs SET error = ?2 WHERE id = ?1 AND status IN {NOT_FINAL}"),
-                    params![id.to_string(), err],
-                )
+                .prepare_cached(concat!(
+                    "UPDATE jobs SET error = ?2, attempts = max(attempts, ?3) WHERE id = ?1 AND status IN ",
+                    not_final!()
+                ))
+                .and_then(|mut st| st.execute(params![id.to_string(), err, attempt]))
                 .map(|_| ())
                 .map_err(unavailable);
             reply(r, v)
@@ -237,37 +255,36 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
 }
 
 fn insert_row(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<usize, StoreError> {
-    tx.execute(
-        &format!("INSERT OR IGNORE INTO jobs ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"),
-        params![
-            job.id.to_string(),
-            job.kind.as_str(),
-            job.params.to_string(),
-            job.pool,
-            job.gpus_requested,
-            job.min_gpu_memory_mb.map(|m| m as i64),
-            job.status.as_str(),
-            job.attempts,
-            job.worker,
-            serde_json::to_string(&job.gpus).expect("gpus serialize"),
-            job.result.as_ref().map(Value::to_string),
-            job.error,
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-        ],
-    )
-    .map_err(unavailable)
+    tx.prepare_cached(INSERT_SQL)
+        .and_then(|mut st| {
+            st.execute(params![
+                job.id.to_string(),
+                job.kind.as_str(),
+                job.params.to_string(),
+                job.pool,
+                job.gpus_requested,
+                job.min_gpu_memory_mb.map(|m| m as i64),
+                job.status.as_str(),
+                job.attempts,
+                job.worker,
+                serde_json::to_string(&job.gpus).expect("gpus serialize"),
+                job.result.as_ref().map(Value::to_string),
+                job.error,
+                job.created_at,
+                job.started_at,
+                job.finished_at,
+            ])
+        })
+        .map_err(unavailable)
 }
 
 fn status_of(tx: &rusqlite::Transaction<'_>, id: JobId) -> Result<Option<JobStatus>, StoreError> {
     let s: Option<String> = tx
-        .query_row(
-            "SELECT status FROM jobs WHERE id = ?1",
-            params![id.to_string()],
-            |r| r.get(0),
-        )
-        .optional()
+        .prepare_cached("SELECT status FROM jobs WHERE id = ?1")
+        .and_then(|mut st| {
+            st.query_row(params![id.to_string()], |r| r.get(0))
+                .optional()
+        })
         .map_err(unavailable)?;
     s.map(|s| JobStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s}"))))
         .transpose()
@@ -275,18 +292,20 @@ fn status_of(tx: &rusqlite::Transaction<'_>, id: JobId) -> Result<Option<JobStat
 
 fn start(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<StartOutcome, StoreError> {
     let n = tx
-        .execute(
-            &format!(
-                "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, gpus = ?4, started_at = ?5 WHERE id = ?1 AND status IN {NOT_FINAL}"
-            ),
-            params![
+        .prepare_cached(concat!(
+            "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, gpus = ?4, ",
+            "started_at = ?5 WHERE id = ?1 AND status IN ",
+            not_final!()
+        ))
+        .and_then(|mut st| {
+            st.execute(params![
                 job.id.to_string(),
                 job.attempts,
                 job.worker,
                 serde_json::to_string(&job.gpus).expect("gpus serialize"),
                 job.started_at
-            ],
-        )
+            ])
+        })
         .map_err(unavailable)?;
     if n == 1 {
         return Ok(StartOutcome::Started);
@@ -306,20 +325,28 @@ fn finish(
     id: JobId,
     o: &FinalOutcome,
 ) -> Result<FinishOutcome, StoreError> {
+    let a = o.attempt.as_ref();
     let n = tx
-        .execute(
-            &format!(
-                "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), worker = coalesce(?5, worker), finished_at = ?6 WHERE id = ?1 AND status IN {NOT_FINAL}"
-            ),
-            params![
+        .prepare_cached(concat!(
+            "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), ",
+            "worker = coalesce(?5, worker), finished_at = ?6, attempts = coalesce(?7, attempts), ",
+            "gpus = coalesce(?8, gpus), started_at = coalesce(?9, started_at) ",
+            "WHERE id = ?1 AND status IN ",
+            not_final!()
+        ))
+        .and_then(|mut st| {
+            st.execute(params![
                 id.to_string(),
                 o.status.as_str(),
                 o.result.as_ref().map(Value::to_string),
                 o.error,
                 o.worker,
-                o.finished_at
-            ],
-        )
+                o.finished_at,
+                a.map(|a| a.attempts),
+                a.map(|a| serde_json::to_string(&a.gpus).expect("gpus serialize")),
+                a.map(|a| a.started_at),
+            ])
+        })
         .map_err(unavailable)?;
     if n == 1 {
         return Ok(FinishOutcome::Stored);
@@ -383,14 +410,13 @@ impl JobStore for SqliteStore {
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.read(move |c| {
-            c.query_row(
-                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-                params![id.to_string()],
-                row_to_record,
-            )
-            .optional()
-            .map_err(unavailable)?
-            .transpose()
+            c.prepare_cached(GET_SQL)
+                .and_then(|mut st| {
+                    st.query_row(params![id.to_string()], row_to_record)
+                        .optional()
+                })
+                .map_err(unavailable)?
+                .transpose()
         })
         .await
     }
@@ -438,9 +464,9 @@ impl JobStore for SqliteStore {
         self.send(|r| Op::Start(job, r)).await
     }
 
-    async fn record_error(&self, id: JobId, error: &str) -> Result<(), StoreError> {
+    async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError> {
         let error = error.to_string();
-        self.send(|r| Op::RecordError(id, error, r)).await
+        self.send(|r| Op::RecordError(id, attempt, error, r)).await
     }
 
     async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError> {

@@ -57,6 +57,7 @@ async fn retrying_a_dead_letter_republishes_it_under_the_same_id() {
         error: Some("delivery_limit".into()),
         worker: Some("worker-1".into()),
         finished_at: now_ms(),
+        attempt: None,
     };
     let mut running = app
         .state

@@ -59,7 +59,7 @@ async fn a_dead_letter_becomes_a_dead_lettered_record_with_its_reason_and_a_seco
     // A: known to the store, dead after its delivery limit; the last error comes from the record.
     let a = message();
     store.insert(&JobRecord::queued(&a)).await.unwrap();
-    store.record_error(a.id, "exit code 3").await.unwrap();
+    store.record_error(a.id, 1, "exit code 3").await.unwrap();
     // C: already succeeded (dead-lettered late by an at-least-once duplicate).
     let c = message();
     store.insert(&JobRecord::queued(&c)).await.unwrap();
@@ -69,6 +69,7 @@ async fn a_dead_letter_becomes_a_dead_lettered_record_with_its_reason_and_a_seco
         error: None,
         worker: Some("worker-1".into()),
         finished_at: now_ms(),
+        attempt: None,
     };
     store.finish(c.id, &done).await.unwrap();
     // B: unknown to the store, refused by every worker as unschedulable.
