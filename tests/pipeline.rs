@@ -125,10 +125,13 @@ async fn bad_inputs_get_a_4xx_json_error_and_enqueue_nothing() {
     .await
     .unwrap();
     let url = format!("{}/v1/jobs", stack.gateway_url);
+    // One connection per request: the gateway may answer an oversized body before reading it
+    // and close the connection, which a pooled follow-up request would find dead.
     let post_raw = |body: String| {
         stack
             .auth(stack.http.post(&url))
             .header("content-type", "application/json")
+            .header("connection", "close")
             .body(body)
             .send()
     };
@@ -282,5 +285,112 @@ async fn gpuq_submit_wait_prints_the_final_status_and_result() {
         stdout.contains("duration_ms"),
         "the result is printed: {stdout}"
     );
+    stack.stop().await;
+}
+
+/// Polls until `check` holds or the timeout passes.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_cancelled_while_queued_never_runs_and_a_running_one_is_stopped_within_seconds() {
+    // One worker with one GPU: a job that holds it keeps the next one waiting in the queue.
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        gpus: "sim:1".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let cancel = |id: uuid::Uuid| {
+        stack
+            .auth(
+                stack
+                    .http
+                    .post(format!("{}/v1/jobs/{id}/cancel", stack.gateway_url)),
+            )
+            .send()
+    };
+    let holder = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 1500}}))
+        .await
+        .unwrap();
+    eventually("the first job started", Duration::from_secs(15), || async {
+        stack.workers_metric("gpuq_jobs_started_total").await >= 1.0
+    })
+    .await;
+    let waiting = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10}}))
+        .await
+        .unwrap();
+    let resp = cancel(waiting).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+
+    // The holder finishes; then the cancelled job's delivery reaches the worker and is acked
+    // without running.
+    assert_eq!(
+        stack
+            .wait_one(holder, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .status,
+        JobStatus::Succeeded
+    );
+    eventually("the queue drained", Duration::from_secs(15), || async {
+        stack.queue_depth("default").await.unwrap() == 0
+    })
+    .await;
+    let r = stack
+        .wait_one(waiting, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(r.status, JobStatus::Cancelled, "{r:?}");
+    assert_eq!((r.started_at, r.attempts), (None, 0), "it never ran: {r:?}");
+    assert_eq!(
+        stack.workers_metric("gpuq_jobs_started_total").await,
+        1.0,
+        "only the first job started"
+    );
+
+    // A running job: recorded `running`, then cancelled; its GPU is free again within seconds.
+    let long = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 60000}}))
+        .await
+        .unwrap();
+    eventually(
+        "the long job is recorded running",
+        Duration::from_secs(15),
+        || async { stack.job(long).await.unwrap()["status"] == "running" },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    let resp = cancel(long).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    let next = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10}}))
+        .await
+        .unwrap();
+    let r = stack.wait_one(next, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    let freed = asked.elapsed();
+    assert!(
+        freed < Duration::from_secs(5),
+        "the cancelled job's GPU took {freed:?} to run the next job"
+    );
+    let r = stack.wait_one(long, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Cancelled, "{r:?}");
+    assert_eq!(r.attempts, 1, "{r:?}");
     stack.stop().await;
 }

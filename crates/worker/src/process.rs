@@ -26,6 +26,9 @@ use crate::lease::{ALIVE_TTL, Acquire};
 use crate::runner::{self, RunContext, RunOutcome, StopReason};
 use crate::slots::NoPlacement;
 
+/// How often a running job looks for a client's cancel.
+const CANCEL_POLL: Duration = Duration::from_secs(1);
+
 /// Deliveries a job had before a give-back republished it (the broker's count restarts).
 pub const PRIOR_DELIVERIES_HEADER: &str = "x-gpuq-prior-deliveries";
 
@@ -530,14 +533,19 @@ async fn keep_lease(w: Arc<Worker>, record: JobRecord, stop: watch::Sender<Optio
         }
         Err(e) => tracing::error!(error.message = %e, "cannot record the job as running"),
     }
-    let every = Duration::from_millis((w.settings.lease_ttl_ms / 3).max(200));
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
+    // A cancel is looked for every second (one EXISTS); the lease is renewed every third of its TTL.
+    let renew_every = Duration::from_millis((w.settings.lease_ttl_ms / 3).max(200));
+    let mut tick = tokio::time::interval(CANCEL_POLL.min(renew_every));
+    let mut renewed = Instant::now();
     loop {
         if let Ok(true) = w.coord.cancel_requested(job).await {
             let _ = stop.send(Some(StopReason::Cancelled));
         }
         tick.tick().await;
+        if renewed.elapsed() < renew_every {
+            continue;
+        }
+        renewed = Instant::now();
         match w.coord.renew(job).await {
             Ok(true) => {}
             Ok(false) => tracing::error!("lease taken by another worker while running"),
