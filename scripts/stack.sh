@@ -420,7 +420,14 @@ rabbit_up_all() {
   local n json members running
   for n in "${NODES[@]}"; do launch_node "$n"; done
   log "waiting for the RabbitMQ nodes (timeout ${START_TIMEOUT}s each)"
-  await_nodes "${NODES[@]}" || die "RabbitMQ did not start (logs above; data in $STACK_DIR)"
+  if ! await_nodes "${NODES[@]}"; then
+    # RabbitMQ 3.10 can stop a node that restarts while its peers boot too (feature flag sync:
+    # `incompatible_feature_flags` … `badmap`); once the others run, starting it again works.
+    # launch_node skips the nodes that run (a node that is still booting is waited on again).
+    warn "starting the RabbitMQ nodes that exited once more"
+    for n in "${NODES[@]}"; do launch_node "$n"; done
+    await_nodes "${NODES[@]}" || die "RabbitMQ did not start (logs above; data in $STACK_DIR)"
+  fi
   json="$(cluster_json_retry 1)"
   members="$(json_list "$json" disk_nodes)"
   running="$(json_list "$json" running_nodes)"
