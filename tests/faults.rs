@@ -161,13 +161,11 @@ async fn a_job_whose_worker_is_killed_mid_task_finishes_on_another_worker_within
             )
             .await
             .unwrap();
-        let worker = loop {
-            let r = stack.store.get(id).await.unwrap().unwrap();
-            if r.status == JobStatus::Running {
-                break r.worker.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let worker = stack
+            .wait_running(id, Duration::from_secs(15))
+            .await
+            .worker
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let victim = &stack.workers[if worker == "worker-1" { 0 } else { 1 }];
         victim.kill_and_hold().await;

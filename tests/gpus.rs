@@ -61,26 +61,6 @@ async fn wait_consuming(stack: &Stack, engine: &str, consuming: bool) -> Value {
         .unwrap()
 }
 
-/// Waits until the job is running; returns its record.
-async fn wait_running(stack: &Stack, id: Uuid, timeout: Duration) -> JobRecord {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = stack.store.get(id).await.unwrap().expect("job stored");
-        if r.status == JobStatus::Running {
-            return r;
-        }
-        assert!(
-            !r.status.is_final(),
-            "job {id} ended before it was seen running: {r:?}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "job {id} not running after {timeout:?}: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The GPU indices a `command` job printed from `CUDA_VISIBLE_DEVICES`.
 fn printed_gpus(r: &JobRecord) -> Vec<u32> {
     let out = r
@@ -235,7 +215,7 @@ async fn a_cordoned_worker_takes_no_new_jobs_a_drained_one_finishes_its_job_firs
         )
         .await
         .unwrap();
-    let running = wait_running(&stack, long, Duration::from_secs(15)).await;
+    let running = stack.wait_running(long, Duration::from_secs(15)).await;
     assert_eq!(running.worker.as_deref(), Some("worker-1"));
     let v = engine_action(&stack, "worker-1", "drain").await;
     let drained_at = gpuq_common::job::now_ms();
@@ -601,7 +581,7 @@ async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
     // A simulated engine that hangs silently on its first attempt.
     let hang = json!({"kind": "simulate", "params": {"duration_ms": 100, "hang_attempts": 1}});
     let id = stack.submit_ok(&hang).await.unwrap();
-    let first = wait_running(&stack, id, Duration::from_secs(15)).await;
+    let first = stack.wait_running(id, Duration::from_secs(15)).await;
     let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
     assert!(r.attempts >= 2, "{r:?}");
@@ -613,7 +593,7 @@ async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
     // The same, with the hung engine's worker cordoned once the job started there, so the
     // requeued job can only finish on the other worker.
     let id = stack.submit_ok(&hang).await.unwrap();
-    let first = wait_running(&stack, id, Duration::from_secs(15)).await;
+    let first = stack.wait_running(id, Duration::from_secs(15)).await;
     let hung_on = first.worker.clone().unwrap();
     engine_action(&stack, &hung_on, "cordon").await;
     let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use gpuq_common::JobStatus;
-use gpuq_e2e::{Stack, StackOptions, by_status};
+use gpuq_e2e::{Stack, StackOptions, by_status, eventually};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -288,22 +288,6 @@ async fn gpuq_submit_wait_prints_the_final_status_and_result() {
     stack.stop().await;
 }
 
-/// Polls until `check` holds or the timeout passes.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_cancelled_while_queued_never_runs_and_a_running_one_is_stopped_within_seconds() {
     // One worker with one GPU: a job that holds it keeps the next one waiting in the queue.
@@ -369,12 +353,7 @@ async fn a_job_cancelled_while_queued_never_runs_and_a_running_one_is_stopped_wi
         .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 60000}}))
         .await
         .unwrap();
-    eventually(
-        "the long job is recorded running",
-        Duration::from_secs(15),
-        || async { stack.job(long).await.unwrap()["status"] == "running" },
-    )
-    .await;
+    stack.wait_running(long, Duration::from_secs(15)).await;
     let asked = std::time::Instant::now();
     let resp = cancel(long).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);

@@ -20,6 +20,19 @@ use uuid::Uuid;
 
 pub use procs::Supervised;
 
+/// Polls `check` every 50 ms until it holds; panics after `timeout`, naming `what`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Required environment, set by `scripts/test.sh`.
 pub fn test_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -315,6 +328,27 @@ impl Stack {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the job is recorded `running` (a job shorter than the worker's
+    /// `GPUQ_RUNNING_RECORD_DELAY_MS` never is); returns its record.
+    pub async fn wait_running(&self, id: Uuid, timeout: Duration) -> JobRecord {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.store.get(id).await.unwrap().expect("job stored");
+            if r.status == JobStatus::Running {
+                return r;
+            }
+            assert!(
+                !r.status.is_final(),
+                "job {id} ended before it was seen running: {r:?}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not running after {timeout:?}: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
