@@ -387,6 +387,21 @@ pub struct FinalOutcome {
     pub attempt: Option<AttemptInfo>,
 }
 
+impl FinalOutcome {
+    /// The outcome of a client's cancel: written by the gateway when the cancel is asked for, or
+    /// by the `worker` that saw the cancel before or while it ran the job (`attempt`, when it ran).
+    pub fn cancelled(worker: Option<String>, attempt: Option<AttemptInfo>) -> Self {
+        Self {
+            status: JobStatus::Cancelled,
+            result: None,
+            error: Some("cancelled by request".into()),
+            worker,
+            finished_at: now_ms(),
+            attempt,
+        }
+    }
+}
+
 /// Which attempt ran a job, where, and since when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptInfo {

@@ -243,14 +243,7 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
             ApiError::Unavailable("cannot reach Redis to stop the running job; retry later".into())
         })?;
     }
-    let outcome = FinalOutcome {
-        status: JobStatus::Cancelled,
-        result: None,
-        error: Some("cancelled by request".into()),
-        worker: None,
-        finished_at: now_ms(),
-        attempt: None,
-    };
+    let outcome = FinalOutcome::cancelled(None, None);
     match state.store.finish(id, &outcome).await? {
         FinishOutcome::Stored => {}
         FinishOutcome::AlreadyFinal(s) => {

@@ -191,14 +191,7 @@ async fn with_gpus(
             tracing::info!("job cancelled before it started: acked without running");
             // The gateway wrote `cancelled` already; this conditional write covers a cancel whose
             // store write failed after its signal was set.
-            let fin = FinalOutcome {
-                status: JobStatus::Cancelled,
-                result: None,
-                error: Some("cancelled by request".into()),
-                worker: Some(w.engine_id.clone()),
-                finished_at: now_ms(),
-                attempt: None,
-            };
+            let fin = FinalOutcome::cancelled(Some(w.engine_id.clone()), None);
             let _ = store_retry(w, "finish", || w.store.finish(msg.id, &fin)).await;
             let _ = d.acker.ack(BasicAckOptions::default()).await;
             return Outcome::Cancelled;
@@ -372,6 +365,11 @@ async fn leased(
     );
 
     // 5. Record, mark done, then ack.
+    let ran = || AttemptInfo {
+        attempts: attempt,
+        gpus: gpus.clone(),
+        started_at: record.started_at.unwrap_or_else(now_ms),
+    };
     let final_write =
         |status: JobStatus, result: Option<Value>, error: Option<String>| FinalOutcome {
             status,
@@ -379,11 +377,7 @@ async fn leased(
             error,
             worker: Some(w.engine_id.clone()),
             finished_at: now_ms(),
-            attempt: Some(AttemptInfo {
-                attempts: attempt,
-                gpus: gpus.clone(),
-                started_at: record.started_at.unwrap_or_else(now_ms),
-            }),
+            attempt: Some(ran()),
         };
     let (fin, outcome_label, out) = match outcome {
         RunOutcome::Succeeded(v) => (
@@ -397,11 +391,7 @@ async fn leased(
             Outcome::Failed,
         ),
         RunOutcome::Stopped(StopReason::Cancelled) => (
-            final_write(
-                JobStatus::Cancelled,
-                None,
-                Some("cancelled by request".into()),
-            ),
+            FinalOutcome::cancelled(Some(w.engine_id.clone()), Some(ran())),
             "cancelled",
             Outcome::Cancelled,
         ),
