@@ -9,10 +9,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gpuq_common::amqp::{confirm_channel, connect_any};
+use lapin::Connection;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
-use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{Worker, gate_open};
@@ -71,12 +70,16 @@ async fn open(w: &Worker) -> anyhow::Result<Session> {
     })
 }
 
+/// Starts a consumer per pool; each delivery becomes a job task straight from the consumer's
+/// stream (no hop through another task: a zero-length job is a few milliseconds, and every
+/// hand-over is a wake-up).
 async fn consume_all(
-    w: &Worker,
-    ch: &Channel,
+    w: &Arc<Worker>,
+    jobs: &TaskTracker,
+    channels: &Arc<Channels>,
     prefetch: u16,
-    tx: &mpsc::Sender<lapin::message::Delivery>,
 ) -> anyhow::Result<Vec<ShortString>> {
+    let ch = &channels.consume;
     ch.basic_qos(prefetch, BasicQosOptions { global: false })
         .await?;
     let mut tags = vec![];
@@ -90,14 +93,12 @@ async fn consume_all(
                 FieldTable::default(),
             )
             .await?;
-        let tx = tx.clone();
+        let (w, jobs, channels) = (w.clone(), jobs.clone(), channels.clone());
         tokio::spawn(async move {
             while let Some(d) = consumer.next().await {
                 match d {
                     Ok(d) => {
-                        if tx.send(d).await.is_err() {
-                            break;
-                        }
+                        jobs.spawn(process_delivery(w.clone(), channels.clone(), d));
                     }
                     Err(e) => {
                         tracing::warn!(error.message = %e, "consumer stream failed");
@@ -129,7 +130,6 @@ async fn session(w: &Arc<Worker>, jobs: &TaskTracker) -> anyhow::Result<()> {
 }
 
 async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::channel(256);
     let mut capacity = w.slots.subscribe();
     let mut admin = w.admin.subscribe();
     let mut redis_ok = w.redis_ok.subscribe();
@@ -151,17 +151,13 @@ async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Resu
             tracing::info!(worker_id = %w.engine_id, "consumer paused");
         }
         if want && tags.is_empty() {
-            tags = consume_all(w, &s.channels.consume, slots, &tx).await?;
+            tags = consume_all(w, jobs, &s.channels, slots).await?;
             prefetch = slots;
             w.consuming.store(true, Ordering::Relaxed);
             w.metrics.consuming.set(1);
             tracing::info!(worker_id = %w.engine_id, prefetch, "consuming");
         }
         tokio::select! {
-            Some(d) = rx.recv() => {
-                let (w, ch) = (w.clone(), s.channels.clone());
-                jobs.spawn(async move { process_delivery(w, ch, d).await; });
-            }
             _ = capacity.changed() => {}
             _ = admin.changed() => {}
             _ = redis_ok.changed() => {}

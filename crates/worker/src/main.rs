@@ -2,8 +2,23 @@ use anyhow::Context;
 use gpuq_common::Settings;
 use gpuq_common::telemetry::init_telemetry;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// A worker's own work per job is a handful of small round trips (broker, Redis, store); the
+/// jobs themselves run in child processes or timers. One scheduler thread serves that without
+/// waking a second thread for every delivery, which on a busy 2-core host cost a third of the
+/// worker's CPU (measured with `gpuq bench`: README, Performance). Blocking calls (NVML, store
+/// reads) have their own threads either way. `TOKIO_WORKER_THREADS` overrides.
+fn main() -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        rt.worker_threads(1);
+    }
+    rt.enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load().context("loading configuration")?;
     init_telemetry("worker", &settings.log_format, &settings.log);
     let app = gpuq_worker::Application::build(settings)
