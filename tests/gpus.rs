@@ -540,6 +540,127 @@ async fn a_killed_worker_is_offline_within_three_heartbeats_and_healthy_again_wh
     stack.stop().await;
 }
 
+/// The status of `POST /v1/engines/{engine}/restart` on the manager, with the admin token or not.
+async fn restart_status(stack: &Stack, engine: &str, token: Option<&str>) -> u16 {
+    let mut rb = stack
+        .http
+        .post(format!("{}/v1/engines/{engine}/restart", stack.manager_url));
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    rb.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_worker_finishes_its_job_then_comes_back_as_a_new_process() {
+    let stack = Stack::start(StackOptions {
+        workers: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    stack
+        .wait_engines_healthy(2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(restart_status(&stack, "worker-2", None).await, 401);
+    let token = Some(stack.admin_token.as_str());
+    assert_eq!(restart_status(&stack, "worker-9", token).await, 404);
+
+    // A job runs on worker-2 (worker-1 cordoned) when the operator asks worker-2 to restart.
+    engine_action(&stack, "worker-1", "cordon").await;
+    wait_consuming(&stack, "worker-1", false).await;
+    let job = stack
+        .submit_ok(
+            &json!({"kind": "simulate", "params": {"duration_ms": 3000, "progress_steps": 6}}),
+        )
+        .await
+        .unwrap();
+    let running = stack.wait_running(job, Duration::from_secs(15)).await;
+    assert_eq!(running.worker.as_deref(), Some("worker-2"));
+    let before = stack.engine("worker-2").await.unwrap();
+    let instance = before["heartbeat"]["instance_id"].clone();
+    assert_eq!(before["restart_requested"], false, "{before}");
+    let asked = engine_action(&stack, "worker-2", "restart").await;
+    assert_eq!(asked["restart_requested"], true, "{asked}");
+    assert_eq!(asked["restarts"], before["restarts"], "{asked}");
+
+    // It stops taking jobs at once, finishes the running one, then exits: its supervisor (the
+    // harness's restart loop, as dev.sh's) starts a new process.
+    wait_consuming(&stack, "worker-2", false).await;
+    let r = stack.wait_one(job, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    assert_eq!(r.worker.as_deref(), Some("worker-2"), "{r:?}");
+    assert_eq!(
+        r.attempts, 1,
+        "the restart did not interrupt the job: {r:?}"
+    );
+    let after = stack
+        .wait_engine("worker-2", Duration::from_secs(30), "a new process", |v| {
+            !v["heartbeat"].is_null() && v["heartbeat"]["instance_id"] != instance
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        after["restarts"].as_u64(),
+        before["restarts"].as_u64().map(|n| n + 1),
+        "the manager counts the restart: {after}"
+    );
+    assert_eq!(
+        after["restart_requested"], false,
+        "the new process is not asked to restart: {after}"
+    );
+    assert_eq!(stack.workers[1].restarts(), 1, "one process exit");
+    let log = stack.log_lines("worker-2");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the operator asked for a restart")),
+        "the worker says why it stops"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("\"stopped\"") && l.contains("Restart")),
+        "it stopped cleanly, for the restart"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("restart 1 ") && l.contains("exit status: 75")),
+        "it exited with code 75 (EX_TEMPFAIL), which supervisors restart: {:?}",
+        log.iter()
+            .filter(|l| l.starts_with("restart"))
+            .collect::<Vec<_>>()
+    );
+
+    // The new process takes jobs (and only once; it does not restart again).
+    let ids = stack.submit_many(20, 8, &short_job(20)).await.unwrap();
+    let records = stack
+        .wait_final(&ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(by_status(&records).get(&JobStatus::Succeeded), Some(&20));
+    assert_eq!(
+        workers_of(&records),
+        BTreeSet::from(["worker-2".to_string()])
+    );
+    assert_eq!(
+        stack.workers[1].restarts(),
+        1,
+        "the new process kept running"
+    );
+
+    // An engine without a live process cannot be restarted.
+    stack.workers[0].kill_and_hold().await;
+    stack
+        .wait_engine("worker-1", Duration::from_secs(20), "offline", |v| {
+            v["state"] == "offline"
+        })
+        .await
+        .unwrap();
+    assert_eq!(restart_status(&stack, "worker-1", token).await, 409);
+    stack.workers[0].resume();
+    stack.stop().await;
+}
+
 /// Live processes (not zombies) whose environment holds `GPUQ_JOB_ID=<id>`: (pid, name).
 fn job_processes(id: Uuid) -> Vec<(u32, String)> {
     let needle = format!("GPUQ_JOB_ID={id}");

@@ -68,16 +68,18 @@ impl Supervised {
                     }
                     let mut guard = child.lock().await;
                     let exited = match guard.as_mut() {
-                        Some(c) => c.try_wait().ok().flatten().is_some(),
-                        None => true,
+                        Some(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+                        None => Some("not started".into()),
                     };
-                    if exited && !paused.load(Ordering::SeqCst) && !stopping.load(Ordering::SeqCst)
+                    if let Some(how) = exited
+                        && !paused.load(Ordering::SeqCst)
+                        && !stopping.load(Ordering::SeqCst)
                     {
                         tokio::time::sleep(Duration::from_millis(300)).await;
                         let n = restarts.fetch_add(1, Ordering::SeqCst) + 1;
                         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
                             use std::io::Write;
-                            let _ = writeln!(f, "restart {n}");
+                            let _ = writeln!(f, "restart {n} (the process ended: {how})");
                         }
                         *guard = start(&bin, &env, &log).ok();
                     }

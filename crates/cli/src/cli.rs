@@ -63,7 +63,7 @@ pub enum Command {
         #[command(subcommand)]
         cmd: DeadLettersCmd,
     },
-    /// Show engines and their GPUs, or cordon/uncordon/drain one
+    /// Show engines and their GPUs, or cordon/uncordon/drain/restart one
     Engines(EnginesArgs),
     /// Inject or clear a simulated GPU fault
     Gpus {
@@ -226,6 +226,9 @@ pub enum EngineAction {
     Uncordon { id: String },
     /// Finish running jobs, then take nothing
     Drain { id: String },
+    /// Restart the worker process: it finishes its running jobs (within its shutdown grace),
+    /// exits, and its supervisor starts it again
+    Restart { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,4 +1,4 @@
-//! `gpuq engines [cordon|uncordon|drain ID]` and `gpuq gpus fault ENGINE GPU FAULT`, through the
+//! `gpuq engines [cordon|uncordon|drain|restart ID]` and `gpuq gpus fault ENGINE GPU FAULT`, through the
 //! manager.
 
 use gpuq_common::engine::{EngineView, GpuSnapshot};
@@ -25,6 +25,7 @@ pub async fn run(ctx: &Ctx, a: &EnginesArgs) -> anyhow::Result<Exit> {
                 EngineAction::Cordon { id } => (id, "cordon"),
                 EngineAction::Uncordon { id } => (id, "uncordon"),
                 EngineAction::Drain { id } => (id, "drain"),
+                EngineAction::Restart { id } => (id, "restart"),
             };
             let answer = m.engine_action(id, verb).await?;
             if a.json {
@@ -108,6 +109,9 @@ pub fn render_engines(engines: &[EngineView], now: i64) -> String {
             && admin.as_str() != state
         {
             state = format!("{state} ({})", admin.as_str());
+        }
+        if e.restart_requested {
+            state = format!("{state} (restarting)");
         }
         let head = vec![
             e.id.clone(),
@@ -195,6 +199,7 @@ mod tests {
     fn engine(id: &str, gpus: Vec<GpuSnapshot>) -> EngineView {
         EngineView {
             id: id.into(),
+            restart_requested: false,
             state: EngineState::Healthy,
             admin: None,
             restarts: 0,

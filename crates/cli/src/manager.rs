@@ -1,4 +1,4 @@
-//! Typed client of the manager's API: engines (open reads), cordon/uncordon/drain and GPU faults
+//! Typed client of the manager's API: engines (open reads), cordon/uncordon/drain/restart and GPU faults
 //! (admin token).
 
 use gpuq_common::config::Secret;
@@ -32,7 +32,7 @@ impl Manager {
             .await
     }
 
-    /// `action` is `cordon`, `uncordon` or `drain`. Answers whatever the manager returns.
+    /// `action` is `cordon`, `uncordon`, `drain` or `restart`. Answers whatever the manager returns.
     pub async fn engine_action(&self, id: &str, action: &str) -> Result<Value, ClientError> {
         let path = format!("/v1/engines/{}/{action}", segment(id));
         let resp = self

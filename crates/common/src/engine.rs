@@ -143,6 +143,10 @@ pub struct EngineView {
     pub last_seen_ms: Option<i64>,
     /// The latest heartbeat while it is fresh; `null` once the engine is offline.
     pub heartbeat: Option<Heartbeat>,
+    /// An operator asked the running worker process to restart: it takes no new jobs, finishes
+    /// its running ones (within its shutdown grace), exits, and its supervisor starts it again.
+    #[serde(default)]
+    pub restart_requested: bool,
 }
 
 /// Derives an engine's state from its last heartbeat (if still fresh) and operator intent.

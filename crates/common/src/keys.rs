@@ -41,6 +41,11 @@ impl Keys {
     pub fn engine_admin(&self, engine: &str) -> String {
         format!("{}:engine-admin:{engine}", self.prefix)
     }
+    /// An operator's restart request: the instance id of the worker process asked to restart
+    /// (a later instance of the same engine is not affected by it).
+    pub fn engine_restart(&self, engine: &str) -> String {
+        format!("{}:engine-restart:{engine}", self.prefix)
+    }
     /// Simulated GPU faults of an engine, set by the operator, read by the worker.
     pub fn cancel(&self, job: Uuid) -> String {
         format!("{}:cancel:{job}", self.prefix)

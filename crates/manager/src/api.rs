@@ -92,6 +92,7 @@ pub async fn post_heartbeat(
         restarts: receipt.restarts,
         last_seen_ms: Some(now),
         heartbeat: Some(hb),
+        restart_requested: false,
     };
     state.gauges().observe(&view);
     Ok(Json(HeartbeatAck {
@@ -183,6 +184,37 @@ pub async fn drain(
     Path(id): Path<String>,
 ) -> Result<Json<EngineView>, ApiError> {
     set_admin(state, headers, id, Some(AdminState::Draining)).await
+}
+
+/// How long a restart request waits for the worker process it names; the worker deletes it when
+/// it exits, so this only bounds a request whose process died before it saw it.
+const RESTART_REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Restarts the engine's worker process: it takes no new jobs, finishes its running ones within
+/// its shutdown grace (the rest go back to the queue), exits with code 75, and its supervisor
+/// (compose's `restart: always`, `scripts/dev.sh`, systemd) starts it again. The process that
+/// replaces it is not affected by the request. 409 when the engine is offline.
+#[utoipa::path(post, path = "/v1/engines/{id}/restart", tag = "engines", security(("admin_token" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404), (status = 409)))]
+pub async fn restart(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<EngineView>, ApiError> {
+    admin_only(&state, &headers)?;
+    let view = known_view(&state, &id).await?;
+    let Some(hb) = view.heartbeat.as_ref() else {
+        return Err(ApiError::Conflict(format!(
+            "engine {id} is offline: there is no worker process to restart"
+        )));
+    };
+    state
+        .registry()
+        .request_restart(&id, &hb.instance_id, RESTART_REQUEST_TTL)
+        .await
+        .map_err(redis_error)?;
+    tracing::info!(worker_id = %id, instance = %hb.instance_id, "operator asked the engine to restart");
+    Ok(Json(known_view(&state, &id).await?))
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]

@@ -250,6 +250,7 @@ impl Application {
         api::cordon,
         api::uncordon,
         api::drain,
+        api::restart,
         api::gpu_fault,
         overview::get_overview,
         overview::events,
@@ -309,6 +310,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/engines/{id}/cordon", post(api::cordon))
         .route("/v1/engines/{id}/uncordon", post(api::uncordon))
         .route("/v1/engines/{id}/drain", post(api::drain))
+        .route("/v1/engines/{id}/restart", post(api::restart))
         .route("/v1/engines/{id}/gpus/{gpu}/fault", post(api::gpu_fault))
         .route("/v1/overview", get(overview::get_overview))
         .route("/v1/events", get(overview::events))

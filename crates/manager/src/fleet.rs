@@ -169,6 +169,7 @@ mod tests {
     fn view(gpus: Vec<GpuSnapshot>, state: EngineState) -> EngineView {
         EngineView {
             id: "w1".into(),
+            restart_requested: false,
             state,
             admin: None,
             restarts: 0,

@@ -174,19 +174,22 @@ impl Registry {
             pipe.cmd("HGET")
                 .arg(self.keys.engine_info(id))
                 .arg("last_seen_ms");
+            pipe.cmd("GET").arg(self.keys.engine_restart(id));
         }
         let rows: Vec<Option<String>> = pipe.query_async(&mut self.redis.clone()).await?;
         Ok(ids
             .iter()
-            .zip(rows.chunks(4))
+            .zip(rows.chunks(5))
             .map(|(id, r)| {
-                build_view(
+                let mut v = build_view(
                     id,
                     r[0].as_deref(),
                     r[1].as_deref(),
                     r[2].as_deref(),
                     r[3].as_deref(),
-                )
+                );
+                v.restart_requested = restart_pending(&v, r[4].as_deref());
+                v
             })
             .collect())
     }
@@ -221,11 +224,37 @@ impl Registry {
         }
     }
 
+    /// Asks the engine's running worker process (`instance`) to restart. The request names the
+    /// instance so that the process started in its place does not restart again; it expires
+    /// after `ttl` if that process never sees it (it died meanwhile).
+    pub async fn request_restart(
+        &self,
+        id: &str,
+        instance: &str,
+        ttl: std::time::Duration,
+    ) -> redis::RedisResult<()> {
+        redis::cmd("SET")
+            .arg(self.keys.engine_restart(id))
+            .arg(instance)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut self.redis.clone())
+            .await
+    }
+
     pub async fn ping(&self) -> redis::RedisResult<()> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.redis.clone())
             .await
             .map(drop)
+    }
+}
+
+/// A restart is pending while the request names the instance that still heartbeats.
+fn restart_pending(v: &EngineView, requested_instance: Option<&str>) -> bool {
+    match (v.heartbeat.as_ref(), requested_instance) {
+        (Some(hb), Some(inst)) => hb.instance_id == inst,
+        _ => false,
     }
 }
 
@@ -256,6 +285,7 @@ pub fn build_view(
         restarts: restarts_from_starts(starts.and_then(|s| s.parse().ok()).unwrap_or(0)),
         last_seen_ms: last_seen.and_then(|s| s.parse().ok()),
         heartbeat,
+        restart_requested: false,
     }
 }
 
@@ -290,6 +320,26 @@ mod tests {
         let v = build_view("w1", Some("not json"), None, None, None);
         assert_eq!(v.state, EngineState::Offline);
         assert_eq!(v.restarts, 0);
+    }
+
+    #[test]
+    fn a_restart_request_is_pending_only_for_the_instance_it_names() {
+        let hb = serde_json::json!({
+            "engine_id": "w1", "instance_id": "inst-a", "version": "0", "gpu_backend": "sim",
+            "pools": ["default"], "gpus": [], "running_jobs": [], "consuming": true,
+            "jobs_processed": 0, "jobs_failed": 0, "avg_job_ms": 0.0, "admin_url": "",
+            "started_at_ms": 0, "sent_at_ms": 0, "heartbeat_interval_ms": 1000
+        })
+        .to_string();
+        let v = build_view("w1", Some(&hb), None, Some("1"), Some("1"));
+        assert!(v.heartbeat.is_some(), "{v:?}");
+        assert!(restart_pending(&v, Some("inst-a")));
+        // The process that replaced it, or no request at all: nothing pending.
+        assert!(!restart_pending(&v, Some("inst-old")));
+        assert!(!restart_pending(&v, None));
+        // An offline engine has no process to restart.
+        let offline = build_view("w1", None, None, Some("1"), Some("1"));
+        assert!(!restart_pending(&offline, Some("inst-a")));
     }
 
     #[test]

@@ -70,7 +70,23 @@ pub struct Worker {
     pub started_at_ms: i64,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
+    /// Cancelled when the operator asked this process to restart (through the manager).
+    pub restart: CancellationToken,
 }
+
+/// Why the worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The caller's token (SIGTERM, Ctrl-C).
+    Requested,
+    /// The operator asked for a restart: the process should exit for its supervisor to start
+    /// it again (`EXIT_RESTART`).
+    Restart,
+}
+
+/// The exit code of a worker that stopped for a restart: non-zero so that supervisors which
+/// restart only failed processes (`on-failure`) start it again too; 75 is `EX_TEMPFAIL`.
+pub const EXIT_RESTART: i32 = 75;
 
 impl Worker {
     pub fn running_jobs(&self) -> Vec<Uuid> {
@@ -162,6 +178,7 @@ impl Application {
                 .timeout(Duration::from_secs(2))
                 .build()?,
             shutdown: CancellationToken::new(),
+            restart: CancellationToken::new(),
             settings,
         });
         Ok(Self {
@@ -179,9 +196,10 @@ impl Application {
         self.worker.clone()
     }
 
-    /// Runs until `stop` is cancelled, then drains: no new deliveries, in-flight jobs get the
-    /// grace period, the rest go back to the queue, connections close cleanly.
-    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `stop` is cancelled or the operator asks for a restart, then drains: no new
+    /// deliveries, in-flight jobs get the grace period, the rest go back to the queue,
+    /// connections close cleanly.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<Stopped> {
         let w = self.worker;
         let tracker = TaskTracker::new();
         let _ = w.coord.refresh_alive().await;
@@ -198,15 +216,21 @@ impl Application {
             }
         });
         tracing::info!(worker_id = %w.engine_id, instance = %w.instance_id, port = self.port, "worker running");
-        stop.cancelled().await;
-        tracing::info!(worker_id = %w.engine_id, "stopping: no new jobs, draining in-flight ones");
+        let why = tokio::select! {
+            _ = stop.cancelled() => Stopped::Requested,
+            _ = w.restart.cancelled() => Stopped::Restart,
+        };
+        tracing::info!(worker_id = %w.engine_id, reason = ?why, "stopping: no new jobs, draining in-flight ones");
         w.shutdown.cancel();
         let _ = consumer.await;
         tracker.close();
         tracker.wait().await;
         let _ = w.coord.forget_alive().await;
-        tracing::info!(worker_id = %w.engine_id, "stopped");
-        Ok(())
+        if why == Stopped::Restart {
+            let _ = w.coord.clear_restart(&w.engine_id).await;
+        }
+        tracing::info!(worker_id = %w.engine_id, reason = ?why, "stopped");
+        Ok(why)
     }
 }
 

@@ -160,10 +160,30 @@ impl Coordinator {
         c.del(self.keys.instance_alive(&self.owner)).await
     }
 
-    pub async fn admin_state(&self, engine: &str) -> redis::RedisResult<Option<AdminState>> {
+    /// The operator's intent for this engine in one round trip: cordon/drain, and whether a
+    /// restart was asked of this very process (a request names the instance it is for).
+    pub async fn intent(&self, engine: &str) -> redis::RedisResult<(Option<AdminState>, bool)> {
         let mut c = self.conn.clone();
-        let v: Option<String> = c.get(self.keys.engine_admin(engine)).await?;
-        Ok(v.as_deref().and_then(AdminState::parse))
+        let (admin, restart): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(self.keys.engine_admin(engine))
+            .arg(self.keys.engine_restart(engine))
+            .query_async(&mut c)
+            .await?;
+        Ok((
+            admin.as_deref().and_then(AdminState::parse),
+            restart.as_deref() == Some(self.owner.as_str()),
+        ))
+    }
+
+    /// Removes the restart request this process obeyed (not one made for a later process).
+    pub async fn clear_restart(&self, engine: &str) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        self.release
+            .key(self.keys.engine_restart(engine))
+            .arg(&self.owner)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map(drop)
     }
 
     pub async fn ping(&self) -> redis::RedisResult<()> {

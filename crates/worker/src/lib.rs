@@ -13,4 +13,4 @@ pub mod process;
 pub mod runner;
 pub mod slots;
 
-pub use app::{Application, Worker};
+pub use app::{Application, EXIT_RESTART, Stopped, Worker};

@@ -1,6 +1,7 @@
 use anyhow::Context;
 use gpuq_common::Settings;
 use gpuq_common::telemetry::init_telemetry;
+use gpuq_worker::Stopped;
 
 /// A worker's own work per job is a handful of small round trips (broker, Redis, store); the
 /// jobs themselves run in child processes or timers. One scheduler thread serves that without
@@ -12,13 +13,20 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         rt.worker_threads(1);
     }
-    rt.enable_all()
+    let stopped = rt
+        .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(run())
+        .block_on(run())?;
+    if stopped == Stopped::Restart {
+        // The operator asked for a restart: the supervisor (compose `restart: always`, dev.sh,
+        // systemd) starts the process again.
+        std::process::exit(gpuq_worker::EXIT_RESTART);
+    }
+    Ok(())
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<Stopped> {
     let settings = Settings::load().context("loading configuration")?;
     init_telemetry("worker", &settings.log_format, &settings.log);
     let app = gpuq_worker::Application::build(settings)

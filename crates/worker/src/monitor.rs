@@ -82,7 +82,11 @@ async fn sample(w: &Arc<Worker>) {
     // Redis: liveness, operator intent. An outage closes the consumer gate.
     let ok = match w.coord.refresh_alive().await {
         Ok(()) => {
-            if let Ok(admin) = w.coord.admin_state(&w.engine_id).await {
+            if let Ok((admin, restart)) = w.coord.intent(&w.engine_id).await {
+                if restart && !w.restart.is_cancelled() {
+                    tracing::warn!(worker_id = %w.engine_id, "the operator asked for a restart: taking no new jobs, finishing the running ones, then exiting");
+                    w.restart.cancel();
+                }
                 w.admin.send_if_modified(|a| {
                     let changed = *a != admin;
                     if changed {
