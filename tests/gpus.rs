@@ -31,6 +31,17 @@ fn slow_print_gpus_job(gpus: u32) -> Value {
     json!({"kind": "command", "params": {"program": "sh", "args": ["-c", "sleep 0.2; echo $CUDA_VISIBLE_DEVICES"]}, "gpus": gpus})
 }
 
+/// Starts a stack and waits until every worker's engine is healthy and consuming.
+async fn healthy_stack(opts: StackOptions) -> Stack {
+    let workers = opts.workers;
+    let stack = Stack::start(opts).await.unwrap();
+    stack
+        .wait_engines_healthy(workers, Duration::from_secs(30))
+        .await
+        .unwrap();
+    stack
+}
+
 async fn gpu_fault(stack: &Stack, engine: &str, gpu: u32, fault: &str) {
     stack
         .manager_admin(
@@ -80,11 +91,7 @@ fn printed_gpus(r: &JobRecord) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_with_unhealthy_gpus_takes_none_of_200_jobs_and_takes_work_after_clear() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
-    stack
-        .wait_engines_healthy(3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let stack = healthy_stack(StackOptions::default()).await;
     for gpu in 0..2 {
         gpu_fault(&stack, "worker-2", gpu, "overheat").await;
     }
@@ -175,11 +182,7 @@ async fn a_worker_with_unhealthy_gpus_takes_none_of_200_jobs_and_takes_work_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cordoned_worker_takes_no_new_jobs_a_drained_one_finishes_its_job_first() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
-    stack
-        .wait_engines_healthy(3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let stack = healthy_stack(StackOptions::default()).await;
 
     // Cordon: no new jobs.
     let v = engine_action(&stack, "worker-1", "cordon").await;
@@ -300,11 +303,7 @@ async fn a_cordoned_worker_takes_no_new_jobs_a_drained_one_finishes_its_job_firs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_unschedulable() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
-    stack
-        .wait_engines_healthy(3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let stack = healthy_stack(StackOptions::default()).await;
 
     // CUDA_VISIBLE_DEVICES names exactly the GPUs recorded on the job.
     let id = stack.submit_ok(&print_gpus_job(2)).await.unwrap();
@@ -453,16 +452,11 @@ async fn a_2_gpu_job_sees_exactly_its_gpus_waits_for_2_healthy_ones_64_gpus_is_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_worker_is_offline_within_three_heartbeats_and_healthy_again_when_it_returns() {
-    let stack = Stack::start(StackOptions {
+    let stack = healthy_stack(StackOptions {
         workers: 2,
         ..Default::default()
     })
-    .await
-    .unwrap();
-    stack
-        .wait_engines_healthy(2, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
     let state_of = |engines: &[Value], id: &str| {
         engines
             .iter()
@@ -553,16 +547,11 @@ async fn restart_status(stack: &Stack, engine: &str, token: Option<&str>) -> u16
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_worker_finishes_its_job_then_comes_back_as_a_new_process() {
-    let stack = Stack::start(StackOptions {
+    let stack = healthy_stack(StackOptions {
         workers: 2,
         ..Default::default()
     })
-    .await
-    .unwrap();
-    stack
-        .wait_engines_healthy(2, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
     assert_eq!(restart_status(&stack, "worker-2", None).await, 401);
     let token = Some(stack.admin_token.as_str());
     assert_eq!(restart_status(&stack, "worker-9", token).await, 404);
@@ -687,17 +676,12 @@ fn job_processes(id: Uuid) -> Vec<(u32, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
-    let stack = Stack::start(StackOptions {
+    let stack = healthy_stack(StackOptions {
         workers: 2,
         env: vec![("GPUQ_PROGRESS_TIMEOUT_S".into(), "2".into())],
         ..Default::default()
     })
-    .await
-    .unwrap();
-    stack
-        .wait_engines_healthy(2, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
 
     // A simulated engine that hangs silently on its first attempt.
     let hang = json!({"kind": "simulate", "params": {"duration_ms": 100, "hang_attempts": 1}});
@@ -845,11 +829,7 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_a_backlog_every_gpu_slot_stays_busy_bench_gpu_slot_gap() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
-    stack
-        .wait_engines_healthy(3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let stack = healthy_stack(StackOptions::default()).await;
     // Build the whole backlog first: every worker cordoned while the jobs go in.
     let workers = ["worker-1", "worker-2", "worker-3"];
     for w in workers {
