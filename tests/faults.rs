@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use gpuq_common::JobStatus;
+use gpuq_common::job::now_ms;
 use gpuq_e2e::{Stack, StackOptions, by_status};
 use serde_json::{Value, json};
 
@@ -280,5 +281,80 @@ async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
     assert_eq!(v["pass"], true, "{v}");
     assert_eq!(v["lost"], 0);
     assert_eq!(v["succeeded"], 30);
+    stack.stop().await;
+}
+
+/// The store stops taking writes for 13 s — another process holds SQLite's write lock, longer
+/// than the store's own 10 s wait for a lock — while 30 jobs run. Workers keep each result and retry
+/// (`gpuq_store_write_retries_total`), ack only once it is stored, and nothing is lost or run
+/// twice; a submission during the outage is answered 503 and nothing of it is enqueued.
+#[tokio::test(flavor = "multi_thread")]
+async fn results_wait_out_a_store_that_takes_no_writes_and_are_stored_once() {
+    const OUTAGE: Duration = Duration::from_secs(13);
+    // No `running` records (jobs are shorter than the delay): the first write a worker sends
+    // during the outage is a result, which must outwait the lock through the retry path.
+    let mut opts = fault_stack(3, 10);
+    opts.env
+        .push(("GPUQ_RUNNING_RECORD_DELAY_MS".into(), "60000".into()));
+    let stack = Stack::start(opts).await.unwrap();
+    let body = json!({"kind": "simulate", "params": {"duration_ms": 1500}});
+    let ids = stack.submit_many(30, 16, &body).await.unwrap();
+
+    let db = stack.dir.join("gpuq.db");
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    let outage = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(now_ms()).unwrap();
+        std::thread::sleep(OUTAGE);
+        conn.execute_batch("ROLLBACK").unwrap();
+        now_ms()
+    });
+    let locked_at = locked_rx.await.unwrap();
+    let (status, answer) = stack.submit(&body).await.unwrap();
+    assert_eq!(
+        status, 503,
+        "a submission the store cannot record: {answer}"
+    );
+    assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+    let released_at = outage.await.unwrap();
+
+    let records = stack
+        .wait_final(&ids, Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(by_status(&records).get(&JobStatus::Succeeded), Some(&30));
+    let finished_in_outage = records
+        .iter()
+        .filter(|r| (locked_at..released_at).contains(&r.finished_at.unwrap()))
+        .count();
+    assert!(
+        finished_in_outage > 0,
+        "no job finished while the store took no writes: the outage came too late"
+    );
+    assert!(
+        stack.workers_metric("gpuq_store_write_retries_total").await > 0.0,
+        "the workers retried their writes"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stack.workers_metric("gpuq_jobs_started_total").await,
+        30.0,
+        "every job ran once"
+    );
+    assert_eq!(
+        stack.workers_metric("gpuq_results_discarded_total").await,
+        0.0
+    );
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    let page = stack
+        .store
+        .list(&gpuq_common::store::ListQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.jobs.len(), 30, "the refused submission left no record");
     stack.stop().await;
 }

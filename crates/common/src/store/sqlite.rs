@@ -80,12 +80,34 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// How long a statement waits for another process's write lock before the store reports itself
+/// unavailable (callers retry: a worker keeps its result until it is stored).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// When the current wait for a lock began (SQLite calls the busy handler on the thread that
+    /// runs the statement, with attempt 0 first).
+    static BUSY_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
 fn busy_retry(attempt: i32) -> bool {
-    match attempt {
-        0..2000 => std::thread::sleep(Duration::from_micros(100)),
-        2000..11_800 => std::thread::sleep(Duration::from_millis(1)),
-        _ => return false,
+    let now = std::time::Instant::now();
+    let since = if attempt == 0 {
+        BUSY_SINCE.set(Some(now));
+        now
+    } else {
+        BUSY_SINCE.get().unwrap_or(now)
+    };
+    let waited = now - since;
+    if waited >= BUSY_TIMEOUT {
+        return false;
     }
+    // Short steps first (a commit holds the lock for well under a millisecond), then 1 ms.
+    std::thread::sleep(if waited < Duration::from_millis(200) {
+        Duration::from_micros(100)
+    } else {
+        Duration::from_millis(1)
+    });
     true
 }
 
@@ -98,7 +120,7 @@ fn open_conn(path: &str) -> Result<Connection, StoreError> {
     let mut conn = Connection::open(path).map_err(unavailable)?;
     // SQLite's default busy handler sleeps whole milliseconds (1, 2, 5, 10… ms) when another
     // process holds the write lock; with several processes committing small batches that
-    // sleep, not the work, bounds throughput. Retry in 100 µs steps instead, for up to ~10 s.
+    // sleep, not the work, bounds throughput. Retry in 100 µs steps instead, for up to 10 s.
     conn.busy_handler(Some(busy_retry)).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
