@@ -17,6 +17,18 @@ fn fault_stack(workers: usize, delivery_limit: u32) -> StackOptions {
     }
 }
 
+/// The `gpuq` CLI, pointed at the stack's services.
+fn gpuq_cli(stack: &Stack) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"));
+    cmd.env("GPUQ_GATEWAY_URL", &stack.gateway_url)
+        .env("GPUQ_API_KEY", &stack.api_key)
+        .env("GPUQ_MANAGER_URL", &stack.manager_url)
+        .env("GPUQ_ADMIN_TOKEN", &stack.admin_token)
+        .env("GPUQ_WORKER_URLS", stack.worker_urls.join(","))
+        .current_dir(&stack.dir);
+    cmd
+}
+
 /// Arms `count` jobs on worker 2 with `scenario`, runs 100 jobs and checks the verdict.
 async fn scenario(name: &str, count: u32) -> (Stack, f64) {
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
@@ -246,7 +258,7 @@ async fn a_poison_job_is_dead_lettered_with_its_reason_and_can_be_re_driven() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
-    let out = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"))
+    let out = gpuq_cli(&stack)
         .args([
             "tester",
             "run",
@@ -262,12 +274,6 @@ async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
             "--timeout",
             "90s",
         ])
-        .env("GPUQ_GATEWAY_URL", &stack.gateway_url)
-        .env("GPUQ_API_KEY", &stack.api_key)
-        .env("GPUQ_MANAGER_URL", &stack.manager_url)
-        .env("GPUQ_ADMIN_TOKEN", &stack.admin_token)
-        .env("GPUQ_WORKER_URLS", stack.worker_urls.join(","))
-        .current_dir(&stack.dir)
         .output()
         .await
         .unwrap();
@@ -356,5 +362,47 @@ async fn results_wait_out_a_store_that_takes_no_writes_and_are_stored_once() {
         .await
         .unwrap();
     assert_eq!(page.jobs.len(), 30, "the refused submission left no record");
+    stack.stop().await;
+}
+
+/// The original tester's interactive menu, typed at a real terminal (a pseudo-terminal on the
+/// CLI's stdin): a worker number out of range is asked again, then worker 2, scenario 3 (the ack
+/// is lost after the job completed), 20 jobs; the verdict passes; `q` at the next menu quits.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_interactive_tester_menu_runs_a_scenario_typed_at_a_terminal() {
+    use std::io::Write;
+    let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let child = gpuq_cli(&stack)
+        .args(["tester", "--duration-ms", "100", "--timeout", "90s"])
+        .stdin(std::fs::File::from(pty.slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Typed ahead: the terminal keeps the lines until the menu reads them.
+    let mut keyboard = std::fs::File::from(pty.master);
+    keyboard.write_all(b"9\n2\n3\n20\nq\n").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the tester quits after one scenario")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("choose a worker from 1 to 3, or q"),
+        "a wrong worker number is asked again:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("verdict: PASS  (run duplicate_after_complete ×1 on worker-2, 20 jobs)"),
+        "{stdout}\n{stderr}"
+    );
+    assert_eq!(
+        stdout.matches("scenarios\n").count(),
+        2,
+        "the menu comes back after the verdict, and q quits it:\n{stdout}"
+    );
     stack.stop().await;
 }
