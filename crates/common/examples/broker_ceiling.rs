@@ -6,7 +6,7 @@
 //!
 //!   cargo run --release -p gpuq-common --example broker_ceiling -- [JOBS] [CONSUMERS] [PREFETCH]
 //!
-//! Reads `GPUQ_AMQP_URLS` (default: the local stack). Deletes its queues afterwards.
+//! Reads `GPUQ_AMQP_URLS` like the services (default: the local stack). Deletes its queues afterwards.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,13 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let jobs = args.next().transpose()?.unwrap_or(2000);
     let consumers = args.next().transpose()?.unwrap_or(3);
     let prefetch = args.next().transpose()?.unwrap_or(2);
-    let urls: Vec<String> = std::env::var("GPUQ_AMQP_URLS")
-        .unwrap_or_else(|_| {
-            "amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.1:5673/%2f,amqp://guest:guest@127.0.0.1:5674/%2f".into()
-        })
-        .split(',')
-        .map(str::to_string)
-        .collect();
+    let urls = gpuq_common::Settings::load()?.amqp_url_list();
     let topo = Topology {
         prefix: format!("ceiling{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         delivery_limit: 5,

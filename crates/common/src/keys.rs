@@ -46,7 +46,7 @@ impl Keys {
     pub fn engine_restart(&self, engine: &str) -> String {
         format!("{}:engine-restart:{engine}", self.prefix)
     }
-    /// Simulated GPU faults of an engine, set by the operator, read by the worker.
+    /// A client's cancel of a job: set by the gateway, read by the worker before and while it runs.
     pub fn cancel(&self, job: Uuid) -> String {
         format!("{}:cancel:{job}", self.prefix)
     }

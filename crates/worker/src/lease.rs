@@ -175,7 +175,9 @@ impl Coordinator {
         ))
     }
 
-    /// Removes the restart request this process obeyed (not one made for a later process).
+    /// Removes the restart request this process obeyed (not one made for a later process):
+    /// the lease's release script is a compare-and-delete on our instance id, which is the
+    /// request's value too.
     pub async fn clear_restart(&self, engine: &str) -> redis::RedisResult<()> {
         let mut c = self.conn.clone();
         self.release
