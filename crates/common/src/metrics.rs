@@ -139,6 +139,7 @@ pub struct WorkerMetrics {
     pub jobs_started: IntCounterVec,
     pub jobs_completed: IntCounterVec,
     pub job_duration: HistogramVec,
+    pub job_overhead: HistogramVec,
     pub queue_wait: HistogramVec,
     pub redeliveries: IntCounterVec,
     pub duplicates_suppressed: IntCounterVec,
@@ -183,6 +184,13 @@ impl WorkerMetrics {
                 "Run time of job attempts.",
                 &["pool", "kind"],
                 JOB_SECONDS_BUCKETS,
+            ),
+            job_overhead: histogram(
+                r,
+                "gpuq_job_overhead_seconds",
+                "Time a worker holds a delivery outside the job's run, by stage: start (delivery to run) and finish (run to ack).",
+                &["pool", "stage"],
+                HTTP_SECONDS_BUCKETS,
             ),
             queue_wait: histogram(
                 r,

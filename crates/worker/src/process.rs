@@ -70,6 +70,7 @@ pub async fn process_delivery(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery) ->
 }
 
 async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage) -> Outcome {
+    let received = Instant::now();
     let pool = msg.placement.pool.as_str();
     let headers = d.properties.headers().as_ref();
     let prior = header_u64(headers, PRIOR_DELIVERIES_HEADER).unwrap_or(0);
@@ -135,6 +136,7 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
         Attempt {
             number: attempt,
             first,
+            received,
         },
         gpus,
     )
@@ -143,11 +145,12 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     outcome
 }
 
-/// Which attempt a delivery is, and whether it is the job's first delivery ever.
+/// Which attempt a delivery is, whether it is the job's first delivery ever, and when it came.
 #[derive(Debug, Clone, Copy)]
 struct Attempt {
     number: u32,
     first: bool,
+    received: Instant,
 }
 
 async fn with_gpus(
@@ -240,6 +243,7 @@ async fn leased(
     Attempt {
         number: attempt,
         first,
+        received,
     }: Attempt,
     gpus: Vec<u32>,
 ) -> Outcome {
@@ -284,6 +288,10 @@ async fn leased(
         .queue_wait
         .with_label_values(&[pool])
         .observe(((now_ms() - msg.created_at_ms).max(0) as f64) / 1000.0);
+    w.metrics
+        .job_overhead
+        .with_label_values(&[pool, "start"])
+        .observe(received.elapsed().as_secs_f64());
     tracing::info!(attempt, gpus = ?gpus, "job started");
 
     // 4. Run, renewing the lease and watching for cancellation.
@@ -339,6 +347,7 @@ async fn leased(
         run.await
     };
     let elapsed = started.elapsed();
+    let ran_at = Instant::now();
     keeper.abort();
     for &g in &gpus {
         w.gpus.set_busy(g, false);
@@ -481,6 +490,10 @@ async fn leased(
     if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
         tracing::warn!(error.message = %e, "ack failed; a redelivery will be suppressed");
     }
+    w.metrics
+        .job_overhead
+        .with_label_values(&[pool, "finish"])
+        .observe(ran_at.elapsed().as_secs_f64());
     out
 }
 
