@@ -49,6 +49,10 @@ pub struct CounterDelta {
     pub redeliveries: Option<u64>,
     /// Runs that finished after another final result was stored: work done twice.
     pub results_discarded: Option<u64>,
+    /// Mean time a worker held a delivery before its job ran (placement, lease, store check)
+    /// and after (result write, done marker, ack), in ms; `None` when no job ran.
+    pub overhead_start_ms: Option<f64>,
+    pub overhead_finish_ms: Option<f64>,
     /// Workers whose process restarted during the run.
     pub restarted: Vec<String>,
     /// Workers whose counters could not be read before or after.
@@ -77,6 +81,9 @@ impl CounterDelta {
 pub fn delta(before: &Snapshot, after: &Snapshot) -> CounterDelta {
     let mut d = CounterDelta::default();
     let mut sums: Option<[f64; 3]> = None;
+    // (sum, count) of each overhead stage.
+    let mut start = (0.0, 0.0);
+    let mut finish = (0.0, 0.0);
     for (name, b) in &before.workers {
         let a = after
             .workers
@@ -99,7 +106,17 @@ pub fn delta(before: &Snapshot, after: &Snapshot) -> CounterDelta {
         s[0] += (a.duplicates_suppressed - base.duplicates_suppressed).max(0.0);
         s[1] += (a.redeliveries - base.redeliveries).max(0.0);
         s[2] += (a.results_discarded - base.results_discarded).max(0.0);
+        for (acc, a, b) in [
+            (&mut start, a.overhead_start, base.overhead_start),
+            (&mut finish, a.overhead_finish, base.overhead_finish),
+        ] {
+            acc.0 += (a.0 - b.0).max(0.0);
+            acc.1 += (a.1 - b.1).max(0.0);
+        }
     }
+    let mean_ms = |(sum, count): (f64, f64)| (count >= 1.0).then(|| sum * 1000.0 / count);
+    d.overhead_start_ms = mean_ms(start);
+    d.overhead_finish_ms = mean_ms(finish);
     if let Some([sup, red, dis]) = sums {
         d.duplicates_suppressed = Some(sup.round() as u64);
         d.redeliveries = Some(red.round() as u64);
@@ -137,6 +154,7 @@ mod tests {
             redeliveries: red,
             results_discarded: dis,
             start_time: Some(start),
+            ..WorkerCounters::default()
         })
     }
 
@@ -159,6 +177,31 @@ mod tests {
         assert_eq!(d.redeliveries, Some(4));
         assert_eq!(d.results_discarded, Some(1));
         assert!(d.notes().is_empty());
+    }
+
+    #[test]
+    fn overhead_is_the_mean_over_the_run_across_workers() {
+        let with = |start: (f64, f64), finish: (f64, f64)| {
+            let mut w = c(0.0, 0.0, 0.0, 100.0).unwrap();
+            w.overhead_start = start;
+            w.overhead_finish = finish;
+            Some(w)
+        };
+        let before = snap(vec![
+            with((1.0, 100.0), (2.0, 100.0)),
+            with((0.0, 0.0), (0.0, 0.0)),
+        ]);
+        // worker-1 ran 300 jobs (0.3 s and 0.9 s more), worker-2 100 jobs (0.1 s and 0.3 s).
+        let after = snap(vec![
+            with((1.3, 400.0), (2.9, 400.0)),
+            with((0.1, 100.0), (0.3, 100.0)),
+        ]);
+        let d = delta(&before, &after);
+        assert!((d.overhead_start_ms.unwrap() - 1.0).abs() < 1e-9);
+        assert!((d.overhead_finish_ms.unwrap() - 3.0).abs() < 1e-9);
+        // No job ran: no mean.
+        let d = delta(&before, &before);
+        assert_eq!((d.overhead_start_ms, d.overhead_finish_ms), (None, None));
     }
 
     #[test]

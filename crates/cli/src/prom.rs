@@ -1,37 +1,78 @@
 //! Just enough of the Prometheus text format to read counters: the sum of one metric family's
-//! samples across all label sets.
+//! samples across all label sets, or across those with one label value.
 
 /// Sum of every sample named exactly `name` (any labels); `None` when there is none.
 /// Histogram and summary series (`name_bucket`, `name_sum`) are other names and never match.
 pub fn sum_family(text: &str, name: &str) -> Option<f64> {
+    sum_samples(text, name, |_| true)
+}
+
+/// Like [`sum_family`], over the samples whose label `label` is `value`.
+pub fn sum_family_where(text: &str, name: &str, label: &str, value: &str) -> Option<f64> {
+    sum_samples(text, name, |labels| {
+        label_pairs(labels).any(|(k, v)| k == label && v == value)
+    })
+}
+
+fn sum_samples(text: &str, name: &str, keep: impl Fn(&str) -> bool) -> Option<f64> {
     let mut total = None;
     for line in text.lines() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((sample_name, value)) = parse_sample(line) else {
+        let Some((sample_name, labels, value)) = parse_sample(line) else {
             continue;
         };
-        if sample_name == name && value.is_finite() {
+        if sample_name == name && value.is_finite() && keep(labels) {
             *total.get_or_insert(0.0) += value;
         }
     }
     total
 }
 
-/// `(name, value)` of one sample line: `name{labels} value [timestamp]`.
-fn parse_sample(line: &str) -> Option<(&str, f64)> {
+/// `(name, labels, value)` of one sample line: `name{labels} value [timestamp]`; `labels` is
+/// what is inside the braces (empty without them).
+fn parse_sample(line: &str) -> Option<(&str, &str, f64)> {
     let name_end = line
         .find(|c: char| c == '{' || c.is_whitespace())
         .unwrap_or(line.len());
     let name = &line[..name_end];
     let mut rest = &line[name_end..];
+    let mut labels = "";
     if rest.starts_with('{') {
-        rest = &rest[labels_end(rest)?..];
+        let end = labels_end(rest)?;
+        labels = &rest[1..end - 1];
+        rest = &rest[end..];
     }
     let value = rest.split_whitespace().next()?;
-    Some((name, parse_value(value)?))
+    Some((name, labels, parse_value(value)?))
+}
+
+/// The `name="value"` pairs of a label set (values as written, escapes kept).
+fn label_pairs(labels: &str) -> impl Iterator<Item = (&str, &str)> {
+    let mut rest = labels;
+    std::iter::from_fn(move || {
+        rest = rest.trim_start_matches([',', ' ']);
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim();
+        let quoted = rest[eq + 1..].trim_start().strip_prefix('"')?;
+        let mut escaped = false;
+        let close = quoted.char_indices().find_map(|(i, c)| match c {
+            _ if escaped => {
+                escaped = false;
+                None
+            }
+            '\\' => {
+                escaped = true;
+                None
+            }
+            '"' => Some(i),
+            _ => None,
+        })?;
+        rest = &quoted[close + 1..];
+        Some((key, &quoted[..close]))
+    })
 }
 
 /// Byte index just past the `}` closing the label set that `s` starts with; quoted label values
@@ -93,6 +134,28 @@ process_start_time_seconds 1.7e9
     #[test]
     fn quoted_braces_and_quotes_inside_label_values_do_not_confuse_the_parser() {
         assert_eq!(sum_family(TEXT, "gpuq_odd"), Some(7.0));
+    }
+
+    #[test]
+    fn a_family_is_summed_over_one_label_value() {
+        let text = r#"gpuq_job_overhead_seconds_sum{pool="a",stage="start"} 0.5
+gpuq_job_overhead_seconds_sum{pool="b",stage="start"} 0.25
+gpuq_job_overhead_seconds_sum{pool="a",stage="finish"} 2
+gpuq_job_overhead_seconds_sum{pool="x\"stage=\"start",stage="finish"} 4
+gpuq_job_overhead_seconds_count{stage="start"} 3
+"#;
+        let sum = |stage| sum_family_where(text, "gpuq_job_overhead_seconds_sum", "stage", stage);
+        assert_eq!(sum("start"), Some(0.75));
+        assert_eq!(sum("finish"), Some(6.0));
+        assert_eq!(sum("other"), None);
+        assert_eq!(
+            sum_family_where(text, "gpuq_job_overhead_seconds_count", "stage", "start"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sum_family_where(TEXT, "gpuq_odd", "q", "x\\\"}y"),
+            Some(7.0)
+        );
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct WorkerCounters {
     pub duplicates_suppressed: f64,
     pub redeliveries: f64,
     pub results_discarded: f64,
+    /// `gpuq_job_overhead_seconds` (sum, count) of the `start` and the `finish` stage.
+    pub overhead_start: (f64, f64),
+    pub overhead_finish: (f64, f64),
     /// `process_start_time_seconds`: changes when the process restarted (counters reset).
     pub start_time: Option<f64>,
 }
@@ -38,10 +41,19 @@ pub struct WorkerCounters {
 impl WorkerCounters {
     pub fn from_metrics(text: &str) -> Self {
         let sum = |name| prom::sum_family(text, name).unwrap_or(0.0);
+        let overhead = |stage| {
+            let of = |name| prom::sum_family_where(text, name, "stage", stage).unwrap_or(0.0);
+            (
+                of("gpuq_job_overhead_seconds_sum"),
+                of("gpuq_job_overhead_seconds_count"),
+            )
+        };
         Self {
             duplicates_suppressed: sum("gpuq_duplicates_suppressed_total"),
             redeliveries: sum("gpuq_redeliveries_total"),
             results_discarded: sum("gpuq_results_discarded_total"),
+            overhead_start: overhead("start"),
+            overhead_finish: overhead("finish"),
             start_time: prom::sum_family(text, "process_start_time_seconds"),
         }
     }

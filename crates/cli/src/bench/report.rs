@@ -49,6 +49,11 @@ pub struct BenchReport {
     pub duplicates: Option<u64>,
     pub duplicates_suppressed: Option<u64>,
     pub redeliveries: Option<u64>,
+    /// Mean ms a worker held a job's delivery before its run and after it (see
+    /// `gpuq_job_overhead_seconds`): with prefetch = free GPU slots, each slot's next delivery
+    /// waits for this and for the broker's commit of the ack.
+    pub worker_overhead_start_ms: Option<f64>,
+    pub worker_overhead_finish_ms: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -97,6 +102,8 @@ impl BenchReport {
             duplicates: i.counters.results_discarded,
             duplicates_suppressed: i.counters.duplicates_suppressed,
             redeliveries: i.counters.redeliveries,
+            worker_overhead_start_ms: i.counters.overhead_start_ms,
+            worker_overhead_finish_ms: i.counters.overhead_finish_ms,
             notes,
         }
     }
@@ -145,6 +152,14 @@ impl BenchReport {
             opt(self.duplicates_suppressed),
             opt(self.redeliveries)
         ));
+        if let (Some(a), Some(b)) = (
+            self.worker_overhead_start_ms,
+            self.worker_overhead_finish_ms,
+        ) {
+            s.push_str(&format!(
+                "worker hold  {a:.2} ms before the run + {b:.2} ms after it (lease; result, done marker, ack), mean per job\n"
+            ));
+        }
         for n in &self.notes {
             s.push_str(&format!("note: {n}\n"));
         }
@@ -195,6 +210,8 @@ mod tests {
         };
         let counters = CounterDelta {
             results_discarded: Some(0),
+            overhead_start_ms: Some(0.75),
+            overhead_finish_ms: Some(1.5),
             ..CounterDelta::default()
         };
         let r = BenchReport::compute(BenchInput {
@@ -214,6 +231,10 @@ mod tests {
         assert!(text.contains("= 3.0 jobs/s"), "{text}");
         assert!(text.contains("rejected   1 × 503 unavailable"));
         assert!(text.contains("duplicates   0 ") && text.contains("suppressed n/a"));
+        assert!(
+            text.contains("worker hold  0.75 ms before the run + 1.50 ms after it"),
+            "{text}"
+        );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["latency"]["p99_ms"], 996);
         assert_eq!(json["duplicates"], 0);
