@@ -17,18 +17,6 @@ fn fault_stack(workers: usize, delivery_limit: u32) -> StackOptions {
     }
 }
 
-/// The `gpuq` CLI, pointed at the stack's services.
-fn gpuq_cli(stack: &Stack) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"));
-    cmd.env("GPUQ_GATEWAY_URL", &stack.gateway_url)
-        .env("GPUQ_API_KEY", &stack.api_key)
-        .env("GPUQ_MANAGER_URL", &stack.manager_url)
-        .env("GPUQ_ADMIN_TOKEN", &stack.admin_token)
-        .env("GPUQ_WORKER_URLS", stack.worker_urls.join(","))
-        .current_dir(&stack.dir);
-    cmd
-}
-
 /// Arms `count` jobs on worker 2 with `scenario`, runs 100 jobs and checks the verdict.
 async fn scenario(name: &str, count: u32) -> (Stack, f64) {
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
@@ -258,8 +246,8 @@ async fn a_poison_job_is_dead_lettered_with_its_reason_and_can_be_re_driven() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
-    let out = gpuq_cli(&stack)
-        .args([
+    let stdout = stack
+        .cli_ok(&[
             "tester",
             "run",
             "--worker",
@@ -274,15 +262,7 @@ async fn the_tester_cli_reports_a_passing_verdict_for_a_crash_scenario() {
             "--timeout",
             "90s",
         ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .await;
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["pass"], true, "{v}");
     assert_eq!(v["lost"], 0);
@@ -373,7 +353,8 @@ async fn the_interactive_tester_menu_runs_a_scenario_typed_at_a_terminal() {
     use std::io::Write;
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
     let pty = nix::pty::openpty(None, None).unwrap();
-    let child = gpuq_cli(&stack)
+    let child = stack
+        .cli()
         .args(["tester", "--duration-ms", "100", "--timeout", "90s"])
         .stdin(std::fs::File::from(pty.slave))
         .stdout(std::process::Stdio::piped())

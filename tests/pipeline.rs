@@ -259,8 +259,8 @@ async fn gpuq_submit_wait_prints_the_final_status_and_result() {
     })
     .await
     .unwrap();
-    let out = tokio::process::Command::new(gpuq_e2e::bin_dir().join("gpuq"))
-        .args([
+    let stdout = stack
+        .cli_ok(&[
             "submit",
             "--kind",
             "simulate",
@@ -268,18 +268,7 @@ async fn gpuq_submit_wait_prints_the_final_status_and_result() {
             "100",
             "--wait",
         ])
-        .env("GPUQ_GATEWAY_URL", &stack.gateway_url)
-        .env("GPUQ_API_KEY", &stack.api_key)
-        .current_dir(&stack.dir)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .await;
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(
         stdout.contains("duration_ms"),
@@ -371,5 +360,87 @@ async fn a_job_cancelled_while_queued_never_runs_and_a_running_one_is_stopped_wi
     let r = stack.wait_one(long, Duration::from_secs(5)).await.unwrap();
     assert_eq!(r.status, JobStatus::Cancelled, "{r:?}");
     assert_eq!(r.attempts, 1, "{r:?}");
+    stack.stop().await;
+}
+
+/// Runs `gpuq bench … --json` against the stack and returns its report.
+async fn bench(stack: &Stack, args: &[&str]) -> Value {
+    let args = [&["bench"], args, &["--json"]].concat();
+    let stdout = stack.cli_ok(&args).await;
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// `gpuq bench`, the instrument behind issue 2's budgets: every job it submits ends final
+/// exactly once, and what it reports agrees with the store and with the workers' metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn gpuq_bench_reports_throughput_latency_and_the_workers_hold_as_the_stack_saw_them() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+
+    // Full speed.
+    let r = bench(&stack, &["--jobs", "300", "--duration-ms", "0"]).await;
+    for (field, want) in [
+        ("submitted", 300),
+        ("accepted", 300),
+        ("succeeded", 300),
+        ("lost", 0),
+        ("duplicates", 0),
+    ] {
+        assert_eq!(r[field], want, "{field}: {r:#}");
+    }
+    let e2e = r["end_to_end_seconds"].as_f64().unwrap();
+    let rate = r["jobs_per_second"].as_f64().unwrap();
+    assert!((rate * e2e - 300.0).abs() < 1e-6, "{r:#}");
+    let lat = &r["latency"];
+    assert_eq!(lat["count"], 300);
+    let ms = |k: &str| lat[k].as_i64().unwrap();
+    assert!(
+        0 <= ms("p50_ms") && ms("p50_ms") <= ms("p95_ms") && ms("p95_ms") <= ms("p99_ms"),
+        "{lat}"
+    );
+    assert!(
+        ms("p99_ms") <= ms("max_ms") && ms("max_ms") as f64 <= e2e * 1000.0,
+        "{r:#}"
+    );
+    // The store holds exactly those 300 jobs, succeeded: nothing else ran under this prefix.
+    let page = stack
+        .store
+        .list(&gpuq_common::store::ListQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.jobs.len(), 300);
+    assert!(page.jobs.iter().all(|j| j.status == JobStatus::Succeeded));
+    // The workers' hold per job is their histogram's mean over exactly these runs.
+    for stage in ["start", "finish"] {
+        let held = r[format!("worker_overhead_{stage}_ms")].as_f64().unwrap();
+        assert!(held > 0.0 && held < 1000.0, "{stage}: {r:#}");
+    }
+    assert_eq!(
+        stack
+            .workers_metric("gpuq_job_overhead_seconds_count")
+            .await,
+        600.0,
+        "one start and one finish observation per job"
+    );
+
+    // A steady rate: 60 jobs at 100/s take at least 0.59 s to submit.
+    let r = bench(
+        &stack,
+        &["--jobs", "60", "--rate", "100", "--duration-ms", "5"],
+    )
+    .await;
+    assert_eq!(
+        (r["succeeded"].as_u64(), r["lost"].as_u64()),
+        (Some(60), Some(0)),
+        "{r:#}"
+    );
+    let submit = r["submit_seconds"].as_f64().unwrap();
+    assert!((0.59..5.0).contains(&submit), "{r:#}");
+    assert!(
+        r["latency"]["p50_ms"].as_i64().unwrap() >= 5,
+        "a 5 ms job: {r:#}"
+    );
     stack.stop().await;
 }

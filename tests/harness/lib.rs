@@ -411,6 +411,32 @@ impl Stack {
         Some(sum_metric(&text, name))
     }
 
+    /// The `gpuq` CLI, pointed at this stack's services (its flags still win).
+    pub fn cli(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(bin_dir().join("gpuq"));
+        cmd.env("GPUQ_GATEWAY_URL", &self.gateway_url)
+            .env("GPUQ_API_KEY", &self.api_key)
+            .env("GPUQ_MANAGER_URL", &self.manager_url)
+            .env("GPUQ_ADMIN_TOKEN", &self.admin_token)
+            .env("GPUQ_WORKER_URLS", self.worker_urls.join(","))
+            .current_dir(&self.dir);
+        cmd
+    }
+
+    /// Runs the CLI with `args` to its end; panics with its output unless it exits 0.
+    /// Returns its standard output.
+    pub async fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().await.expect("run gpuq");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "gpuq {args:?} exited with {}: {stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// Sum of a counter over every worker that answers.
     pub async fn workers_metric(&self, name: &str) -> f64 {
         let mut total = 0.0;
