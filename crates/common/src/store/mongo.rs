@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::options::IndexOptions;
+use mongodb::options::{CollectionOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
@@ -50,6 +50,18 @@ fn json_to_bson(v: &serde_json::Value) -> Result<Bson, StoreError> {
     bson::to_bson(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The write concern of the jobs collection: the URL's, journaled unless the URL says otherwise.
+///
+/// A worker acks a job to the broker once its result is written, and the broker then forgets
+/// the job: the result must be on disk by then. Without `j`, a standalone server acknowledges a
+/// write once it is applied in memory and flushes its journal only every 100 ms, so a crash of
+/// the server could lose a result nobody would ever recompute.
+fn durable(url_concern: Option<&WriteConcern>) -> WriteConcern {
+    let mut wc = url_concern.cloned().unwrap_or_default();
+    wc.journal.get_or_insert(true);
+    wc
+}
+
 impl MongoStore {
     /// Connects, picks the URL's database (default `gpuq`) and makes the indexes.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -57,7 +69,12 @@ impl MongoStore {
         let db = client
             .default_database()
             .unwrap_or_else(|| client.database("gpuq"));
-        let jobs = db.collection::<Document>("jobs");
+        let jobs = db.collection_with_options::<Document>(
+            "jobs",
+            CollectionOptions::builder()
+                .write_concern(durable(db.write_concern()))
+                .build(),
+        );
         jobs.create_indexes([
             IndexModel::builder()
                 .keys(doc! { "status": 1, "_id": -1 })
@@ -282,5 +299,40 @@ impl JobStore for MongoStore {
             .await
             .map(|_| ())
             .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::options::{Acknowledgment, ClientOptions};
+
+    async fn url_concern(url: &str) -> Option<WriteConcern> {
+        ClientOptions::parse(url).await.unwrap().write_concern
+    }
+
+    #[tokio::test]
+    async fn results_are_journaled_unless_the_url_says_otherwise() {
+        let wc = durable(url_concern("mongodb://h:27017/gpuq").await.as_ref());
+        assert_eq!((wc.w, wc.journal), (None, Some(true)));
+        let wc = durable(
+            url_concern("mongodb://h:27017/gpuq?w=majority")
+                .await
+                .as_ref(),
+        );
+        assert_eq!(
+            (wc.w, wc.journal),
+            (Some(Acknowledgment::Majority), Some(true))
+        );
+        let wc = durable(
+            url_concern("mongodb://h:27017/gpuq?journal=false")
+                .await
+                .as_ref(),
+        );
+        assert_eq!(
+            wc.journal,
+            Some(false),
+            "an operator's explicit choice stands"
+        );
     }
 }
