@@ -2,7 +2,7 @@
 //! operator lets work, `gpus: n` jobs get exactly n concrete GPUs (and see only those), dead and
 //! hung engines are noticed, and with a backlog every GPU slot stays busy.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gpuq_common::{JobRecord, JobStatus};
@@ -912,5 +912,53 @@ async fn with_a_backlog_every_gpu_slot_stays_busy_bench_gpu_slot_gap() {
         None,
         "deliveries arrived for which no GPU was free"
     );
+    stack.stop().await;
+}
+
+/// A 2-GPU job while the only 2-GPU engine is down (crashed, restarting): the 1-GPU engine that
+/// gets it must not call it unschedulable — it waits, and runs when that engine is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_only_an_absent_engine_can_place_waits_for_it_instead_of_being_dead_lettered() {
+    let stack = healthy_stack(StackOptions {
+        workers: 2,
+        worker_env: HashMap::from([(0, vec![("GPUQ_GPUS".into(), "sim:1".into())])]),
+        ..Default::default()
+    })
+    .await;
+    stack.workers[1].kill_and_hold().await;
+    stack
+        .wait_engine("worker-2", Duration::from_secs(20), "offline", |e| {
+            e["state"] == "offline"
+        })
+        .await
+        .unwrap();
+    let pair = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 10}, "gpus": 2}))
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    while waited.elapsed() < Duration::from_secs(4) {
+        let r = stack.store.get(pair).await.unwrap().unwrap();
+        assert_eq!(
+            r.status,
+            JobStatus::Queued,
+            "worker-1 has 1 GPU and worker-2, which has 2, is only away: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let given_back = stack
+        .worker_metric(0, "gpuq_deliveries_given_back_total")
+        .await
+        .unwrap();
+    assert!(given_back >= 1.0, "worker-1 saw it and gave it back");
+    stack.workers[1].resume();
+    let r = stack.wait_one(pair, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    assert_eq!(
+        (r.worker.as_deref(), r.gpus.as_slice()),
+        (Some("worker-2"), &[0, 1][..]),
+        "{r:?}"
+    );
+    assert_eq!(r.attempts, 1, "waiting burnt no attempt: {r:?}");
     stack.stop().await;
 }

@@ -15,6 +15,10 @@ const DONE_TTL_S: u64 = 7 * 24 * 3600;
 /// Liveness of this process: refreshed every second, gone 3 s after the process dies.
 pub const ALIVE_TTL: Duration = Duration::from_secs(3);
 
+/// How long an engine without a heartbeat still counts as possibly able to place a job: a
+/// job only it could run is given back, not dead-lettered as unschedulable, while it restarts.
+pub const ENGINE_AWAY_GRACE: Duration = Duration::from_secs(600);
+
 /// Done check, cancel check and lease in one round trip. KEYS: done, lease, cancel. ARGV: owner,
 /// ttl ms, alive prefix. -1 done; -2 cancelled; 0 held by a live owner; 1 taken; 2 taken over
 /// from a dead owner.
@@ -193,9 +197,11 @@ impl Coordinator {
         redis::cmd("PING").query_async::<()>(&mut c).await
     }
 
-    /// Whether any live engine serving `pool` (by its last heartbeat) could ever place a job
-    /// asking for `gpus` GPUs with `min_memory_mb` each; `None` when no engine of the pool has
-    /// a fresh heartbeat (the manager may be away), so nothing can be concluded.
+    /// Whether any engine serving `pool` could ever place a job asking for `gpus` GPUs with
+    /// `min_memory_mb` each, judged by the live engines' heartbeats. `None` when nothing can be
+    /// concluded: no engine of the pool has a fresh heartbeat (the manager may be away), or none
+    /// of the live ones fits while an engine seen within [`ENGINE_AWAY_GRACE`] has no heartbeat
+    /// now (restarting, or briefly unreachable: it may be the one that fits).
     pub async fn pool_can_place(
         &self,
         pool: &str,
@@ -209,6 +215,12 @@ impl Coordinator {
         }
         let keys: Vec<String> = engines.iter().map(|e| self.keys.engine(e)).collect();
         let beats: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        let away: Vec<&String> = engines
+            .iter()
+            .zip(&beats)
+            .filter(|(_, b)| b.is_none())
+            .map(|(e, _)| e)
+            .collect();
         let in_pool: Vec<Heartbeat> = beats
             .into_iter()
             .flatten()
@@ -218,12 +230,25 @@ impl Coordinator {
         if in_pool.is_empty() {
             return Ok(None);
         }
-        Ok(Some(in_pool.iter().any(|hb| {
+        let fits = in_pool.iter().any(|hb| {
             hb.gpus
                 .iter()
                 .filter(|g| g.memory_total_mb >= min_memory_mb)
                 .count()
                 >= gpus as usize
-        })))
+        });
+        if fits || away.is_empty() {
+            return Ok(Some(fits));
+        }
+        let mut pipe = redis::pipe();
+        for e in &away {
+            pipe.hget(self.keys.engine_info(e), "last_seen_ms");
+        }
+        let seen: Vec<Option<i64>> = pipe.query_async(&mut c).await?;
+        let recent = gpuq_common::job::now_ms() - ENGINE_AWAY_GRACE.as_millis() as i64;
+        if seen.iter().flatten().any(|&ms| ms >= recent) {
+            return Ok(None);
+        }
+        Ok(Some(false))
     }
 }
