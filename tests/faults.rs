@@ -387,3 +387,65 @@ async fn the_interactive_tester_menu_runs_a_scenario_typed_at_a_terminal() {
     );
     stack.stop().await;
 }
+
+/// The channel a running job came on drops (here: the ack of another job is lost), the broker
+/// hands the running job to the same worker again, and it must not run a second time beside
+/// the first: the copy is given back until the first run has stored its result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivery_of_a_job_still_running_in_the_same_worker_never_runs_it_twice() {
+    let stack = Stack::start(fault_stack(1, 10)).await.unwrap();
+    let long = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 3000}}))
+        .await
+        .unwrap();
+    stack.wait_running(long, Duration::from_secs(20)).await;
+    stack
+        .worker_admin(
+            0,
+            "/admin/faults",
+            &json!({"scenario": "duplicate_after_complete", "count": 1}),
+        )
+        .await
+        .unwrap();
+    let short = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 0}}))
+        .await
+        .unwrap();
+    let records = stack
+        .wait_final(&[long, short], Duration::from_secs(60))
+        .await
+        .unwrap();
+    for r in &records {
+        assert_eq!((r.status, r.attempts), (JobStatus::Succeeded, 1), "{r:?}");
+    }
+    // Both deliveries of the lost channel came back; the copies are acked once their job is
+    // final. Give the given-back copy of the long job time to return and be suppressed.
+    gpuq_e2e::eventually("the queue drains", Duration::from_secs(20), || async {
+        stack.queue_depth("default").await.unwrap() == 0
+            && stack
+                .workers_metric("gpuq_duplicates_suppressed_total")
+                .await
+                >= 2.0
+    })
+    .await;
+    assert_eq!(
+        stack.workers_metric("gpuq_jobs_started_total").await,
+        2.0,
+        "each job started once"
+    );
+    assert_eq!(
+        stack.workers_metric("gpuq_results_discarded_total").await,
+        0.0
+    );
+    let text = reqwest::get(format!("{}/metrics", stack.worker_urls[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"reason="running_here""#),
+        "the long job's redelivery was given back: {text}"
+    );
+    stack.stop().await;
+}

@@ -83,6 +83,13 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     // The first delivery of a freshly submitted job: its record is `queued` in the store.
     let first = !d.redelivered && count == 0 && prior == 0 && offset == 0;
     if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
+        // Out of budget, unless it already has its result (a given-back job that then ran and
+        // whose ack was lost): that is a duplicate, not a dead letter.
+        if let Ok(Some(r)) = w.store.get(msg.id).await
+            && r.status.is_final()
+        {
+            return suppress_final(&w, &d, &msg, r.status).await;
+        }
         return dead_letter(
             &w,
             &ch,
@@ -100,6 +107,14 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
         Ok(g) => g,
         Err(NoPlacement::Busy) => {
             return give_back(&w, &ch, &d, &msg, "no_free_gpu", Duration::from_millis(200)).await;
+        }
+        Err(NoPlacement::AlreadyHere) => {
+            // Its first delivery's channel dropped while it runs here, and the broker sent it
+            // again. One run only: the first one stores the result and sets the done marker,
+            // and the copy given back now is then acked as a duplicate.
+            w.metrics.lease_contended.with_label_values(&[pool]).inc();
+            tracing::info!("job already running in this process: its redelivery is given back");
+            return give_back(&w, &ch, &d, &msg, "running_here", ALIVE_TTL).await;
         }
         Err(NoPlacement::Never) => {
             match w
@@ -261,17 +276,7 @@ async fn leased(
     if !first {
         match store_retry(w, "check", || w.store.get(msg.id)).await {
             Ok(Some(r)) if r.status.is_final() => {
-                w.metrics
-                    .duplicates_suppressed
-                    .with_label_values(&[pool])
-                    .inc();
-                tracing::info!(
-                    status = r.status.as_str(),
-                    "job already final in the store: acked without running"
-                );
-                let _ = w.coord.mark_done(msg.id).await;
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
-                return Outcome::DuplicateSuppressed;
+                return suppress_final(w, d, msg, r.status).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -279,6 +284,11 @@ async fn leased(
                 return requeue(w, d, msg).await;
             }
         }
+    }
+    if w.shutdown.is_cancelled() {
+        // Stopping: running jobs get the grace period, deliveries not started yet go back.
+        let _ = w.coord.release(msg.id).await;
+        return give_back(w, ch, d, msg, "shutdown", Duration::ZERO).await;
     }
     w.metrics
         .jobs_started
@@ -458,8 +468,17 @@ async fn leased(
                 "another final result was stored first; this one is discarded"
             );
         }
-        Ok(FinishOutcome::NotFound) => tracing::error!("job vanished from the store"),
-        Err(e) => tracing::error!(error.message = %e, "store refused the result"),
+        Ok(FinishOutcome::NotFound) | Err(_) => {
+            // Never ack a job whose result is not stored: once acked, nothing would redo it.
+            // Requeued, it counts toward the delivery limit and ends in the dead letters if
+            // the store keeps refusing.
+            let why = match &stored {
+                Err(e) => e.to_string(),
+                _ => "the job's record is missing and could not be recreated".into(),
+            };
+            tracing::error!(error.message = %why, "the result could not be stored: requeued, not acked");
+            return requeue(w, d, msg).await;
+        }
     }
     match scenario {
         Scenario::CrashAfterComplete => crash("crash_after_complete"),
@@ -495,6 +514,21 @@ async fn leased(
         .with_label_values(&[pool, "finish"])
         .observe(ran_at.elapsed().as_secs_f64());
     out
+}
+
+/// Acks the delivery of a job that already has a final result, without running it.
+async fn suppress_final(w: &Worker, d: &Delivery, msg: &JobMessage, status: JobStatus) -> Outcome {
+    w.metrics
+        .duplicates_suppressed
+        .with_label_values(&[msg.placement.pool.as_str()])
+        .inc();
+    tracing::info!(
+        status = status.as_str(),
+        "job already final in the store: acked without running"
+    );
+    let _ = w.coord.mark_done(msg.id).await;
+    let _ = d.acker.ack(BasicAckOptions::default()).await;
+    Outcome::DuplicateSuppressed
 }
 
 /// Drops the lease (if this process holds it) and nacks for a retry (counted toward the

@@ -32,6 +32,9 @@ pub enum NoPlacement {
     Busy,
     /// This worker could never place it (too many GPUs or too much memory asked).
     Never,
+    /// This job already holds GPUs here: a redelivery of a job this process is still running
+    /// (its first delivery's channel dropped). It must not run a second time.
+    AlreadyHere,
 }
 
 pub struct Slots {
@@ -69,6 +72,9 @@ impl Slots {
     /// Reserves `n` free healthy GPUs with at least `min_memory_mb` each, lowest indices first.
     pub fn reserve(&self, job: Uuid, n: u32, min_memory_mb: u64) -> Result<Vec<u32>, NoPlacement> {
         let mut slots = self.slots.lock().expect("slots");
+        if slots.iter().any(|s| s.job == Some(job)) {
+            return Err(NoPlacement::AlreadyHere);
+        }
         let fits = |s: &Slot| s.memory_total_mb >= min_memory_mb;
         if slots.iter().filter(|s| fits(s)).count() < n as usize {
             return Err(NoPlacement::Never);
@@ -170,8 +176,12 @@ mod tests {
         assert_eq!(slots.reserve(b, 4, 0), Err(NoPlacement::Never));
         assert_eq!(slots.reserve(b, 1, 40_000).unwrap(), vec![2]);
         assert_eq!(slots.capacity().free, 0);
+        // A job that holds GPUs here gets no second set, even when some are free.
+        slots.release(b);
+        assert_eq!(slots.reserve(a, 1, 0), Err(NoPlacement::AlreadyHere));
+        assert_eq!(slots.jobs(), vec![(0, Some(a)), (1, Some(a)), (2, None)]);
         slots.release(a);
-        assert_eq!(slots.capacity().free, 2);
+        assert_eq!(slots.capacity().free, 3);
     }
 
     #[test]
