@@ -323,15 +323,7 @@ async fn results_wait_out_a_store_that_takes_no_writes_and_are_stored_once() {
         "the workers retried their writes"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        stack.workers_metric("gpuq_jobs_started_total").await,
-        30.0,
-        "every job ran once"
-    );
-    assert_eq!(
-        stack.workers_metric("gpuq_results_discarded_total").await,
-        0.0
-    );
+    stack.assert_each_started_once(30).await;
     assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
     let page = stack
         .store
@@ -428,21 +420,8 @@ async fn a_redelivery_of_a_job_still_running_in_the_same_worker_never_runs_it_tw
                 >= 2.0
     })
     .await;
-    assert_eq!(
-        stack.workers_metric("gpuq_jobs_started_total").await,
-        2.0,
-        "each job started once"
-    );
-    assert_eq!(
-        stack.workers_metric("gpuq_results_discarded_total").await,
-        0.0
-    );
-    let text = reqwest::get(format!("{}/metrics", stack.worker_urls[0]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    stack.assert_each_started_once(2).await;
+    let text = stack.worker_metrics_text(0).await.unwrap();
     assert!(
         text.contains(r#"reason="running_here""#),
         "the long job's redelivery was given back: {text}"

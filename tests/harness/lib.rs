@@ -398,8 +398,12 @@ impl Stack {
 
     /// Sum of a counter over its labels, from one worker's /metrics (None if unreachable).
     pub async fn worker_metric(&self, worker: usize, name: &str) -> Option<f64> {
-        let text = self
-            .http
+        Some(sum_metric(&self.worker_metrics_text(worker).await?, name))
+    }
+
+    /// A worker's `/metrics` page; `None` when it does not answer.
+    pub async fn worker_metrics_text(&self, worker: usize) -> Option<String> {
+        self.http
             .get(format!("{}/metrics", self.worker_urls[worker]))
             .timeout(Duration::from_secs(2))
             .send()
@@ -407,8 +411,21 @@ impl Stack {
             .ok()?
             .text()
             .await
-            .ok()?;
-        Some(sum_metric(&text, name))
+            .ok()
+    }
+
+    /// The workers started `jobs` jobs in all and discarded no result: nothing ran twice.
+    pub async fn assert_each_started_once(&self, jobs: usize) {
+        assert_eq!(
+            self.workers_metric("gpuq_jobs_started_total").await,
+            jobs as f64,
+            "every job started exactly once"
+        );
+        assert_eq!(
+            self.workers_metric("gpuq_results_discarded_total").await,
+            0.0,
+            "no result was discarded"
+        );
     }
 
     /// The `gpuq` CLI, pointed at this stack's services (its flags still win).
