@@ -16,9 +16,12 @@ pub const ERROR_HEADER: &str = "x-gpuq-error";
 /// the delivery budget starts afresh).
 pub const ATTEMPT_OFFSET_HEADER: &str = "x-gpuq-attempt-offset";
 /// Names one drive of a job through the queue (absent on the first; a fresh id per re-drive).
-/// At-least-once dead-lettering may deliver a dead letter twice; the manager records each drive's
-/// dead letter once, so a late copy of an old one cannot undo a re-drive.
+/// At-least-once dead-lettering may deliver a dead letter twice; the manager records a dead
+/// letter only while the job is still on its drive (`JobStore::finish_drive`), so a late copy of
+/// an old one cannot undo a re-drive.
 pub const DRIVE_HEADER: &str = "x-gpuq-drive";
+/// The drive a message without `DRIVE_HEADER` belongs to: the job's first.
+pub const FIRST_DRIVE: &str = "0";
 
 /// Names derived from a prefix, so tests can isolate themselves on one cluster.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use gpuq_common::job::{
     AttemptInfo, FinalOutcome, JobMessage, JobPayload, JobPlacement, SimulateParams, now_ms,
 };
 use gpuq_common::store::{self, FinishOutcome, JobStore, ListQuery, StartOutcome, StoreError};
+use gpuq_common::topology::FIRST_DRIVE;
 use gpuq_common::{JobRecord, JobStatus};
 use serde_json::json;
 
@@ -103,7 +104,7 @@ async fn contract(store: Arc<dyn JobStore>) {
         match h.await.unwrap() {
             FinishOutcome::Stored => stored += 1,
             FinishOutcome::AlreadyFinal(s) => assert_eq!(s, JobStatus::Succeeded),
-            FinishOutcome::NotFound => panic!("job vanished"),
+            other => panic!("a plain final write came back {other:?}"),
         }
     }
     assert_eq!(stored, 1, "exactly one final write wins");
@@ -176,11 +177,73 @@ async fn contract(store: Arc<dyn JobStore>) {
         store.finish(dead.id, &o).await.unwrap(),
         FinishOutcome::Stored
     );
-    assert!(!store.reset_for_retry(job.id).await.unwrap());
-    assert!(store.reset_for_retry(dead.id).await.unwrap());
+    assert!(!store.reset_for_retry(job.id, "drive-2").await.unwrap());
+    assert!(store.reset_for_retry(dead.id, "drive-2").await.unwrap());
     let back = store.get(dead.id).await.unwrap().unwrap();
     assert_eq!(back.status, JobStatus::Queued);
     assert_eq!(back.error.as_deref(), Some("delivery_limit: boom"));
+
+    // A late dead letter of the first drive does not undo the re-drive; the re-drive's own does.
+    let mut late = outcome(JobStatus::DeadLettered, "manager");
+    late.error = Some("delivery_limit: late copy".into());
+    assert_eq!(
+        store
+            .finish_drive(dead.id, FIRST_DRIVE, &late)
+            .await
+            .unwrap(),
+        FinishOutcome::Superseded
+    );
+    assert_eq!(store.get(dead.id).await.unwrap().unwrap(), back);
+    let redriven = new_job(&pool);
+    store.insert(&redriven).await.unwrap();
+    let mut second = outcome(JobStatus::DeadLettered, "manager");
+    second.error = Some("delivery_limit: again".into());
+    assert_eq!(
+        store
+            .finish_drive(redriven.id, FIRST_DRIVE, &second)
+            .await
+            .unwrap(),
+        FinishOutcome::Stored,
+        "a job never re-driven is on its first drive"
+    );
+    assert_eq!(
+        store
+            .finish_drive(redriven.id, FIRST_DRIVE, &second)
+            .await
+            .unwrap(),
+        FinishOutcome::AlreadyFinal(JobStatus::DeadLettered)
+    );
+    assert!(store.reset_for_retry(redriven.id, "drive-2").await.unwrap());
+    assert_eq!(
+        store
+            .finish_drive(redriven.id, "drive-2", &second)
+            .await
+            .unwrap(),
+        FinishOutcome::Stored
+    );
+    assert!(store.reset_for_retry(redriven.id, "drive-3").await.unwrap());
+    assert_eq!(
+        store
+            .finish_drive(redriven.id, "drive-2", &second)
+            .await
+            .unwrap(),
+        FinishOutcome::Superseded
+    );
+    // Workers' plain final writes do not look at drives.
+    assert_eq!(
+        store
+            .finish(redriven.id, &outcome(JobStatus::Succeeded, "w"))
+            .await
+            .unwrap(),
+        FinishOutcome::Stored
+    );
+    assert_eq!(
+        store
+            .finish_drive(new_job(&pool).id, FIRST_DRIVE, &second)
+            .await
+            .unwrap(),
+        FinishOutcome::NotFound
+    );
 
     // delete
     let gone = new_job(&pool);

@@ -105,7 +105,7 @@ async fn enqueue(
             }
         }
         Err(e) => {
-            release_claim(state, ticket.as_ref()).await;
+            give_up_claim(state, ticket.as_ref(), false).await;
             return Err(e.into());
         }
     }
@@ -118,21 +118,13 @@ async fn enqueue(
                 .confirm_seconds
                 .with_label_values(&[pool])
                 .observe(started.elapsed().as_secs_f64());
-            state
-                .metrics
-                .jobs_submitted
-                .with_label_values(&[pool, msg.payload.kind().as_str()])
-                .inc();
+            count_submitted(state, &msg);
             finish_claim(state, ticket.as_ref()).await;
             tracing::debug!("job accepted");
             Ok(Submitted::Accepted(msg.id))
         }
         Err(e) => {
-            state
-                .metrics
-                .publish_failures
-                .with_label_values(&[e.reason()])
-                .inc();
+            count_publish_failure(state, &e);
             tracing::warn!(error.message = %e, reason = e.reason(), "job not accepted by the broker");
             if inserted && let Err(de) = state.store.delete(msg.id).await {
                 tracing::error!(
@@ -141,11 +133,7 @@ async fn enqueue(
                     "could not delete the record of a job the broker did not accept"
                 );
             }
-            if e.ambiguous() {
-                abandon_claim(state, ticket.as_ref()).await;
-            } else {
-                release_claim(state, ticket.as_ref()).await;
-            }
+            give_up_claim(state, ticket.as_ref(), e.ambiguous()).await;
             Err(publish_error(e, &msg.placement.pool))
         }
     }
@@ -180,8 +168,20 @@ async fn finish_claim(state: &SharedState, ticket: Option<&Ticket>) {
     }
 }
 
-async fn abandon_claim(state: &SharedState, ticket: Option<&Ticket>) {
+/// After a failed submission: the key is released for a fresh job only when no job can exist
+/// under its id. After an ambiguous publish, or in a takeover (the request that died may have
+/// published), it keeps the id and opens for an immediate takeover, so a retry republishes the
+/// same id (workers deduplicate it) instead of making a second job.
+async fn give_up_claim(state: &SharedState, ticket: Option<&Ticket>, may_be_queued: bool) {
     let Some(ticket) = ticket else { return };
+    if may_be_queued || ticket.taken_over {
+        abandon_claim(state, ticket).await;
+    } else {
+        release_claim(state, ticket).await;
+    }
+}
+
+async fn abandon_claim(state: &SharedState, ticket: &Ticket) {
     if let Err(e) = state.idempotency.abandon(ticket).await {
         tracing::warn!(
             error.cause_chain = ?e,
@@ -191,8 +191,7 @@ async fn abandon_claim(state: &SharedState, ticket: Option<&Ticket>) {
     }
 }
 
-async fn release_claim(state: &SharedState, ticket: Option<&Ticket>) {
-    let Some(ticket) = ticket else { return };
+async fn release_claim(state: &SharedState, ticket: &Ticket) {
     if let Err(e) = state.idempotency.release(ticket).await {
         tracing::warn!(
             error.cause_chain = ?e,
@@ -200,6 +199,22 @@ async fn release_claim(state: &SharedState, ticket: Option<&Ticket>) {
             "could not release the idempotency claim; it expires into a takeover"
         );
     }
+}
+
+fn count_submitted(state: &SharedState, msg: &JobMessage) {
+    state
+        .metrics
+        .jobs_submitted
+        .with_label_values(&[msg.placement.pool.as_str(), msg.payload.kind().as_str()])
+        .inc();
+}
+
+fn count_publish_failure(state: &SharedState, e: &PublishError) {
+    state
+        .metrics
+        .publish_failures
+        .with_label_values(&[e.reason()])
+        .inc();
 }
 
 fn publish_error(e: PublishError, pool: &str) -> ApiError {
@@ -253,6 +268,11 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
             )));
         }
         FinishOutcome::NotFound => return Err(not_found(id)),
+        FinishOutcome::Superseded => {
+            return Err(ApiError::Conflict(format!(
+                "job {id} was re-driven meanwhile"
+            )));
+        }
     }
     if record.status == JobStatus::Queued
         && let Err(e) = signal_cancel(state, id).await
@@ -281,9 +301,10 @@ async fn signal_cancel(state: &SharedState, id: JobId) -> Result<(), crate::kv::
         .await
 }
 
-/// Re-drives a dead-lettered job: back to `queued` in the store, and a message rebuilt from the
-/// record (same id, its attempts so far in `x-gpuq-attempt-offset`) published with a confirm.
-/// On a failed publish it is dead-lettered again.
+/// Re-drives a dead-lettered job: back to `queued` in the store under a new drive id, and a
+/// message rebuilt from the record (same id, its attempts so far in `x-gpuq-attempt-offset`, the
+/// drive in `x-gpuq-drive`) published with a confirm. When the broker refuses it, the job is
+/// dead-lettered again as it was.
 #[instrument(skip_all, fields(job_id = %id))]
 pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, ApiError> {
     let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
@@ -294,6 +315,20 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
         )));
     }
     let msg = message_from_record(&record)?;
+    // From the reset on, finish in a task of its own: a client that hangs up must not leave the
+    // job queued without a message.
+    let state = state.clone();
+    tokio::spawn(redrive(state, record, msg).instrument(Span::current()))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("retry task")))?
+}
+
+async fn redrive(
+    state: SharedState,
+    record: JobRecord,
+    msg: JobMessage,
+) -> Result<JobId, ApiError> {
+    let id = record.id;
     // A done marker would make workers skip the re-driven job; a dead letter has no result, so
     // one left behind is stale. Needs Redis: without it the re-drive could be silently dropped.
     let done_key = state.keys.done(id);
@@ -305,7 +340,10 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
             tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot clear the done marker");
             ApiError::Unavailable("cannot reach Redis to re-drive the job; retry later".into())
         })?;
-    if !state.store.reset_for_retry(id).await? {
+    // The store remembers the drive, so that a late copy of an earlier dead letter of this job
+    // cannot undo the re-drive.
+    let drive = uuid::Uuid::new_v4().to_string();
+    if !state.store.reset_for_retry(id, &drive).await? {
         return Err(ApiError::Conflict(format!(
             "job {id} is no longer dead_lettered"
         )));
@@ -318,49 +356,43 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
     );
     headers.insert(
         DRIVE_HEADER.into(),
-        AMQPValue::LongString(uuid::Uuid::new_v4().to_string().into()),
+        AMQPValue::LongString(drive.clone().into()),
     );
-    let state = state.clone();
-    let task = async move {
-        match state.broker.publish_job_with_headers(&msg, headers).await {
-            Ok(()) => {
-                state
-                    .metrics
-                    .jobs_submitted
-                    .with_label_values(&[msg.placement.pool.as_str(), msg.payload.kind().as_str()])
-                    .inc();
-                tracing::info!("dead letter re-driven");
-                Ok(id)
-            }
-            Err(e) => {
-                state
-                    .metrics
-                    .publish_failures
-                    .with_label_values(&[e.reason()])
-                    .inc();
-                tracing::warn!(error.message = %e, "re-drive not accepted by the broker");
-                let back = FinalOutcome {
-                    status: JobStatus::DeadLettered,
-                    result: None,
-                    error: None,
-                    worker: None,
-                    finished_at: record.finished_at.unwrap_or_else(now_ms),
-                    attempt: None,
-                };
-                if let Err(se) = state.store.finish(id, &back).await {
-                    tracing::error!(
-                        error.cause_chain = ?se,
-                        error.message = %se,
-                        "could not put the job back to dead_lettered; it stays queued without a message"
-                    );
-                }
-                Err(publish_error(e, &msg.placement.pool))
-            }
+    match state.broker.publish_job_with_headers(&msg, headers).await {
+        Ok(()) => {
+            count_submitted(&state, &msg);
+            tracing::info!(drive = %drive, "dead letter re-driven");
+            Ok(id)
         }
-    };
-    tokio::spawn(task.instrument(Span::current()))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("retry task")))?
+        Err(e) => {
+            count_publish_failure(&state, &e);
+            tracing::warn!(error.message = %e, "re-drive not accepted by the broker");
+            if e.ambiguous() {
+                // The message may be queued: a worker must be able to record its result, so the
+                // job stays queued (cancel it if it never runs).
+                return Err(ApiError::Unavailable(format!(
+                    "{e}; job {id} may have been re-driven: it stays queued, check it before retrying"
+                )));
+            }
+            // Refused for sure: dead-lettered again, as it was.
+            let back = FinalOutcome {
+                status: JobStatus::DeadLettered,
+                result: record.result.clone(),
+                error: record.error.clone(),
+                worker: record.worker.clone(),
+                finished_at: record.finished_at.unwrap_or_else(now_ms),
+                attempt: None,
+            };
+            if let Err(se) = state.store.finish_drive(id, &drive, &back).await {
+                tracing::error!(
+                    error.cause_chain = ?se,
+                    error.message = %se,
+                    "could not put the job back to dead_lettered; it stays queued without a message"
+                );
+            }
+            Err(publish_error(e, &msg.placement.pool))
+        }
+    }
 }
 
 /// The message a stored job was made from, under its own id.

@@ -12,7 +12,7 @@ use gpuq_common::amqp::{connect_any, death_reason, header_str};
 use gpuq_common::job::{FinalOutcome, JobMessage, JobRecord, JobStatus, now_ms};
 use gpuq_common::metrics::ManagerMetrics;
 use gpuq_common::store::FinishOutcome;
-use gpuq_common::topology::{DRIVE_HEADER, ERROR_HEADER, REASON_HEADER, Topology};
+use gpuq_common::topology::{DRIVE_HEADER, ERROR_HEADER, FIRST_DRIVE, REASON_HEADER, Topology};
 
 use crate::registry::Registry;
 use gpuq_common::{JobId, JobStore, StoreError};
@@ -67,7 +67,7 @@ impl DeadLetter {
             queue: first_death_queue(headers),
             drive: header_str(headers, DRIVE_HEADER)
                 .filter(|d| !d.is_empty() && d.len() <= 64)
-                .unwrap_or_else(|| "0".into()),
+                .unwrap_or_else(|| FIRST_DRIVE.into()),
             body: body.to_vec(),
         }
     }
@@ -104,6 +104,8 @@ pub enum Recorded {
     Stored { id: JobId, reason: String },
     /// The job already had a final status (a second copy, or it succeeded after all).
     AlreadyFinal { id: JobId, status: JobStatus },
+    /// A late copy of an earlier drive's dead letter: the job was re-driven since.
+    Superseded { id: JobId, drive: String },
     /// Neither the message nor the store tells which job this was: nothing to record.
     Unreadable(String),
 }
@@ -134,7 +136,9 @@ pub async fn record(store: &dyn JobStore, dl: &DeadLetter) -> Result<Recorded, S
         finished_at: now_ms(),
         attempt: None,
     };
-    let mut finished = store.finish(id, &outcome).await?;
+    // Conditional on the drive: after a re-drive, a late copy of an earlier drive's dead letter
+    // (mark of it lost with Redis, or never made) finds the job on another drive and is dropped.
+    let mut finished = store.finish_drive(id, &dl.drive, &outcome).await?;
     if finished == FinishOutcome::NotFound {
         let msg = match JobMessage::from_bytes(&dl.body) {
             Ok(m) if m.id == id => m,
@@ -149,6 +153,7 @@ pub async fn record(store: &dyn JobStore, dl: &DeadLetter) -> Result<Recorded, S
             Ok(()) | Err(StoreError::Conflict(_)) => {}
             Err(e) => return Err(e),
         }
+        // Made from this very message just now: no other drive to yield to.
         finished = store.finish(id, &outcome).await?;
     }
     Ok(match finished {
@@ -157,6 +162,10 @@ pub async fn record(store: &dyn JobStore, dl: &DeadLetter) -> Result<Recorded, S
             reason: dl.reason.clone(),
         },
         FinishOutcome::AlreadyFinal(status) => Recorded::AlreadyFinal { id, status },
+        FinishOutcome::Superseded => Recorded::Superseded {
+            id,
+            drive: dl.drive.clone(),
+        },
         FinishOutcome::NotFound => Recorded::Unreadable("job vanished while recording".into()),
     })
 }
@@ -170,8 +179,9 @@ pub struct DeadLetterConsumer {
     pub metrics: ManagerMetrics,
     /// True while a consumer is attached to the dead queue (read by `/readyz`).
     pub connected: Arc<AtomicBool>,
-    /// Remembers which drives' dead letters were recorded (at-least-once dead-lettering can
-    /// deliver one twice, and a late copy must not undo a re-drive).
+    /// Remembers which drives' dead letters were recorded, so that a second copy (dead-lettering
+    /// is at least once) is acked without a store round trip. Only a shortcut: should Redis
+    /// forget, the store's drive-conditional write still keeps a late copy from undoing a re-drive.
     pub registry: Registry,
 }
 
@@ -336,6 +346,10 @@ impl DeadLetterConsumer {
                 job_id = %id, status = status.as_str(),
                 "dead letter of a job that is already final; acked"
             ),
+            Recorded::Superseded { id, drive } => tracing::info!(
+                job_id = %id, drive = %drive,
+                "late dead letter of a drive the job was re-driven from; acked"
+            ),
             Recorded::Unreadable(why) => {
                 tracing::error!(error.message = %why, "unreadable dead letter dropped")
             }
@@ -392,6 +406,65 @@ mod tests {
         let dl = DeadLetter::from_message(&props(h, Some(&id.to_string())), b"{}");
         assert_eq!(dl.reason, "unschedulable");
         assert_eq!(dl.error.as_deref(), Some("boom"));
+    }
+
+    #[tokio::test]
+    async fn a_late_dead_letter_of_an_earlier_drive_does_not_undo_a_re_drive() {
+        use gpuq_common::job::{JobPayload, JobPlacement, SimulateParams};
+        let dir = tempfile::tempdir().unwrap();
+        let store = gpuq_common::store::open(&format!(
+            "sqlite://{}",
+            dir.path().join("jobs.db").display()
+        ))
+        .await
+        .unwrap();
+        let msg = JobMessage::new(
+            JobPayload::Simulate(SimulateParams::default()),
+            JobPlacement {
+                gpus: 1,
+                min_gpu_memory_mb: None,
+                pool: "default".into(),
+                ttl_s: None,
+            },
+        );
+        store.insert(&JobRecord::queued(&msg)).await.unwrap();
+        let first = DeadLetter::from_message(
+            &props(
+                x_death("delivery_limit", "p.jobs.default"),
+                Some(&msg.id.to_string()),
+            ),
+            &msg.to_bytes(),
+        );
+        assert_eq!(first.drive, FIRST_DRIVE);
+        assert!(matches!(
+            record(store.as_ref(), &first).await.unwrap(),
+            Recorded::Stored { .. }
+        ));
+        // Re-driven by the gateway as drive "d2"; then a second copy of the first dead letter.
+        assert!(store.reset_for_retry(msg.id, "d2").await.unwrap());
+        assert_eq!(
+            record(store.as_ref(), &first).await.unwrap(),
+            Recorded::Superseded {
+                id: msg.id,
+                drive: FIRST_DRIVE.into()
+            }
+        );
+        assert_eq!(
+            store.get(msg.id).await.unwrap().unwrap().status,
+            JobStatus::Queued
+        );
+        // The re-drive's own dead letter is recorded.
+        let mut h = x_death("delivery_limit", "p.jobs.default");
+        h.insert(
+            DRIVE_HEADER.into(),
+            AMQPValue::LongString(LongString::from("d2")),
+        );
+        let second =
+            DeadLetter::from_message(&props(h, Some(&msg.id.to_string())), &msg.to_bytes());
+        assert!(matches!(
+            record(store.as_ref(), &second).await.unwrap(),
+            Recorded::Stored { .. }
+        ));
     }
 
     #[test]

@@ -468,7 +468,7 @@ async fn leased(
                 "another final result was stored first; this one is discarded"
             );
         }
-        Ok(FinishOutcome::NotFound) | Err(_) => {
+        Ok(FinishOutcome::NotFound | FinishOutcome::Superseded) | Err(_) => {
             // Never ack a job whose result is not stored: once acked, nothing would redo it.
             // Requeued, it counts toward the delivery limit and ends in the dead letters if
             // the store keeps refusing.

@@ -47,6 +47,8 @@ pub enum FinishOutcome {
     AlreadyFinal(JobStatus),
     /// No such job.
     NotFound,
+    /// The job was re-driven since the drive this write belongs to: nothing changed.
+    Superseded,
 }
 
 /// `GET /v1/jobs` filters. Newest first; `cursor` is the last id of the previous page.
@@ -83,8 +85,19 @@ pub trait JobStore: Send + Sync + 'static {
     async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError>;
     /// Writes the final outcome unless the job already has one.
     async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError>;
-    /// Puts a dead-lettered job back to `queued` for a re-drive; false if it is not dead-lettered.
-    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError>;
+    /// Writes the final outcome of one drive of the job (`topology::FIRST_DRIVE` for the
+    /// first) unless the job already has one or was re-driven since (`Superseded`). The
+    /// manager records dead letters with it: a late copy of an old drive's dead letter must
+    /// not undo a re-drive.
+    async fn finish_drive(
+        &self,
+        id: JobId,
+        drive: &str,
+        outcome: &FinalOutcome,
+    ) -> Result<FinishOutcome, StoreError>;
+    /// Puts a dead-lettered job back to `queued` for a re-drive named `drive` (a fresh id, the
+    /// message's `x-gpuq-drive`); false if it is not dead-lettered.
+    async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError>;
     /// Jobs by status (for status pages and benchmarks).
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;

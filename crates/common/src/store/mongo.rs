@@ -11,6 +11,7 @@ use mongodb::{Client, Collection, IndexModel};
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+use crate::topology::FIRST_DRIVE;
 
 pub struct MongoStore {
     jobs: Collection<Document>,
@@ -106,6 +107,59 @@ impl MongoStore {
             .await
             .map_err(unavailable)?;
         Ok(d.and_then(|d| d.get_str("status").ok().and_then(JobStatus::parse)))
+    }
+
+    /// The final write; with `drive`, only while the job is still on that drive (a job never
+    /// re-driven has no `drive` field and is on the first).
+    async fn finish_where(
+        &self,
+        id: JobId,
+        drive: Option<&str>,
+        o: &FinalOutcome,
+    ) -> Result<FinishOutcome, StoreError> {
+        let mut set = doc! {
+            "status": o.status.as_str(),
+            "finished_at": o.finished_at,
+            "result": match &o.result { Some(v) => json_to_bson(v)?, None => Bson::Null },
+        };
+        if let Some(e) = &o.error {
+            set.insert("error", e.as_str());
+        }
+        if let Some(w) = &o.worker {
+            set.insert("worker", w.as_str());
+        }
+        if let Some(a) = &o.attempt {
+            set.insert("attempts", i64::from(a.attempts));
+            set.insert(
+                "gpus",
+                a.gpus.iter().map(|g| i64::from(*g)).collect::<Vec<_>>(),
+            );
+            set.insert("started_at", a.started_at);
+        }
+        let mut filter = doc! { "_id": id.to_string(), "status": not_final() };
+        match drive {
+            None => {}
+            // `null` also matches a document without the field.
+            Some(FIRST_DRIVE) => {
+                filter.insert("drive", doc! { "$in": [Bson::Null, FIRST_DRIVE] });
+            }
+            Some(d) => {
+                filter.insert("drive", d);
+            }
+        }
+        let r = self
+            .jobs
+            .update_one(filter, doc! { "$set": set })
+            .await
+            .map_err(unavailable)?;
+        if r.matched_count == 1 {
+            return Ok(FinishOutcome::Stored);
+        }
+        Ok(match self.status_of(id).await? {
+            Some(s) if s.is_final() => FinishOutcome::AlreadyFinal(s),
+            Some(_) => FinishOutcome::Superseded,
+            None => FinishOutcome::NotFound,
+        })
     }
 }
 
@@ -220,48 +274,29 @@ impl JobStore for MongoStore {
     }
 
     async fn finish(&self, id: JobId, o: &FinalOutcome) -> Result<FinishOutcome, StoreError> {
-        let mut set = doc! {
-            "status": o.status.as_str(),
-            "finished_at": o.finished_at,
-            "result": match &o.result { Some(v) => json_to_bson(v)?, None => Bson::Null },
-        };
-        if let Some(e) = &o.error {
-            set.insert("error", e.as_str());
-        }
-        if let Some(w) = &o.worker {
-            set.insert("worker", w.as_str());
-        }
-        if let Some(a) = &o.attempt {
-            set.insert("attempts", i64::from(a.attempts));
-            set.insert(
-                "gpus",
-                a.gpus.iter().map(|g| i64::from(*g)).collect::<Vec<_>>(),
-            );
-            set.insert("started_at", a.started_at);
-        }
-        let r = self
-            .jobs
-            .update_one(
-                doc! { "_id": id.to_string(), "status": not_final() },
-                doc! { "$set": set },
-            )
-            .await
-            .map_err(unavailable)?;
-        if r.matched_count == 1 {
-            return Ok(FinishOutcome::Stored);
-        }
-        Ok(match self.status_of(id).await? {
-            Some(s) => FinishOutcome::AlreadyFinal(s),
-            None => FinishOutcome::NotFound,
-        })
+        self.finish_where(id, None, o).await
     }
 
-    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError> {
+    async fn finish_drive(
+        &self,
+        id: JobId,
+        drive: &str,
+        o: &FinalOutcome,
+    ) -> Result<FinishOutcome, StoreError> {
+        self.finish_where(id, Some(drive), o).await
+    }
+
+    async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError> {
         let r = self
             .jobs
             .update_one(
                 doc! { "_id": id.to_string(), "status": "dead_lettered" },
-                doc! { "$set": { "status": "queued", "finished_at": Bson::Null, "result": Bson::Null } },
+                doc! { "$set": {
+                    "status": "queued",
+                    "finished_at": Bson::Null,
+                    "result": Bson::Null,
+                    "drive": drive,
+                } },
             )
             .await
             .map_err(unavailable)?;

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
+use crate::topology::FIRST_DRIVE;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at INTEGER NOT NULL,
     started_at INTEGER,
-    finished_at INTEGER
+    finished_at INTEGER,
+    drive TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
@@ -63,12 +65,14 @@ enum Op {
     Delete(JobId, oneshot::Sender<Result<(), StoreError>>),
     Start(JobRecord, oneshot::Sender<Result<StartOutcome, StoreError>>),
     RecordError(JobId, u32, String, oneshot::Sender<Result<(), StoreError>>),
+    /// The final outcome, of one drive of the job when the drive is named.
     Finish(
         JobId,
         FinalOutcome,
+        Option<String>,
         oneshot::Sender<Result<FinishOutcome, StoreError>>,
     ),
-    Reset(JobId, oneshot::Sender<Result<bool, StoreError>>),
+    Reset(JobId, String, oneshot::Sender<Result<bool, StoreError>>),
 }
 
 pub struct SqliteStore {
@@ -132,10 +136,29 @@ fn open_conn(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Databases made before re-drives were named lack the `drive` column: add it.
+fn add_drive_column(conn: &Connection) -> Result<(), StoreError> {
+    let has_it = || {
+        conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'drive'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(unavailable)
+    };
+    if has_it()? {
+        return Ok(());
+    }
+    match conn.execute_batch("ALTER TABLE jobs ADD COLUMN drive TEXT") {
+        Ok(()) => Ok(()),
+        // Another process opening the same file added it first.
+        Err(_) if has_it()? => Ok(()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 impl SqliteStore {
     pub fn open(path: &str) -> Result<Self, StoreError> {
         let write_conn = open_conn(path)?;
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        add_drive_column(&write_conn)?;
         let reader = open_conn(path)?;
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
@@ -216,10 +239,10 @@ fn fail(op: Op, e: StoreError) {
         Op::Start(_, r) => {
             let _ = r.send(Err(err()));
         }
-        Op::Finish(_, _, r) => {
+        Op::Finish(_, _, _, r) => {
             let _ = r.send(Err(err()));
         }
-        Op::Reset(_, r) => {
+        Op::Reset(_, _, r) => {
             let _ = r.send(Err(err()));
         }
     }
@@ -265,12 +288,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
                 .map_err(unavailable);
             reply(r, v)
         }
-        Op::Finish(id, outcome, r) => reply(r, finish(tx, id, &outcome)),
-        Op::Reset(id, r) => {
+        Op::Finish(id, outcome, drive, r) => reply(r, finish(tx, id, &outcome, drive.as_deref())),
+        Op::Reset(id, drive, r) => {
             let v = tx
                 .execute(
-                    "UPDATE jobs SET status = 'queued', finished_at = NULL, result = NULL WHERE id = ?1 AND status = 'dead_lettered'",
-                    params![id.to_string()],
+                    "UPDATE jobs SET status = 'queued', finished_at = NULL, result = NULL, drive = ?2 WHERE id = ?1 AND status = 'dead_lettered'",
+                    params![id.to_string(), drive],
                 )
                 .map(|n| n == 1)
                 .map_err(unavailable);
@@ -345,10 +368,13 @@ fn start(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<StartOutcome
     }
 }
 
+/// The final write; with `drive`, only while the job is still on that drive (a job never
+/// re-driven has no `drive` and is on the first).
 fn finish(
     tx: &rusqlite::Transaction<'_>,
     id: JobId,
     o: &FinalOutcome,
+    drive: Option<&str>,
 ) -> Result<FinishOutcome, StoreError> {
     let a = o.attempt.as_ref();
     let n = tx
@@ -356,7 +382,7 @@ fn finish(
             "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), ",
             "worker = coalesce(?5, worker), finished_at = ?6, attempts = coalesce(?7, attempts), ",
             "gpus = coalesce(?8, gpus), started_at = coalesce(?9, started_at) ",
-            "WHERE id = ?1 AND status IN ",
+            "WHERE id = ?1 AND (?10 IS NULL OR coalesce(drive, ?11) = ?10) AND status IN ",
             not_final!()
         ))
         .and_then(|mut st| {
@@ -370,6 +396,8 @@ fn finish(
                 a.map(|a| a.attempts),
                 a.map(|a| serde_json::to_string(&a.gpus).expect("gpus serialize")),
                 a.map(|a| a.started_at),
+                drive,
+                FIRST_DRIVE,
             ])
         })
         .map_err(unavailable)?;
@@ -377,7 +405,8 @@ fn finish(
         return Ok(FinishOutcome::Stored);
     }
     Ok(match status_of(tx, id)? {
-        Some(s) => FinishOutcome::AlreadyFinal(s),
+        Some(s) if s.is_final() => FinishOutcome::AlreadyFinal(s),
+        Some(_) => FinishOutcome::Superseded,
         None => FinishOutcome::NotFound,
     })
 }
@@ -496,11 +525,22 @@ impl JobStore for SqliteStore {
 
     async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError> {
         let outcome = outcome.clone();
-        self.send(|r| Op::Finish(id, outcome, r)).await
+        self.send(|r| Op::Finish(id, outcome, None, r)).await
     }
 
-    async fn reset_for_retry(&self, id: JobId) -> Result<bool, StoreError> {
-        self.send(|r| Op::Reset(id, r)).await
+    async fn finish_drive(
+        &self,
+        id: JobId,
+        drive: &str,
+        outcome: &FinalOutcome,
+    ) -> Result<FinishOutcome, StoreError> {
+        let (outcome, drive) = (outcome.clone(), drive.to_string());
+        self.send(|r| Op::Finish(id, outcome, Some(drive), r)).await
+    }
+
+    async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError> {
+        let drive = drive.to_string();
+        self.send(|r| Op::Reset(id, drive, r)).await
     }
 
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
@@ -548,5 +588,47 @@ mod tests {
         };
         assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
         assert_eq!(pragma("synchronous"), "Integer(2)", "2 is FULL");
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_named_drives_gains_the_column_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let path = path.to_str().unwrap();
+        let old = SCHEMA.replace(
+            "finished_at INTEGER,\n    drive TEXT",
+            "finished_at INTEGER",
+        );
+        assert_ne!(old, SCHEMA, "the old schema has no drive column");
+        let conn = open_conn(path).unwrap();
+        conn.execute_batch(&old).unwrap();
+        let id = uuid::Uuid::now_v7();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, params, pool, gpus_requested, status, created_at) \
+             VALUES (?1, 'simulate', '{}', 'default', 1, 'dead_lettered', 1)",
+            params![id.to_string()],
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(path).unwrap();
+        // Twice on one file: the second open finds the column there.
+        let _again = SqliteStore::open(path).unwrap();
+        assert!(store.reset_for_retry(id, "d2").await.unwrap());
+        let dead = FinalOutcome {
+            status: JobStatus::DeadLettered,
+            result: None,
+            error: Some("delivery_limit".into()),
+            worker: None,
+            finished_at: 2,
+            attempt: None,
+        };
+        assert_eq!(
+            store.finish_drive(id, FIRST_DRIVE, &dead).await.unwrap(),
+            FinishOutcome::Superseded
+        );
+        assert_eq!(
+            store.finish_drive(id, "d2", &dead).await.unwrap(),
+            FinishOutcome::Stored
+        );
     }
 }

@@ -9,6 +9,32 @@ use serde_json::{Value, json};
 use crate::body;
 use crate::support::{self, error_of, spawn_app};
 
+/// The pending claim a gateway that died mid-request leaves for `key`, past its deadline: the
+/// job it was making, and the Redis key.
+async fn leave_expired_claim(
+    app: &mut support::TestApp,
+    job: &Value,
+    key: &str,
+) -> (JobMessage, String) {
+    let req: gpuq_common::job::SubmitRequest = serde_json::from_value(job.clone()).unwrap();
+    let (payload, placement) = req.validate().unwrap();
+    let msg = JobMessage::new(payload, placement);
+    let entry = json!({
+        "id": msg.id,
+        "body_hash": gpuq_gateway::idempotency::body_hash(&msg),
+        "state": "pending",
+        "until_ms": now_ms() - 1,
+    });
+    let redis_key = format!("{}:idem:{key}", app.settings.queue_prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(entry.to_string())
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+    (msg, redis_key)
+}
+
 #[tokio::test]
 async fn the_same_idempotency_key_twice_enqueues_one_job() {
     let app = spawn_app().await;
@@ -68,22 +94,7 @@ async fn a_claim_abandoned_by_a_dead_gateway_is_taken_over_under_its_job_id() {
     let mut app = spawn_app().await;
     let job = json!({"kind":"simulate","params":{"duration_ms":5}});
     // What a gateway that died between its claim and the confirm leaves behind.
-    let req: gpuq_common::job::SubmitRequest = serde_json::from_value(job.clone()).unwrap();
-    let (payload, placement) = req.validate().unwrap();
-    let msg = JobMessage::new(payload, placement);
-    let entry = json!({
-        "id": msg.id,
-        "body_hash": gpuq_gateway::idempotency::body_hash(&msg),
-        "state": "pending",
-        "until_ms": now_ms() - 1,
-    });
-    let key = format!("{}:idem:order-dead", app.settings.queue_prefix);
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg(entry.to_string())
-        .query_async(&mut app.redis)
-        .await
-        .unwrap();
+    let (msg, _) = leave_expired_claim(&mut app, &job, "order-dead").await;
     let (status, _, resp) = body(app.submit_with_key(&job, "order-dead").await).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
     assert_eq!(
@@ -109,4 +120,28 @@ async fn a_replay_reports_the_jobs_current_status() {
     let (s2, _, r2) = body(app.submit_with_key(&job, "k-status").await).await;
     assert_eq!(s2, StatusCode::OK);
     assert_eq!(r2["status"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_taken_over_claim_keeps_its_job_id_when_the_broker_refuses_the_retry() {
+    let mut app = spawn_app().await;
+    // A pool no queue is bound for: the broker returns the message, a refusal for sure.
+    let job = json!({"kind":"simulate","params":{"duration_ms":5},"pool":"nobody-serves-this"});
+    // Left by a gateway that died after its publish may have reached a queue.
+    let (msg, key) = leave_expired_claim(&mut app, &job, "order-refused").await;
+    let (status, _, resp) = body(app.submit_with_key(&job, "order-refused").await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    // Released, the key would let the next request make a second job under a new id.
+    let kept: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+    let kept: Value = serde_json::from_str(&kept.expect("the claim is kept")).unwrap();
+    assert_eq!(kept["id"], msg.id.to_string(), "{kept}");
+    assert_eq!(kept["state"], "pending", "{kept}");
+    assert!(
+        kept["until_ms"].as_i64().unwrap() <= now_ms(),
+        "open for the next request at once: {kept}"
+    );
 }

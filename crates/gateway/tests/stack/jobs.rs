@@ -106,3 +106,63 @@ async fn retrying_a_dead_letter_republishes_it_under_the_same_id() {
     let (_, _, dead) = body(app.get("/v1/dead-letters").await).await;
     assert_eq!(dead["jobs"], json!([]));
 }
+
+#[tokio::test]
+async fn a_re_drive_names_its_drive_and_one_the_broker_refuses_leaves_the_dead_letter_as_it_was() {
+    let app = spawn_app().await;
+    // Dead-lettered in a pool that no longer has a queue: the re-drive cannot be routed.
+    let req: gpuq_common::job::SubmitRequest =
+        serde_json::from_value(json!({"kind":"simulate","pool":"gone-pool"})).unwrap();
+    let (payload, placement) = req.validate().unwrap();
+    let msg = JobMessage::new(payload, placement);
+    let store = &app.state.store;
+    store
+        .insert(&gpuq_common::job::JobRecord::queued(&msg))
+        .await
+        .unwrap();
+    let dead = FinalOutcome {
+        status: JobStatus::DeadLettered,
+        result: Some(json!({"reason": "delivery_limit", "queue": "x.jobs.gone-pool"})),
+        error: Some("delivery_limit: exit code 3".into()),
+        worker: None,
+        finished_at: 1_700_000_000_000,
+        attempt: None,
+    };
+    store.finish(msg.id, &dead).await.unwrap();
+    let before = store.get(msg.id).await.unwrap().unwrap();
+    let (status, _, resp) = body(
+        app.post(&format!("/v1/dead-letters/{}/retry", msg.id))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+    assert_eq!(store.get(msg.id).await.unwrap().unwrap(), before);
+
+    // A routable re-drive carries a fresh drive id each time.
+    let (_, _, resp) = body(
+        app.submit(&json!({"kind":"simulate","params":{"always_fail":true}}))
+            .await,
+    )
+    .await;
+    let id: gpuq_common::JobId = resp["id"].as_str().unwrap().parse().unwrap();
+    let mut drives = Vec::new();
+    for _ in 0..2 {
+        app.purge("default").await;
+        store.finish(id, &dead).await.unwrap();
+        let (status, _, resp) = body(app.post(&format!("/v1/dead-letters/{id}/retry")).await).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+        let m = app.take("default").await.unwrap();
+        let drive = gpuq_common::amqp::header_str(
+            m.delivery.properties.headers().as_ref(),
+            gpuq_common::topology::DRIVE_HEADER,
+        )
+        .expect("a re-drive names its drive");
+        drives.push(drive);
+    }
+    assert_ne!(drives[0], drives[1], "{drives:?}");
+    // A late dead letter of the first re-drive finds the job on the second.
+    assert_eq!(
+        store.finish_drive(id, &drives[0], &dead).await.unwrap(),
+        gpuq_common::store::FinishOutcome::Superseded
+    );
+}
