@@ -3,11 +3,12 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gpuq_common::engine::{AdminState, EngineState, EngineView, Heartbeat, derive_state};
-use gpuq_common::http::{ApiError, ApiJson, check_bearer};
+use gpuq_common::http::{ApiError, ApiJson, ApiPath, check_bearer};
 use gpuq_common::job::now_ms;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -19,8 +20,20 @@ pub fn redis_error(e: redis::RedisError) -> ApiError {
     ApiError::Unavailable(format!("redis: {e}"))
 }
 
-fn admin_only(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_bearer(headers, std::slice::from_ref(&state.settings().admin_token))
+/// Proof that the request carries the admin token. Put it before a body extractor: extractors
+/// run in order, so a request without the token gets its 401 before its body is read.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        check_bearer(
+            &parts.headers,
+            std::slice::from_ref(&state.settings().admin_token),
+        )?;
+        Ok(Admin)
+    }
 }
 
 /// What the manager answers a heartbeat with.
@@ -39,10 +52,9 @@ pub struct HeartbeatAck {
     responses((status = 200, body = HeartbeatAck), (status = 401), (status = 409), (status = 422)))]
 pub async fn post_heartbeat(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    admin_only(&state, &headers)?;
     validate_engine_id(&hb.engine_id).map_err(ApiError::Unprocessable)?;
     if hb.instance_id.is_empty() || hb.instance_id.len() > 128 {
         return Err(ApiError::Unprocessable(
@@ -135,11 +147,9 @@ pub async fn get_engine(
 
 async fn set_admin(
     state: AppState,
-    headers: HeaderMap,
     id: String,
     admin: Option<AdminState>,
 ) -> Result<Json<EngineView>, ApiError> {
-    admin_only(&state, &headers)?;
     known_view(&state, &id).await?;
     state
         .registry()
@@ -158,10 +168,10 @@ async fn set_admin(
     params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
 pub async fn cordon(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EngineView>, ApiError> {
-    set_admin(state, headers, id, Some(AdminState::Cordoned)).await
+    set_admin(state, id, Some(AdminState::Cordoned)).await
 }
 
 /// Clears a cordon or drain.
@@ -169,10 +179,10 @@ pub async fn cordon(
     params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
 pub async fn uncordon(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EngineView>, ApiError> {
-    set_admin(state, headers, id, None).await
+    set_admin(state, id, None).await
 }
 
 /// The engine finishes what it runs, then takes nothing.
@@ -180,10 +190,10 @@ pub async fn uncordon(
     params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
 pub async fn drain(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EngineView>, ApiError> {
-    set_admin(state, headers, id, Some(AdminState::Draining)).await
+    set_admin(state, id, Some(AdminState::Draining)).await
 }
 
 /// How long a restart request waits for the worker process it names; the worker deletes it when
@@ -198,10 +208,9 @@ const RESTART_REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(
     params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404), (status = 409)))]
 pub async fn restart(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<EngineView>, ApiError> {
-    admin_only(&state, &headers)?;
     let view = known_view(&state, &id).await?;
     let Some(hb) = view.heartbeat.as_ref() else {
         return Err(ApiError::Conflict(format!(
@@ -242,11 +251,10 @@ pub struct FaultRequest {
         (status = 503, description = "the engine is offline or its worker did not answer")))]
 pub async fn gpu_fault(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((id, gpu)): Path<(String, u32)>,
+    _: Admin,
+    ApiPath((id, gpu)): ApiPath<(String, u32)>,
     ApiJson(req): ApiJson<FaultRequest>,
 ) -> Result<Response, ApiError> {
-    admin_only(&state, &headers)?;
     let view = known_view(&state, &id).await?;
     let Some(hb) = view.heartbeat else {
         return Err(ApiError::Unavailable(format!("engine {id} is offline")));

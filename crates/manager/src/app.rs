@@ -12,7 +12,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
-use gpuq_common::http::{not_found, ops_routes, track_metrics};
+use gpuq_common::http::{method_not_allowed, not_found, ops_routes, track_metrics};
 use gpuq_common::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
 use gpuq_common::topology::Topology;
@@ -321,6 +321,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .merge(ops)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             http_metrics,
             track_metrics,

@@ -5,14 +5,14 @@ pub mod dead_letters;
 pub mod health;
 pub mod jobs;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Query, Request, State};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use gpuq_common::http::{ApiError, ErrorBody, ErrorDetail, check_bearer, not_found, ops_routes};
+use gpuq_common::http::{ApiError, check_bearer, method_not_allowed, not_found, ops_routes};
 use gpuq_common::job::JobId;
 use serde::de::DeserializeOwned;
 use tower_http::trace::TraceLayer;
@@ -74,16 +74,6 @@ async fn require_api_key(State(state): State<SharedState>, req: Request, next: N
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
-}
-
-async fn method_not_allowed() -> Response {
-    let body = ErrorBody {
-        error: ErrorDetail {
-            code: "method_not_allowed".into(),
-            message: "this route does not take that method".into(),
-        },
-    };
-    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 /// `Query<T>` whose rejections use the gpuq error shape (400).

@@ -262,3 +262,60 @@ async fn gpu_faults_are_proxied_to_the_engines_worker_with_the_admin_token() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_token_is_checked_before_the_body_and_every_refusal_is_json() {
+    let app = spawn_app().await;
+    let send = |path: &str, bearer: Option<&str>, body: &'static str| {
+        let mut req = app
+            .http
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move {
+            let r = req.send().await.expect("POST");
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.expect("a JSON body");
+            (status, v["error"]["code"].as_str().map(str::to_string))
+        }
+    };
+    // Without the token, a malformed body is not even read.
+    assert_eq!(
+        send("/v1/heartbeats", None, "{not json").await,
+        (401, Some("unauthorized".into()))
+    );
+    assert_eq!(
+        send("/v1/engines/w-x/gpus/0/fault", Some("wrong"), "[]").await,
+        (401, Some("unauthorized".into()))
+    );
+    // With it, the body is judged.
+    assert_eq!(
+        send("/v1/heartbeats", Some(ADMIN_TOKEN), "{not json")
+            .await
+            .0,
+        400
+    );
+    // A GPU index that is no number, and a method a route does not take.
+    assert_eq!(
+        send(
+            "/v1/engines/w-x/gpus/first/fault",
+            Some(ADMIN_TOKEN),
+            r#"{"fault":"ecc"}"#
+        )
+        .await,
+        (400, Some("bad_request".into()))
+    );
+    let r = app
+        .http
+        .delete(app.url("/v1/engines"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let v: Value = r.json().await.expect("a JSON 405");
+    assert_eq!(v["error"]["code"], "method_not_allowed");
+    app.cleanup().await;
+}
