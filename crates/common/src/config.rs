@@ -74,7 +74,8 @@ pub struct Settings {
     pub store_url: String,
     /// Prefix of every queue, exchange and Redis key, so tests can share one cluster.
     pub queue_prefix: String,
-    /// Deliveries after which the broker dead-letters a job (`x-delivery-limit`).
+    /// Returns (failed or lost deliveries) a job may have; the next dead-letters it
+    /// (`x-delivery-limit`: a limit of 5 allows 6 attempts).
     pub delivery_limit: u32,
     /// Default time a job may wait in its queue before it is dead-lettered as `expired`.
     pub queue_ttl_s: u64,

@@ -69,6 +69,14 @@ pub async fn process_delivery(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery) ->
     process(w, ch, d, msg).instrument(span).await
 }
 
+/// Whether a job returned `returns` times (failed or lost deliveries, over every copy of it) is
+/// past its budget. The rule the broker applies to one copy, for copies given back: a quorum
+/// queue dead-letters a message once it has been returned *more* times than `x-delivery-limit`,
+/// so a limit of 5 allows 6 attempts.
+fn past_delivery_limit(returns: u64, limit: u32) -> bool {
+    returns > u64::from(limit)
+}
+
 async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage) -> Outcome {
     let received = Instant::now();
     let pool = msg.placement.pool.as_str();
@@ -82,7 +90,7 @@ async fn process(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery, msg: JobMessage
     let attempt = (offset + prior + count + 1) as u32;
     // The first delivery of a freshly submitted job: its record is `queued` in the store.
     let first = !d.redelivered && count == 0 && prior == 0 && offset == 0;
-    if prior > 0 && prior + count >= u64::from(w.settings.delivery_limit) {
+    if prior > 0 && past_delivery_limit(prior + count, w.settings.delivery_limit) {
         // Out of budget, unless it already has its result (a given-back job that then ran and
         // whose ack was lost): that is a duplicate, not a dead letter.
         if let Ok(Some(r)) = w.store.get(msg.id).await
@@ -700,5 +708,21 @@ async fn dead_letter(
             tracing::warn!(error.message = %e, "dead-lettering failed; requeueing instead");
             requeue(w, d, msg).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_back_job_gets_the_attempts_the_broker_would_give_it() {
+        // Limit 5: the broker delivers a message returned 5 times once more (the 6th
+        // attempt, measured on 3.10: an always-failing job ends with attempts 6) and
+        // dead-letters it on its 6th return.
+        assert!(!past_delivery_limit(5, 5));
+        assert!(past_delivery_limit(6, 5));
+        assert!(!past_delivery_limit(1, 1));
+        assert!(past_delivery_limit(2, 1));
     }
 }
