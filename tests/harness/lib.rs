@@ -55,11 +55,44 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|_| repo_root().join("target/debug"))
 }
 
+/// Where test processes reserve the ports they hand out (see `free_port`).
+const PORT_RESERVATIONS: &str = "/tmp/gpuq-e2e-ports";
+/// Ports handed out: below Linux's ephemeral range (32768–60999), so no outgoing connection
+/// takes one, and above the local stack's own (RabbitMQ's distribution ports are 25672–25674).
+const TEST_PORTS: std::ops::Range<u16> = 26_000..32_000;
+/// A reservation older than this belongs to a test run that is over.
+const RESERVATION_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// A port for a service a test spawns. Suites run in parallel processes: a port found free by
+/// binding port 0 and letting go could be handed to another test's service before ours binds
+/// it, and then our readiness check talks to theirs. Each port is therefore reserved with a
+/// file made with `create_new` (atomic across processes) and checked free by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    std::fs::create_dir_all(PORT_RESERVATIONS).expect("the port reservation directory");
+    let span = u128::from(TEST_PORTS.end - TEST_PORTS.start);
+    let start = (Uuid::new_v4().as_u128() % span) as u16;
+    for i in 0..(TEST_PORTS.end - TEST_PORTS.start) {
+        let port = TEST_PORTS.start + (start + i) % (TEST_PORTS.end - TEST_PORTS.start);
+        let file = PathBuf::from(PORT_RESERVATIONS).join(port.to_string());
+        let stale = std::fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > RESERVATION_TTL);
+        if stale {
+            let _ = std::fs::remove_file(&file);
+        }
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .is_err()
+        {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?} (reservations in {PORT_RESERVATIONS})");
 }
 
 /// What to start.
