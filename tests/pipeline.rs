@@ -95,6 +95,9 @@ async fn a_job_that_always_fails_is_dead_lettered_with_its_reason_and_its_worker
         .await
         .unwrap();
     assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
+    // The broker dead-letters on the return after the limit: a limit of 3 allows 4 attempts,
+    // the rule the worker applies to copies it gave back (`past_delivery_limit`).
+    assert_eq!(r.attempts, 4, "{r:?}");
     let error = r.error.unwrap_or_default();
     assert!(error.contains("delivery_limit"), "{error}");
     assert!(error.contains("simulated failure"), "{error}");

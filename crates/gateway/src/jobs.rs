@@ -268,9 +268,10 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
             )));
         }
         FinishOutcome::NotFound => return Err(not_found(id)),
+        // Only a drive-conditional write (`finish_drive`) answers this.
         FinishOutcome::Superseded => {
-            return Err(ApiError::Conflict(format!(
-                "job {id} was re-driven meanwhile"
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "the store answered `superseded` to a plain final write of job {id}"
             )));
         }
     }

@@ -482,7 +482,11 @@ async fn leased(
             // the store keeps refusing.
             let why = match &stored {
                 Err(e) => e.to_string(),
-                _ => "the job's record is missing and could not be recreated".into(),
+                Ok(FinishOutcome::NotFound) => {
+                    "the job's record is missing and could not be recreated".into()
+                }
+                // Only a drive-conditional write answers this; a plain one never does.
+                _ => "the store answered `superseded` to a plain final write".into(),
             };
             tracing::error!(error.message = %why, "the result could not be stored: requeued, not acked");
             return requeue(w, d, msg).await;
