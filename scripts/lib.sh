@@ -199,3 +199,88 @@ log_tail() {
 http_ok() {
   curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null
 }
+
+# ---------------------------------------------------------------------------------------------
+# secantusd (PyPI `secantusdb`): a MongoDB-wire-compatible server that stands in for MongoDB in
+# scripts/test.sh and `scripts/dev.sh up --store mongodb` (production keeps real MongoDB).
+
+SECANTUSDB_VERSION=0.7.0b3
+# The venv secantusd_install makes when the python3 on PATH lacks this version (kept between
+# runs, next to the other tools from PyPI: GPUQ_TOOLS_DIR, default ~/.cache/gpuq-tools).
+SECANTUSDB_VENV="${GPUQ_TOOLS_DIR:-${HOME:-/root}/.cache/gpuq-tools}/secantusdb-$SECANTUSDB_VERSION"
+
+# secantusd_path : prints the secantusd-py of version SECANTUSDB_VERSION (the one in
+# SECANTUSDB_VENV, else the one on PATH when python3 has that version); false when there is none.
+secantusd_path() {
+  if [ -x "$SECANTUSDB_VENV/bin/secantusd-py" ]; then
+    printf '%s\n' "$SECANTUSDB_VENV/bin/secantusd-py"
+    return 0
+  fi
+  have secantusd-py || return 1
+  have python3 || return 1
+  local v
+  v="$(python3 -c 'import importlib.metadata as m; print(m.version("secantusdb"))' 2>/dev/null)" || return 1
+  [ "$v" = "$SECANTUSDB_VERSION" ] || return 1
+  command -v secantusd-py
+}
+
+# secantusd_install : installs secantusdb==SECANTUSDB_VERSION with pip into SECANTUSDB_VENV (a
+# venv: Debian's own python3 refuses global pip installs) unless secantusd_path finds it already.
+# python3 and its venv module come from the OS packages when missing.
+secantusd_install() {
+  secantusd_path >/dev/null && return 0
+  have python3 || apt_install python3
+  log "installing secantusdb $SECANTUSDB_VERSION with pip into $SECANTUSDB_VENV"
+  rm -rf "$SECANTUSDB_VENV"
+  mkdir -p "$(dirname "$SECANTUSDB_VENV")"
+  if ! python3 -m venv "$SECANTUSDB_VENV" >/dev/null 2>&1; then
+    rm -rf "$SECANTUSDB_VENV"
+    apt_install python3-venv
+    python3 -m venv "$SECANTUSDB_VENV" || die "python3 -m venv $SECANTUSDB_VENV failed"
+  fi
+  if ! "$SECANTUSDB_VENV/bin/pip" install -q --disable-pip-version-check "secantusdb==$SECANTUSDB_VERSION" >&2; then
+    rm -rf "$SECANTUSDB_VENV"
+    die "pip failed to install secantusdb==$SECANTUSDB_VERSION"
+  fi
+  secantusd_path >/dev/null || die "secantusdb $SECANTUSDB_VERSION installed, but $SECANTUSDB_VENV/bin/secantusd-py is missing"
+}
+
+# secantusd_start PORT STORAGE_DIR LOG PIDFILE : starts secantusd on 127.0.0.1:PORT in a session
+# of its own (so secantusd_stop ends all of it), its data in STORAGE_DIR, its output appended to
+# LOG, its pid in PIDFILE; returns once it listens (dies when it does not within 30 s).
+secantusd_start() {
+  local port="$1" storage="$2" logf="$3" pidfile="$4" bin pid i
+  bin="$(secantusd_path)" || die "secantusdb $SECANTUSDB_VERSION is not installed (secantusd_install)"
+  if port_listening "$port"; then
+    printf '[%s] ERROR: port %s, needed by secantusd, is already in use by:\n%s\n' "$(_ts)" "$port" "$(port_holder "$port")" >&2
+    die "cannot start secantusd on port $port"
+  fi
+  mkdir -p "$storage" "$(dirname "$logf")" "$(dirname "$pidfile")"
+  printf '\n===== %s secantusd on 127.0.0.1:%s, data in %s =====\n' "$(date '+%Y-%m-%dT%H:%M:%S%z')" "$port" "$storage" >>"$logf"
+  setsid "$bin" --host 127.0.0.1 --port "$port" --storage-path "$storage" --standalone \
+    </dev/null >>"$logf" 2>&1 &
+  pid=$!
+  printf '%s\n' "$pid" >"$pidfile"
+  for ((i = 0; i < 300; i++)); do
+    if ! pid_alive "$pid"; then
+      log_tail "$logf" 30
+      die "secantusd (pid $pid) ended at start"
+    fi
+    port_listening "$port" && return 0
+    sleep 0.1
+  done
+  log_tail "$logf" 30
+  secantusd_stop "$pidfile"
+  die "secantusd (pid $pid) does not listen on 127.0.0.1:$port after 30 s"
+}
+
+# secantusd_stop PIDFILE : stops the secantusd whose pid PIDFILE holds (TERM to its session, KILL
+# after 10 s), when it still runs and is still a secantusd; removes PIDFILE.
+secantusd_stop() {
+  local pidfile="$1" pid
+  if pid="$(pid_from_file "$pidfile")" &&
+    grep -qF secantusd <<<"$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"; then
+    kill_pid_or_group "$pid"
+  fi
+  rm -f "$pidfile"
+}
