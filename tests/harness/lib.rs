@@ -1,12 +1,13 @@
 //! The end-to-end harness: spawns the real gpuq binaries (gateway, manager, workers) against the
 //! local RabbitMQ cluster and Redis (`scripts/stack.sh up`), each stack under a fresh queue/key
-//! prefix with its own SQLite store and random ports, so suites share one cluster safely.
+//! prefix with its own store and random ports, so suites share one cluster safely. The store is
+//! a SQLite file, or with `GPUQ_TEST_STORE=mongodb` a MongoDB database of the stack's own.
 //! Workers run under a restart loop like `scripts/dev.sh`, so crash tests see them come back.
 
 pub mod procs;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,50 @@ pub fn bin_dir() -> PathBuf {
     std::env::var("GPUQ_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("target/debug"))
+}
+
+/// Selects every stack's store: unset or `sqlite`, a SQLite file in the stack's directory;
+/// `mongodb`, a database named after the stack's prefix on the server `GPUQ_TEST_MONGODB_URL`
+/// names. `scripts/test.sh` runs the pipeline suite a second time with `mongodb`.
+pub const TEST_STORE_ENV: &str = "GPUQ_TEST_STORE";
+
+/// The `GPUQ_STORE_URL` of a stack with this prefix and directory, as `GPUQ_TEST_STORE` selects.
+pub fn test_store_url(prefix: &str, dir: &Path) -> String {
+    match std::env::var(TEST_STORE_ENV).as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "sqlite") => {
+            format!("sqlite://{}", dir.join("gpuq.db").display())
+        }
+        Ok("mongodb") => mongodb_url_with_database(&test_env("GPUQ_TEST_MONGODB_URL"), prefix),
+        other => panic!("{TEST_STORE_ENV}={other:?}: use sqlite or mongodb"),
+    }
+}
+
+/// `url`, a MongoDB server (with or without a database and options), naming database `db`
+/// instead. Credentials keep authenticating where they did: against the URL's database (or
+/// `admin`) unless its `authSource` says otherwise.
+pub fn mongodb_url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query).filter(|q| !q.is_empty())),
+        None => (url, None),
+    };
+    let (scheme, rest) = base
+        .split_once("://")
+        .unwrap_or_else(|| panic!("{url:?} is not a mongodb:// URL"));
+    let (hosts, old_db) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut params: Vec<String> = query.map(String::from).into_iter().collect();
+    let has_auth_source = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.to_ascii_lowercase().starts_with("authsource="))
+    });
+    if hosts.contains('@') && !has_auth_source {
+        let source = if old_db.is_empty() { "admin" } else { old_db };
+        params.push(format!("authSource={source}"));
+    }
+    if params.is_empty() {
+        format!("{scheme}://{hosts}/{db}")
+    } else {
+        format!("{scheme}://{hosts}/{db}?{}", params.join("&"))
+    }
 }
 
 /// Where test processes reserve the ports they hand out (see `free_port`).
@@ -126,6 +171,8 @@ impl Default for StackOptions {
 pub struct Stack {
     pub prefix: String,
     pub dir: PathBuf,
+    /// The `GPUQ_STORE_URL` every service got (see `TEST_STORE_ENV`).
+    pub store_url: String,
     pub api_key: String,
     pub admin_token: String,
     pub gateway_url: String,
@@ -146,7 +193,12 @@ impl Stack {
         std::fs::create_dir_all(&dir)?;
         let api_key = Uuid::new_v4().simple().to_string();
         let admin_token = Uuid::new_v4().simple().to_string();
-        let store_url = format!("sqlite://{}", dir.join("gpuq.db").display());
+        let store_url = test_store_url(&prefix, &dir);
+        // Shown with the output of a test that fails: which store, where the logs are.
+        eprintln!(
+            "e2e stack {prefix}: store {store_url}, logs in {}",
+            dir.display()
+        );
         let gateway_port = free_port();
         let manager_port = free_port();
         let gateway_url = format!("http://127.0.0.1:{gateway_port}");
@@ -171,7 +223,7 @@ impl Stack {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
         }
         base_env.extend(opts.env.iter().cloned());
-        // The store file is created before the services race to create it.
+        // The store (file, or database indexes) is created before the services race to create it.
         let store = store::open(&store_url).await?;
         let manager = if opts.manager {
             let mut env = base_env.clone();
@@ -222,6 +274,7 @@ impl Stack {
         let stack = Stack {
             prefix,
             dir,
+            store_url,
             api_key,
             admin_token,
             gateway_url,
@@ -694,5 +747,46 @@ impl Stack {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mongodb_url_with_database as with_db;
+
+    #[test]
+    fn a_mongodb_url_gets_the_database_in_place_of_its_own_and_keeps_its_options() {
+        assert_eq!(
+            with_db("mongodb://127.0.0.1:21017", "t1"),
+            "mongodb://127.0.0.1:21017/t1"
+        );
+        assert_eq!(
+            with_db("mongodb://127.0.0.1:21017/", "t1"),
+            "mongodb://127.0.0.1:21017/t1"
+        );
+        assert_eq!(
+            with_db("mongodb://a:1,b:2/gpuq?replicaSet=rs0&w=majority", "t2"),
+            "mongodb://a:1,b:2/t2?replicaSet=rs0&w=majority"
+        );
+        assert_eq!(
+            with_db("mongodb+srv://cluster.example/?retryWrites=true", "t3"),
+            "mongodb+srv://cluster.example/t3?retryWrites=true"
+        );
+    }
+
+    #[test]
+    fn credentials_keep_authenticating_against_the_database_they_did() {
+        assert_eq!(
+            with_db("mongodb://u:p@h:1/gpuq?w=1", "t1"),
+            "mongodb://u:p@h:1/t1?w=1&authSource=gpuq"
+        );
+        assert_eq!(
+            with_db("mongodb://u:p@h:1", "t1"),
+            "mongodb://u:p@h:1/t1?authSource=admin"
+        );
+        assert_eq!(
+            with_db("mongodb://u:p@h:1/gpuq?authSource=users", "t1"),
+            "mongodb://u:p@h:1/t1?authSource=users"
+        );
     }
 }

@@ -26,6 +26,9 @@ fn start(bin: &Path, env: &[(String, String)], log: &Path) -> std::io::Result<Ch
         .open(log)?;
     let err = out.try_clone()?;
     Command::new(bin)
+        // A knob of the test process, not a setting: the services would log it as an unknown
+        // GPUQ_ variable (they got the store it selects in GPUQ_STORE_URL).
+        .env_remove(crate::TEST_STORE_ENV)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(out)
