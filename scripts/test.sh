@@ -2,12 +2,15 @@
 # Runs every test of the repository, on a fresh machine too (CI runs it through .ci/run from a
 # clean clone, with CI=true and no stdin):
 #   1. installs what is missing (rabbitmq-server, redis-server, prometheus for promtool, sqlite3;
-#      cargo-nextest; rustfmt and clippy)
+#      cargo-nextest; rustfmt and clippy; secantusdb, pinned, with pip: see scripts/lib.sh)
 #   2. cargo fmt --check, cargo clippy -D warnings
 #   3. cargo build --workspace --bins (the end-to-end tests spawn these from target/debug)
 #   4. starts the local stack (scripts/stack.sh up) unless it already runs; stops it at the end
 #      only when this script started it
-#   5. cargo nextest run --workspace --no-fail-fast
+#   5. starts secantusd (a MongoDB stand-in) on 127.0.0.1:21017 for the MongoDB store contract,
+#      unless GPUQ_TEST_MONGODB_URL names a server already; cargo nextest run --workspace
+#      --no-fail-fast (end-to-end suites on SQLite), the pipeline suite once more with the
+#      services on MongoDB, then the disruptive suite; stops secantusd
 #   6. every scripts/checks/*.sh, in sorted order
 #   7. prints the wall time of each phase; exits non-zero when anything failed
 # Every phase runs even when an earlier one failed (except the tests when the build failed), so
@@ -71,6 +74,7 @@ skip_phase() { # NAME REASON
 
 phase_install() {
   apt_install rabbitmq-server redis-server redis-tools prometheus chromium sqlite3 curl iproute2 procps || return 1
+  secantusd_install || return 1
   if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked || return 1
@@ -84,6 +88,7 @@ phase_install() {
     rustup component add clippy || return 1
   fi
   cargo --version && cargo nextest --version | head -n 1
+  printf 'secantusdb %s: %s\n' "$SECANTUSDB_VERSION" "$(secantusd_path)"
 }
 
 phase_fmt() { cargo fmt --all -- --check; }
@@ -91,37 +96,76 @@ phase_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
 phase_build() { cargo build --workspace --bins; }
 phase_stack() { bash "$STACK" up; }
 
-# Every suite but `disruptive` runs in parallel; `disruptive` stops RabbitMQ nodes and Redis of
-# the shared stack, so it runs alone, one test at a time, afterwards.
+# nextest_pass LABEL CARGO_ARGS... : one nextest run, after a "-- nextest pass LABEL" line, its
+# output also appended to test-artifacts/nextest.log (the summary prints those lines).
+nextest_pass() {
+  local label="$1"
+  shift
+  printf -- '\n-- nextest pass %s\n' "$label" | tee -a "$ARTIFACTS/nextest.log"
+  cargo "$@" 2>&1 | tee -a "$ARTIFACTS/nextest.log"
+  return "${PIPESTATUS[0]}"
+}
+
+# Every suite but `disruptive` runs in parallel, the end-to-end ones on SQLite stores; then the
+# pipeline suite again with every service on the MongoDB store (secantusd); `disruptive` stops
+# RabbitMQ nodes and Redis of the shared stack, so it runs last, alone, one test at a time.
 phase_tests() {
   local -a args=(nextest run --workspace --no-fail-fast)
   # A `ci` nextest profile (retries, timeouts, JUnit), when the repository defines one.
   if [ "${CI:-}" = true ] && [ -f .config/nextest.toml ] && grep -q '^\[profile\.ci\]' .config/nextest.toml; then
     args+=(--profile ci)
   fi
-  if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
-    args+=(--run-ignored all)
-  else
-    log "MongoDB store contract: SKIPPED (set GPUQ_TEST_MONGODB_URL to run it; no MongoDB server here)"
-  fi
-  local rc1 rc2
+  local rc1 rc2 rc3 rc_mongo=0 mongo
   export GPUQ_TEST_AMQP_URLS="amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.1:5673/%2f,amqp://guest:guest@127.0.0.1:5674/%2f"
   export GPUQ_TEST_REDIS_URL="redis://127.0.0.1:6379/0"
   export GPUQ_TEST_STACK_SCRIPT="$STACK"
   export GPUQ_BIN_DIR="$ROOT/target/debug"
-  cargo "${args[@]}" -E 'not binary(disruptive)' 2>&1 | tee "$ARTIFACTS/nextest.log"
-  rc1="${PIPESTATUS[0]}"
-  cargo "${args[@]}" -p gpuq-e2e --test disruptive --test-threads 1 2>&1 | tee -a "$ARTIFACTS/nextest.log"
-  rc2="${PIPESTATUS[0]}"
-  [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ]
+  # The MongoDB store contract always runs: without a server it fails, it is never skipped.
+  if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
+    mongo="the server GPUQ_TEST_MONGODB_URL names"
+    log "GPUQ_TEST_MONGODB_URL is set: MongoDB tests use that server (no secantusd started)"
+  else
+    mongo="secantusd $SECANTUSDB_VERSION on 127.0.0.1:$TEST_MONGODB_PORT"
+    log "starting $mongo, data in $TEST_MONGODB_DIR (log test-artifacts/secantusd.log)"
+    if (secantusd_start "$TEST_MONGODB_PORT" "$TEST_MONGODB_DIR/data" "$ARTIFACTS/secantusd.log" "$TEST_MONGODB_DIR/pid"); then
+      export GPUQ_TEST_MONGODB_URL="mongodb://127.0.0.1:$TEST_MONGODB_PORT"
+    else
+      rc_mongo=1
+      mongo="no server (secantusd did not start: it fails)"
+      log "FAILED: no MongoDB server; the MongoDB store contract will fail for want of GPUQ_TEST_MONGODB_URL"
+    fi
+  fi
+  nextest_pass "1/3: every suite but disruptive; end-to-end on SQLite stores, the MongoDB store contract on $mongo" \
+    "${args[@]}" -E 'not binary(disruptive)'
+  rc1=$?
+  if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
+    GPUQ_TEST_STORE=mongodb nextest_pass "2/3: tests/pipeline.rs with every service on the MongoDB store ($mongo, a database per test)" \
+      "${args[@]}" -p gpuq-e2e --test pipeline
+    rc2=$?
+  else
+    printf -- '\n-- nextest pass 2/3: tests/pipeline.rs on the MongoDB store: NOT RUN (no MongoDB server)\n' | tee -a "$ARTIFACTS/nextest.log"
+    rc2=1
+  fi
+  secantusd_stop "$TEST_MONGODB_DIR/pid"
+  nextest_pass "3/3: disruptive, alone, one test at a time (SQLite stores)" \
+    "${args[@]}" -p gpuq-e2e --test disruptive --test-threads 1
+  rc3=$?
+  [ "$rc_mongo" -eq 0 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$rc3" -eq 0 ]
 }
 
 # ---------------------------------------------------------------------------------------------
 
 STARTED_STACK=0
+# The tests phase's secantusd (a MongoDB stand-in): its pid file and data live here, and it must
+# not outlive this script. Its port is outside the native stack's, the e2e harness's test ports
+# (26000-31999) and 16672-19999 (a compose stack of another developer).
+TEST_MONGODB_PORT=21017
+TEST_MONGODB_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpuq-test-mongodb.XXXXXX")" || exit 1
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  secantusd_stop "$TEST_MONGODB_DIR/pid"
+  rm -rf "$TEST_MONGODB_DIR"
   if [ "$STARTED_STACK" -eq 1 ]; then
     printf '\n======== stopping the stack this run started ========\n'
     bash "$STACK" down || true
@@ -178,8 +222,8 @@ done
 printf '  %-32s %8ss  %s\n' "total" "$(elapsed "$T_START")" "$([ "$FAILED" -eq 0 ] && echo ok || echo FAILED)"
 # nextest's own closing line last, for whoever reads the end of this output.
 if [ -f "$ARTIFACTS/nextest.log" ]; then
-  grep -E '^[[:space:]]*Summary \[' "$ARTIFACTS/nextest.log" || true
-  # One plain line over both nextest runs.
+  grep -E '^-- nextest pass |^[[:space:]]*Summary \[' "$ARTIFACTS/nextest.log" || true
+  # One plain line over every nextest run.
   passed=$(grep -E '^[[:space:]]*Summary \[' "$ARTIFACTS/nextest.log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
   failed=$(grep -E '^[[:space:]]*Summary \[' "$ARTIFACTS/nextest.log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
   skipped=$(grep -E '^[[:space:]]*Summary \[' "$ARTIFACTS/nextest.log" | grep -oE '[0-9]+ skipped' | awk '{s+=$1} END {print s+0}')
