@@ -2,9 +2,14 @@
 # The native gpuq dev stack: RabbitMQ cluster + Redis (scripts/stack.sh), then gateway, manager
 # and three workers with simulated GPUs, each under a restart loop.
 #
-#   scripts/dev.sh up [--release] [--with-prometheus]   build, (re)start, wait until healthy
+#   scripts/dev.sh up [--release] [--with-prometheus] [--store sqlite|mongodb]
+#                                                       build, (re)start, wait until healthy
 #   scripts/dev.sh down                                 stop the gpuq services, then the stack
 #   scripts/dev.sh status                               show each service's state
+#
+# --store mongodb runs the services on MongoDB: a secantusd server (PyPI secantusdb, a
+# MongoDB-wire-compatible stand-in, installed with pip when missing) on 127.0.0.1:20017, which
+# `down` stops. The default is the embedded SQLite store.
 #
 # Environment:
 #   GPUQ_BIN_DIR              where the binaries are (default target/debug or target/release);
@@ -14,7 +19,9 @@
 #
 # Files: .dev/logs/<name>.log, .dev/pids/<name>.pid (restart loop = process group),
 # .dev/secrets (API key and admin token, reused by later runs), .dev/env (URLs and secrets as
-# KEY=value lines), .dev/gpuq.db (SQLite store), .dev/prometheus (with --with-prometheus).
+# KEY=value lines), .dev/gpuq.db (SQLite store), .dev/prometheus (with --with-prometheus),
+# .dev/store (the store of the last `up`), .dev/mongodb and .dev/pids/secantusd.pid and
+# .dev/logs/secantusd.log (with --store mongodb).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -35,6 +42,13 @@ GATEWAY_URL="http://127.0.0.1:8080"
 MANAGER_URL="http://127.0.0.1:8090"
 WORKER_URLS="http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
 PROM_URL="http://127.0.0.1:9090"
+# secantusd for --store mongodb: outside the ports of the native stack, of the e2e harness
+# (26000-31999) and of scripts/test.sh's own secantusd (21017).
+MONGODB_PORT=20017
+MONGODB_URL="mongodb://127.0.0.1:$MONGODB_PORT/gpuq"
+MONGODB_PIDFILE="$PID_DIR/secantusd.pid"
+# The services' GPUQ_STORE_URL (cmd_up sets it from --store).
+STORE_URL="sqlite://$DEV_DIR/gpuq.db"
 
 # name  binary  port  health-path
 SERVICES=(
@@ -180,7 +194,7 @@ start_service() { # "LINE" BIN_DIR
     unset GPUQ_BIN_DIR GPUQ_SKIP_BUILD GPUQ_DEV_HEALTH_TIMEOUT GPUQ_STACK_START_TIMEOUT
     export GPUQ_AMQP_URLS="$AMQP_URLS"
     export GPUQ_REDIS_URL="$REDIS_URL"
-    export GPUQ_STORE_URL="sqlite://$DEV_DIR/gpuq.db"
+    export GPUQ_STORE_URL="$STORE_URL"
     export GPUQ_API_KEYS="$API_KEY"
     export GPUQ_ADMIN_TOKEN="$ADMIN_TOKEN"
     export GPUQ_MANAGER_URL="$MANAGER_URL"
@@ -281,18 +295,58 @@ stop_system_prometheus() {
   done
 }
 
+# The store of the last `up`: sqlite or mongodb.
+last_store() {
+  local s
+  s="$(cat "$DEV_DIR/store" 2>/dev/null)" || s=sqlite
+  printf '%s\n' "${s:-sqlite}"
+}
+
+# Starts the dev secantusd unless it runs already (its data stays in .dev/mongodb between runs).
+start_mongodb() {
+  local pid
+  if pid="$(pid_from_file "$MONGODB_PIDFILE")"; then
+    log "secantusd keeps running (pid $pid, port $MONGODB_PORT)"
+    return 0
+  fi
+  secantusd_install
+  secantusd_start "$MONGODB_PORT" "$DEV_DIR/mongodb" "$LOG_DIR/secantusd.log" "$MONGODB_PIDFILE"
+  log "started secantusd $SECANTUSDB_VERSION (pid $(cat "$MONGODB_PIDFILE"), port $MONGODB_PORT, log .dev/logs/secantusd.log)"
+}
+
+stop_mongodb() {
+  local pid
+  if pid="$(pid_from_file "$MONGODB_PIDFILE")"; then
+    log "stopping secantusd (pid $pid)"
+  fi
+  secantusd_stop "$MONGODB_PIDFILE"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
 cmd_up() {
-  local release=0 with_prom=0 arg profile bin_dir line t0
-  for arg in "$@"; do
+  local release=0 with_prom=0 store=sqlite arg profile bin_dir line t0
+  while [ $# -gt 0 ]; do
+    arg="$1"
+    shift
     case "$arg" in
       --release) release=1 ;;
       --with-prometheus) with_prom=1 ;;
-      *) die "unknown option for up: $arg (use --release, --with-prometheus)" ;;
+      --store=*) store="${arg#--store=}" ;;
+      --store)
+        [ $# -gt 0 ] || die "--store needs a value: sqlite or mongodb"
+        store="$1"
+        shift
+        ;;
+      *) die "unknown option for up: $arg (use --release, --with-prometheus, --store sqlite|mongodb)" ;;
     esac
   done
+  case "$store" in
+    sqlite) STORE_URL="sqlite://$DEV_DIR/gpuq.db" ;;
+    mongodb) STORE_URL="$MONGODB_URL" ;;
+    *) die "unknown store: $store (use sqlite or mongodb)" ;;
+  esac
   t0="$(now_s)"
   if [ "$with_prom" -eq 1 ] && [ ! -f "$PROM_CONFIG" ]; then
     die "--with-prometheus needs $PROM_CONFIG, which does not exist (yet)"
@@ -331,6 +385,12 @@ cmd_up() {
   # shellcheck disable=SC2046
   stop_services $(all_service_names)
   sweep_leftovers
+  if [ "$store" = mongodb ]; then
+    start_mongodb
+  else
+    stop_mongodb # left by an earlier `up --store mongodb`; its data stays in .dev/mongodb
+  fi
+  printf '%s\n' "$store" >"$DEV_DIR/store"
 
   local -a started=("${SERVICES[@]}")
   for line in "${SERVICES[@]}"; do start_service "$line" "$bin_dir"; done
@@ -355,6 +415,7 @@ cmd_up() {
   workers      http://127.0.0.1:9001  http://127.0.0.1:9002  http://127.0.0.1:9003
   RabbitMQ     http://127.0.0.1:15672  (guest / guest)
   Redis        $REDIS_URL
+  store        $STORE_URL
 EOF
   if loop_pid prometheus >/dev/null; then
     printf '  Prometheus   %s\n' "$PROM_URL"
@@ -376,6 +437,7 @@ cmd_down() {
   # shellcheck disable=SC2046
   stop_services $(all_service_names) prometheus
   sweep_leftovers
+  stop_mongodb
   bash "$STACK" down
 }
 
@@ -408,6 +470,18 @@ cmd_status() {
       ok=1
     fi
   done
+  if pid="$(pid_from_file "$MONGODB_PIDFILE")"; then
+    if port_listening "$MONGODB_PORT"; then state="up"; else state="running, NOT listening"; ok=1; fi
+    printf '%-12s %-22s pid %s, port %s, data .dev/mongodb (secantusd %s)\n' mongodb "$state" "$pid" "$MONGODB_PORT" "$SECANTUSDB_VERSION"
+  elif [ "$(last_store)" = mongodb ]; then
+    printf '%-12s %s\n' mongodb "down"
+    ok=1
+  fi
+  if [ "$(last_store)" = mongodb ]; then
+    printf '%-12s %s\n' store "$MONGODB_URL"
+  else
+    printf '%-12s %s\n' store "sqlite://$DEV_DIR/gpuq.db"
+  fi
   echo
   bash "$STACK" status || ok=1
   return "$ok"
