@@ -1758,6 +1758,13 @@ fn the_dockerfile_is_multi_stage_non_root_with_a_healthcheck_and_pinned_bases() 
     let mut errors = Vec::new();
     let mut stages = Vec::new();
     let mut last_stage_start = 0;
+    // The ARGs before the first FROM, with their defaults: what a user's build takes.
+    let args: Vec<(String, String)> = lines
+        .iter()
+        .take_while(|l| !l.starts_with("FROM "))
+        .filter_map(|l| l.strip_prefix("ARG ")?.split_once('='))
+        .map(|(k, v)| (format!("${{{k}}}"), v.to_string()))
+        .collect();
     for (i, l) in lines.iter().enumerate() {
         let Some(rest) = l.strip_prefix("FROM ") else {
             continue;
@@ -1767,7 +1774,16 @@ fn the_dockerfile_is_multi_stage_non_root_with_a_healthcheck_and_pinned_bases() 
             .split_whitespace()
             .filter(|w| !w.starts_with("--"))
             .collect();
-        let image = words[0];
+        let image = args
+            .iter()
+            .fold(words[0].to_string(), |w, (k, v)| w.replace(k, v));
+        let image = image.as_str();
+        if image == "scratch" {
+            if let Some(p) = words.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+                stages.push(words[p + 1].to_string());
+            }
+            continue;
+        }
         if let Some(alias) = words
             .iter()
             .position(|w| w.eq_ignore_ascii_case("AS"))
@@ -1863,8 +1879,14 @@ fn the_dockerfile_caches_dependencies_for_every_member_and_installs_every_binary
             errors.push(format!("the image does not take {bin} from the build"));
         }
     }
-    if !text.contains("COPY --from=builder /out/ /usr/local/bin/") {
-        errors.push("the binaries do not land in /usr/local/bin".into());
+    // The runtime takes /out of the `binaries` stage, which is the builder's unless
+    // BINARIES=host (scripts/compose.sh) says otherwise.
+    if !text.contains("COPY --from=binaries /out/ /usr/local/bin/")
+        || !text.contains("ARG BINARIES=source")
+        || !text.contains("FROM builder AS binaries-source")
+        || !text.contains("FROM binaries-${BINARIES} AS binaries")
+    {
+        errors.push("the builder's binaries do not land in /usr/local/bin by default".into());
     }
     assert_no_errors("deploy/Dockerfile", errors);
 }
