@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the repository, on a fresh machine too (CI runs it through .ci/run from a
 # clean clone, with CI=true and no stdin):
-#   1. installs what is missing (rabbitmq-server, redis-server, prometheus for promtool, sqlite3;
+#   1. installs what is missing (rabbitmq-server, redis-server, prometheus for promtool, sqlite3,
+#      docker.io and mmdebstrap;
 #      cargo-nextest; rustfmt and clippy; secantusdb, pinned, with pip: see scripts/lib.sh)
 #   2. cargo fmt --check, cargo clippy -D warnings
 #   3. cargo build --workspace --bins (the end-to-end tests spawn these from target/debug)
@@ -12,7 +13,10 @@
 #      --no-fail-fast (end-to-end suites on SQLite), the pipeline suite once more with the
 #      services on MongoDB, then the disruptive suite; stops secantusd
 #   6. every scripts/checks/*.sh, in sorted order
-#   7. prints the wall time of each phase; exits non-zero when anything failed
+#   7. the production shape, after the local stack is down: scripts/compose.sh up --local-images
+#      (docker-compose.yml on stand-in images built here; a Docker engine started when none
+#      runs), tests/compose.rs against it, then compose.sh down -v
+#   8. prints the wall time of each phase; exits non-zero when anything failed
 # Every phase runs even when an earlier one failed (except the tests when the build failed), so
 # that one run shows every problem. Logs: test-artifacts/.
 # The phase functions are called indirectly, through run_phase.
@@ -73,8 +77,11 @@ skip_phase() { # NAME REASON
 # Phases
 
 phase_install() {
-  apt_install rabbitmq-server redis-server redis-tools prometheus chromium sqlite3 curl iproute2 procps || return 1
+  apt_install rabbitmq-server redis-server redis-tools prometheus chromium sqlite3 curl iproute2 procps \
+    docker.io mmdebstrap binutils || return 1
   secantusd_install || return 1
+  find_compose || return 1 # Docker Compose v2 (scripts/lib.sh), for compose.sh and its tests
+  printf 'docker compose: %s\n' "${COMPOSE[*]}"
   if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked || return 1
@@ -153,9 +160,31 @@ phase_tests() {
   [ "$rc_mongo" -eq 0 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$rc3" -eq 0 ]
 }
 
+# The production shape: docker-compose.yml on local stand-in images (scripts/compose.sh up
+# --local-images, with an env file of its own, never the user's .env), tests/compose.rs against
+# it one test at a time, then `down -v`, which fails if anything of the project is left.
+phase_compose() {
+  local rc=0
+  export GPUQ_COMPOSE_ENV_FILE="$TEST_COMPOSE_DIR/.env"
+  rm -f "$GPUQ_COMPOSE_ENV_FILE"
+  bash scripts/compose.sh init >/dev/null || return 1
+  STARTED_COMPOSE=1
+  if bash scripts/compose.sh up --local-images; then
+    nextest_pass "compose: tests/compose.rs against docker-compose.yml on stand-in images, one at a time" \
+      nextest run --no-fail-fast -p gpuq-e2e --test compose --run-ignored only --test-threads 1 || rc=1
+  else
+    rc=1
+  fi
+  bash scripts/compose.sh down -v || rc=1
+  STARTED_COMPOSE=0
+  return "$rc"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 STARTED_STACK=0
+STARTED_COMPOSE=0
+TEST_COMPOSE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpuq-test-compose.XXXXXX")" || exit 1
 # The tests phase's secantusd (a MongoDB stand-in): its pid file and data live here, and it must
 # not outlive this script. Its port is outside the native stack's, the e2e harness's test ports
 # (26000-31999) and 16672-19999 (a compose stack of another developer).
@@ -166,6 +195,11 @@ cleanup() {
   trap - EXIT INT TERM
   secantusd_stop "$TEST_MONGODB_DIR/pid"
   rm -rf "$TEST_MONGODB_DIR"
+  if [ "$STARTED_COMPOSE" -eq 1 ]; then
+    printf '\n======== removing the compose stack this run started ========\n'
+    bash scripts/compose.sh down -v || true
+  fi
+  rm -rf "$TEST_COMPOSE_DIR"
   if [ "$STARTED_STACK" -eq 1 ]; then
     printf '\n======== stopping the stack this run started ========\n'
     bash "$STACK" down || true
@@ -210,6 +244,13 @@ fi
 if [ "$STARTED_STACK" -eq 1 ]; then
   run_phase "stack down" bash "$STACK" down
   STARTED_STACK=0
+fi
+
+# After the native stack is down: the two never compete for the 2 cores.
+if [ "$BUILD_OK" -eq 1 ]; then
+  run_phase compose phase_compose
+else
+  skip_phase compose "the build failed"
 fi
 
 # ---------------------------------------------------------------------------------------------
