@@ -170,7 +170,8 @@ check_ports() {
   while read -r svc ip port; do
     [ -n "$port" ] || continue
     if address_taken "$ip" "$port"; then
-      if [ -n "$mine" ] && "$DOCKER" port "gpuq-$svc-1" 2>/dev/null | grep -q ":$port\$"; then
+      # (grep reads a here-string: in a pipe, its early exit could SIGPIPE docker under pipefail)
+      if [ -n "$mine" ] && grep -q ":$port\$" <<<"$("$DOCKER" port "gpuq-$svc-1" 2>/dev/null)"; then
         continue
       fi
       fail "port $ip:$port (service $svc) is already in use by: $(port_holder "$port" | head -n 1)"
