@@ -411,15 +411,22 @@ fn finish(
     })
 }
 
+/// Decodes a row. Whatever a column holds that does not decode (a wrong type included) is
+/// `Corrupt`, not `Unavailable`: reading it again gives the same answer.
 fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let id: String = r.get(0)?;
-    let kind: String = r.get(1)?;
-    let params: String = r.get(2)?;
-    let status: String = r.get(6)?;
-    let gpus: String = r.get(9)?;
-    let result: Option<String> = r.get(10)?;
     let build = || -> Result<JobRecord, StoreError> {
         let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of job {id}"));
+        let text = |i: usize, what: &str| -> Result<String, StoreError> {
+            r.get(i).map_err(|_| corrupt(what))
+        };
+        let (kind, params, status, gpus) = (
+            text(1, "kind")?,
+            text(2, "params")?,
+            text(6, "status")?,
+            text(9, "gpus")?,
+        );
+        let result: Option<String> = r.get(10).map_err(|_| corrupt("result"))?;
         Ok(JobRecord {
             id: id.parse().map_err(|_| corrupt("id"))?,
             kind: match kind.as_str() {
@@ -428,24 +435,24 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
                 _ => return Err(corrupt("kind")),
             },
             params: serde_json::from_str(&params).map_err(|_| corrupt("params"))?,
-            pool: r.get(3).map_err(unavailable)?,
-            gpus_requested: r.get(4).map_err(unavailable)?,
+            pool: r.get(3).map_err(|_| corrupt("pool"))?,
+            gpus_requested: r.get(4).map_err(|_| corrupt("gpus_requested"))?,
             min_gpu_memory_mb: r
                 .get::<_, Option<i64>>(5)
-                .map_err(unavailable)?
+                .map_err(|_| corrupt("min_gpu_memory_mb"))?
                 .map(|m| m as u64),
             status: JobStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
-            attempts: r.get(7).map_err(unavailable)?,
-            worker: r.get(8).map_err(unavailable)?,
+            attempts: r.get(7).map_err(|_| corrupt("attempts"))?,
+            worker: r.get(8).map_err(|_| corrupt("worker"))?,
             gpus: serde_json::from_str(&gpus).map_err(|_| corrupt("gpus"))?,
             result: result
                 .map(|s| serde_json::from_str(&s))
                 .transpose()
                 .map_err(|_| corrupt("result"))?,
-            error: r.get(11).map_err(unavailable)?,
-            created_at: r.get(12).map_err(unavailable)?,
-            started_at: r.get(13).map_err(unavailable)?,
-            finished_at: r.get(14).map_err(unavailable)?,
+            error: r.get(11).map_err(|_| corrupt("error"))?,
+            created_at: r.get(12).map_err(|_| corrupt("created_at"))?,
+            started_at: r.get(13).map_err(|_| corrupt("started_at"))?,
+            finished_at: r.get(14).map_err(|_| corrupt("finished_at"))?,
         })
     };
     Ok(build())
