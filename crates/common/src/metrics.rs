@@ -263,6 +263,7 @@ impl WorkerMetrics {
 #[derive(Clone)]
 pub struct ManagerMetrics {
     pub dead_letters: IntCounterVec,
+    pub dead_letters_unrecorded: IntCounterVec,
     pub engine_state: IntGaugeVec,
     pub engine_restarts: IntCounterVec,
     pub engine_running_jobs: IntGaugeVec,
@@ -293,6 +294,12 @@ impl ManagerMetrics {
                 "gpuq_dead_letters_total",
                 "Jobs dead-lettered, by reason (delivery_limit, expired, rejected, unschedulable, maxlen).",
                 &["reason"],
+            ),
+            dead_letters_unrecorded: counter(
+                r,
+                "gpuq_dead_letters_unrecorded_total",
+                "Dead letters acked without a record, logged for an operator: unreadable_message (no job id), corrupt_record (the job's stored record cannot be decoded), store_error.",
+                &["cause"],
             ),
             engine_state: int_gauge_vec(
                 r,

@@ -1,7 +1,9 @@
 //! Dead-letter bookkeeping: consumes `<prefix>.dead` (manual ack) and records each job as
 //! `dead_lettered` with its reason, through the store's conditional final write, before the ack.
 //! Dead-lettering is at least once, so a second copy finds the job final and is only acked.
-//! When the broker connection dies, it reconnects through another node and resumes.
+//! A dead letter that cannot be recorded for good (no job id, a corrupt stored record) is acked
+//! once, logged with its contents and counted, never requeued; only an unavailable store is waited
+//! out. When the broker connection dies, it reconnects through another node and resumes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +18,7 @@ use gpuq_common::topology::{DRIVE_HEADER, ERROR_HEADER, FIRST_DRIVE, REASON_HEAD
 
 use crate::registry::Registry;
 use gpuq_common::{JobId, JobStore, StoreError};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use serde_json::json;
@@ -108,18 +110,69 @@ pub enum Recorded {
     Superseded { id: JobId, drive: String },
     /// Neither the message nor the store tells which job this was: nothing to record.
     Unreadable(String),
+    /// The job's stored record cannot be decoded, or the store refused the write for good:
+    /// nothing was written. Retrying would only fail again, so it is parked: acked, logged with
+    /// the dead letter's contents, and counted in `gpuq_dead_letters_unrecorded_total`.
+    Unrecordable {
+        id: JobId,
+        /// `corrupt_record` or `store_error` (the metric's `cause`).
+        cause: &'static str,
+        why: String,
+    },
 }
 
-/// Records one dead letter in the store. The one-step function of this module.
+impl Recorded {
+    /// The `cause` label of `gpuq_dead_letters_unrecorded_total`, for a dead letter nothing
+    /// was recorded for.
+    pub fn unrecorded_cause(&self) -> Option<&'static str> {
+        match self {
+            Recorded::Unreadable(_) => Some("unreadable_message"),
+            Recorded::Unrecordable { cause, .. } => Some(*cause),
+            _ => None,
+        }
+    }
+}
+
+/// Records one dead letter in the store. The one-step function of this module. Fails only
+/// with `StoreError::Unavailable`, which passes; any other failure would repeat on every try and
+/// is answered `Unrecordable`.
 pub async fn record(store: &dyn JobStore, dl: &DeadLetter) -> Result<Recorded, StoreError> {
     let Some(id) = dl.id else {
         return Ok(Recorded::Unreadable(
             "no job id in message_id or body".into(),
         ));
     };
+    match record_job(store, dl, id).await {
+        Err(StoreError::Unavailable(m)) => Err(StoreError::Unavailable(m)),
+        Err(e) => Ok(Recorded::Unrecordable {
+            id,
+            cause: match e {
+                StoreError::Corrupt(_) => "corrupt_record",
+                _ => "store_error",
+            },
+            why: e.to_string(),
+        }),
+        recorded => recorded,
+    }
+}
+
+async fn record_job(
+    store: &dyn JobStore,
+    dl: &DeadLetter,
+    id: JobId,
+) -> Result<Recorded, StoreError> {
     let last_error = match &dl.error {
         Some(e) => Some(e.clone()),
-        None => store.get(id).await?.and_then(|r| r.error),
+        // The error is only a detail: a record that cannot be decoded may still take the
+        // status (the write below touches a few fields).
+        None => match store.get(id).await {
+            Ok(r) => r.and_then(|r| r.error),
+            Err(StoreError::Corrupt(why)) => {
+                tracing::warn!(job_id = %id, error.message = %why, "the job's record cannot be read; dead-lettering it without its last error");
+                None
+            }
+            Err(e) => return Err(e),
+        },
     };
     let mut result = json!({ "reason": dl.reason });
     if let Some(q) = &dl.queue {
@@ -271,9 +324,12 @@ impl DeadLetterConsumer {
                     .context("ack")?;
                 continue;
             }
+            // Every outcome is acked: one that recorded nothing is parked (logged and counted),
+            // since requeueing it would only fail again, in a loop.
             match self.record_with_retry(&dl, token).await {
-                Some(Ok(())) => {
-                    if let Some(id) = dl.id
+                Some(rec) => {
+                    if rec.unrecorded_cause().is_none()
+                        && let Some(id) = dl.id
                         && let Err(e) = self.registry.mark_dead_letter_seen(id, &dl.drive).await
                     {
                         tracing::warn!(job_id = %id, error.message = %e, "cannot remember the recorded dead letter");
@@ -282,21 +338,6 @@ impl DeadLetterConsumer {
                         .ack(BasicAckOptions::default())
                         .await
                         .context("ack")?;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(
-                        job_id = ?dl.id, error.cause_chain = ?e, error.message = %e,
-                        "cannot record dead letter; requeueing it"
-                    );
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    let requeue = BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    };
-                    delivery.nack(requeue).await.context("nack")?;
                 }
                 // Shutting down mid-retry: the unacked message goes back with the channel.
                 None => return Ok(()),
@@ -307,23 +348,22 @@ impl DeadLetterConsumer {
     /// Records and counts a dead letter. While the store is unavailable the delivery is held
     /// and the write retried, so that an outage burns no delivery count (quorum queues on
     /// RabbitMQ 4 drop a message after 20 requeues, and the dead queue has nowhere further to go).
-    /// Other store errors come back for a delayed requeue. `None` means cancelled.
+    /// `record` fails with nothing else. `None` means cancelled.
     async fn record_with_retry(
         &self,
         dl: &DeadLetter,
         token: &CancellationToken,
-    ) -> Option<Result<(), StoreError>> {
+    ) -> Option<Recorded> {
         let mut wait = Duration::from_millis(200);
         loop {
             match record(self.store.as_ref(), dl).await {
                 Ok(rec) => {
-                    self.note(&rec);
-                    return Some(Ok(()));
+                    self.note(dl, &rec);
+                    return Some(rec);
                 }
-                Err(StoreError::Unavailable(m)) => {
-                    tracing::warn!(job_id = ?dl.id, error.message = %m, "store unavailable; holding the dead letter");
+                Err(e) => {
+                    tracing::warn!(job_id = ?dl.id, error.message = %e, "store unavailable; holding the dead letter");
                 }
-                Err(e) => return Some(Err(e)),
             }
             tokio::select! {
                 _ = token.cancelled() => return None,
@@ -333,7 +373,13 @@ impl DeadLetterConsumer {
         }
     }
 
-    fn note(&self, rec: &Recorded) {
+    fn note(&self, dl: &DeadLetter, rec: &Recorded) {
+        if let Some(cause) = rec.unrecorded_cause() {
+            self.metrics
+                .dead_letters_unrecorded
+                .with_label_values(&[cause])
+                .inc();
+        }
         match rec {
             Recorded::Stored { id, reason } => {
                 self.metrics
@@ -350,10 +396,34 @@ impl DeadLetterConsumer {
                 job_id = %id, drive = %drive,
                 "late dead letter of a drive the job was re-driven from; acked"
             ),
-            Recorded::Unreadable(why) => {
-                tracing::error!(error.message = %why, "unreadable dead letter dropped")
-            }
+            Recorded::Unreadable(why) => tracing::error!(
+                error.message = %why,
+                reason = %dl.reason,
+                body = %body_excerpt(&dl.body),
+                "unreadable dead letter dropped"
+            ),
+            Recorded::Unrecordable { id, cause, why } => tracing::error!(
+                job_id = %id,
+                cause = *cause,
+                error.message = %why,
+                reason = %dl.reason,
+                drive = %dl.drive,
+                last_error = dl.error.as_deref().unwrap_or(""),
+                body = %body_excerpt(&dl.body),
+                "dead letter not recorded: the job's record cannot be written; acked, not retried"
+            ),
         }
+    }
+}
+
+/// The start of a message body, for a log line an operator can rebuild the job from.
+fn body_excerpt(body: &[u8]) -> String {
+    const MAX: usize = 4096;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]).into_owned();
+    if body.len() > MAX {
+        format!("{text}… ({} bytes)", body.len())
+    } else {
+        text
     }
 }
 
@@ -465,6 +535,104 @@ mod tests {
             record(store.as_ref(), &second).await.unwrap(),
             Recorded::Stored { .. }
         ));
+    }
+
+    /// A job in a fresh SQLite store, and the store's file.
+    async fn stored_job() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Arc<dyn JobStore>,
+        JobMessage,
+    ) {
+        use gpuq_common::job::{JobPayload, JobPlacement, SimulateParams};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let store = gpuq_common::store::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let msg = JobMessage::new(
+            JobPayload::Simulate(SimulateParams::default()),
+            JobPlacement {
+                gpus: 1,
+                min_gpu_memory_mb: None,
+                pool: "default".into(),
+                ttl_s: None,
+            },
+        );
+        store.insert(&JobRecord::queued(&msg)).await.unwrap();
+        (dir, path, store, msg)
+    }
+
+    /// Overwrites one column of a job's row with a value no store write would make.
+    fn corrupt(path: &std::path::Path, id: JobId, column: &str, value: &str) {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let n = conn
+            .execute(
+                &format!("UPDATE jobs SET {column} = ?2 WHERE id = ?1"),
+                rusqlite::params![id.to_string(), value],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    fn limit_letter(msg: &JobMessage) -> DeadLetter {
+        DeadLetter::from_message(
+            &props(
+                x_death("delivery_limit", "p.jobs.default"),
+                Some(&msg.id.to_string()),
+            ),
+            &msg.to_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_whose_record_has_an_unknown_status_is_unrecordable_not_an_error() {
+        let (_dir, path, store, msg) = stored_job().await;
+        corrupt(&path, msg.id, "status", "exploded");
+        let dl = limit_letter(&msg);
+        for _ in 0..2 {
+            let rec = record(store.as_ref(), &dl).await.unwrap();
+            assert!(
+                matches!(&rec, Recorded::Unrecordable { id, cause: "corrupt_record", why }
+                    if *id == msg.id && why.contains("exploded")),
+                "{rec:?}"
+            );
+            assert_eq!(rec.unrecorded_cause(), Some("corrupt_record"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_whose_record_cannot_be_read_is_still_recorded_once() {
+        // Bad JSON, and a value of the wrong type (which must not pass for an outage).
+        for (column, value) in [("params", "{not json"), ("attempts", "many")] {
+            let (_dir, path, store, msg) = stored_job().await;
+            corrupt(&path, msg.id, column, value);
+            assert!(
+                matches!(store.get(msg.id).await, Err(StoreError::Corrupt(_))),
+                "{column}"
+            );
+            let dl = limit_letter(&msg);
+            assert!(
+                dl.error.is_none(),
+                "the last error would come from the record"
+            );
+            assert_eq!(
+                record(store.as_ref(), &dl).await.unwrap(),
+                Recorded::Stored {
+                    id: msg.id,
+                    reason: "delivery_limit".into()
+                },
+                "{column}"
+            );
+            assert_eq!(
+                record(store.as_ref(), &dl).await.unwrap(),
+                Recorded::AlreadyFinal {
+                    id: msg.id,
+                    status: JobStatus::DeadLettered
+                },
+                "{column}"
+            );
+        }
     }
 
     #[test]

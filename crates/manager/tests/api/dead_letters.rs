@@ -166,6 +166,62 @@ async fn a_dead_letter_becomes_a_dead_lettered_record_with_its_reason_and_a_seco
     app.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_dead_letter_whose_record_is_corrupt_is_parked_once_and_never_requeued() {
+    let app = spawn_app().await;
+    let store = app.state.store().clone();
+    let pool_queue = format!("{}.jobs.default", app.prefix);
+    let job = message();
+    store.insert(&JobRecord::queued(&job)).await.unwrap();
+    // A status no store write makes: the record cannot be decoded, or written conditionally.
+    let changed = rusqlite::Connection::open(app.store_path())
+        .unwrap()
+        .execute(
+            "UPDATE jobs SET status = 'exploded' WHERE id = ?1",
+            [job.id.to_string()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    app.publish_dead_letter(
+        &job.id.to_string(),
+        &job.to_bytes(),
+        x_death("delivery_limit", &pool_queue),
+    )
+    .await;
+    let parked = r#"gpuq_dead_letters_unrecorded_total{cause="corrupt_record"}"#;
+    eventually(
+        Duration::from_secs(15),
+        "the dead letter parked",
+        || async { metric_value(&app.get_text("/metrics").await.1, parked) },
+    )
+    .await;
+    // Requeued, it would come back at once and be counted again on every pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, metrics) = app.get_text("/metrics").await;
+    assert_eq!(metric_value(&metrics, parked), Some(1.0), "{metrics}");
+
+    // The consumer goes on: the next dead letter is recorded.
+    let next = message();
+    store.insert(&JobRecord::queued(&next)).await.unwrap();
+    app.publish_dead_letter(
+        &next.id.to_string(),
+        &next.to_bytes(),
+        x_death("expired", &pool_queue),
+    )
+    .await;
+    eventually(Duration::from_secs(15), "the next dead letter", || async {
+        store
+            .get(next.id)
+            .await
+            .unwrap()
+            .filter(|r| r.status == JobStatus::DeadLettered)
+    })
+    .await;
+    let (_, metrics) = app.get_text("/metrics").await;
+    assert_eq!(metric_value(&metrics, parked), Some(1.0), "{metrics}");
+    app.cleanup().await;
+}
+
 /// The name the broker gives the manager's connection (`peer -> node`), if it has one now.
 async fn manager_connection(app: &crate::helpers::TestApp) -> Option<(String, String)> {
     let wanted = format!("gpuq-manager/{}", app.prefix);

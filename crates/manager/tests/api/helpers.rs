@@ -107,6 +107,11 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The manager's SQLite file, for tests that must write what no store write makes.
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("jobs.db")
+    }
+
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
