@@ -245,11 +245,53 @@ async fn contract(store: Arc<dyn JobStore>) {
         FinishOutcome::NotFound
     );
 
-    // delete
+    // withdraw: a record stored without an owner is withdrawn without one, once
     let gone = new_job(&pool);
     store.insert(&gone).await.unwrap();
-    store.delete(gone.id).await.unwrap();
+    assert!(!store.withdraw(gone.id, Some("a")).await.unwrap());
+    assert!(store.withdraw(gone.id, None).await.unwrap());
     assert!(store.get(gone.id).await.unwrap().is_none());
+    assert!(!store.withdraw(gone.id, None).await.unwrap());
+    assert_eq!(store.adopt(gone.id, "b").await.unwrap(), None);
+
+    // owners: a takeover adopts the record, and the earlier owner can no longer withdraw it
+    let owned = new_job(&pool);
+    store.insert_owned(&owned, "a").await.unwrap();
+    assert_eq!(store.get(owned.id).await.unwrap().unwrap(), owned);
+    assert!(matches!(
+        store.insert_owned(&owned, "b").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(!store.withdraw(owned.id, None).await.unwrap());
+    assert_eq!(
+        store.adopt(owned.id, "b").await.unwrap(),
+        Some(JobStatus::Queued)
+    );
+    assert!(!store.withdraw(owned.id, Some("a")).await.unwrap());
+    assert_eq!(store.get(owned.id).await.unwrap().unwrap(), owned);
+    assert!(store.withdraw(owned.id, Some("b")).await.unwrap());
+    assert!(store.get(owned.id).await.unwrap().is_none());
+    // Only a queued record is adopted or withdrawn: one a worker has seen answers its status.
+    let seen = new_job(&pool);
+    store.insert_owned(&seen, "a").await.unwrap();
+    let mut started = seen.clone();
+    started.status = JobStatus::Running;
+    started.attempts = 1;
+    started.started_at = Some(now_ms());
+    store.start_attempt(&started).await.unwrap();
+    assert_eq!(
+        store.adopt(seen.id, "b").await.unwrap(),
+        Some(JobStatus::Running)
+    );
+    assert!(!store.withdraw(seen.id, Some("a")).await.unwrap());
+    store
+        .finish(seen.id, &outcome(JobStatus::Succeeded, "w"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.adopt(seen.id, "b").await.unwrap(),
+        Some(JobStatus::Succeeded)
+    );
 
     // listing: newest first, filtered, paged by cursor without gaps or repeats
     let mut ids = HashSet::new();

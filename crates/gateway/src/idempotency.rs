@@ -2,7 +2,9 @@
 //! publishes, so a concurrent duplicate waits for it instead of enqueueing a second job. The claim
 //! is `pending` until the broker confirms, then `done`; a failed publish releases it. A claim left
 //! pending by a gateway that died is taken over after its deadline, keeping the job id, so the
-//! retried publish is deduplicated by the workers if the first one did reach the queue.
+//! retried publish is deduplicated by the workers if the first one did reach the queue. Each claim
+//! has a token that owns the job's record: a takeover adopts the record, so the request it took
+//! over from, if only slow, can no longer delete it.
 
 use std::time::Duration;
 
@@ -88,6 +90,9 @@ pub struct Ticket {
     pub body_hash: String,
     /// True when a pending claim of a dead request was taken over (the job may already exist).
     pub taken_over: bool,
+    /// Names this claim in the job's record (`JobStore::insert_owned`, `adopt`), so that a
+    /// request whose claim was taken over cannot withdraw a record its successor relies on.
+    pub owner: String,
 }
 
 #[derive(Clone)]
@@ -164,6 +169,7 @@ impl Idempotency {
                     id,
                     body_hash: body_hash.to_string(),
                     taken_over: false,
+                    owner: new_owner(),
                 }));
             }
             let current: Option<String> = self
@@ -199,6 +205,7 @@ impl Idempotency {
                         id: entry.id,
                         body_hash: body_hash.to_string(),
                         taken_over: true,
+                        owner: new_owner(),
                     }));
                 }
                 continue;
@@ -280,6 +287,11 @@ impl Idempotency {
             .await?;
         Ok(swapped == 1)
     }
+}
+
+/// A fresh claim token: one per claim, taken over or not.
+fn new_owner() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// A fingerprint of what a job asks for (kind, params, placement), after defaults are applied,

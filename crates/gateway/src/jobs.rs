@@ -87,28 +87,19 @@ async fn enqueue(
     msg: JobMessage,
     ticket: Option<Ticket>,
 ) -> Result<Submitted, ApiError> {
-    let taken_over = ticket.as_ref().is_some_and(|t| t.taken_over);
-    let mut inserted = true;
-    match state.store.insert(&JobRecord::queued(&msg)).await {
-        Ok(()) => {}
-        Err(StoreError::Conflict(_)) if taken_over => {
-            // The request that died stored it. If a worker has seen it, it was enqueued.
-            inserted = false;
-            if let Some(existing) = state.store.get(msg.id).await?
-                && existing.status != JobStatus::Queued
-            {
-                finish_claim(state, ticket.as_ref()).await;
-                return Ok(Submitted::Replayed {
-                    id: msg.id,
-                    status: existing.status,
-                });
-            }
+    let inserted = match store_record(state, &msg, ticket.as_ref()).await {
+        Ok(Stored::Inserted) => true,
+        Ok(Stored::Adopted) => false,
+        Ok(Stored::Seen(status)) => {
+            // The request that died stored it, and a worker has seen it: it was enqueued.
+            finish_claim(state, ticket.as_ref()).await;
+            return Ok(Submitted::Replayed { id: msg.id, status });
         }
         Err(e) => {
             give_up_claim(state, ticket.as_ref(), false).await;
             return Err(e.into());
         }
-    }
+    };
     let started = std::time::Instant::now();
     match state.broker.publish_job(&msg).await {
         Ok(()) => {
@@ -125,17 +116,89 @@ async fn enqueue(
         }
         Err(e) => {
             count_publish_failure(state, &e);
-            tracing::warn!(error.message = %e, reason = e.reason(), "job not accepted by the broker");
-            if inserted && let Err(de) = state.store.delete(msg.id).await {
-                tracing::error!(
-                    error.cause_chain = ?de,
-                    error.message = %de,
-                    "could not delete the record of a job the broker did not accept"
-                );
+            // Without a confirm the message may be in the queue and run: its record stays
+            // `queued`, so the job is never invisible, and a retry with the key finds it.
+            tracing::warn!(
+                error.message = %e,
+                reason = e.reason(),
+                record_kept = e.ambiguous() || !inserted,
+                "job not accepted by the broker"
+            );
+            if !e.ambiguous() && inserted {
+                withdraw(state, msg.id, ticket.as_ref()).await;
             }
             give_up_claim(state, ticket.as_ref(), e.ambiguous()).await;
-            Err(publish_error(e, &msg.placement.pool))
+            Err(publish_error(
+                e,
+                msg.id,
+                &msg.placement.pool,
+                ticket.is_some(),
+            ))
         }
+    }
+}
+
+/// How the submission's record came to be in the store.
+enum Stored {
+    /// This request inserted it.
+    Inserted,
+    /// In a takeover: the request that held the claim before stored it, and it is still
+    /// `queued`; this request owns it now.
+    Adopted,
+    /// In a takeover: a worker has seen the job already (running or final).
+    Seen(JobStatus),
+}
+
+/// Inserts the job's `queued` record, owned by the idempotency claim when there is one. In a
+/// takeover the request that held the claim may have stored it already: then it is adopted, so
+/// that request (dead, or only slow) can no longer withdraw it.
+async fn store_record(
+    state: &SharedState,
+    msg: &JobMessage,
+    ticket: Option<&Ticket>,
+) -> Result<Stored, StoreError> {
+    let record = JobRecord::queued(msg);
+    // An insert and an adopt race only with the one withdrawal of the request taken over from.
+    for _ in 0..3 {
+        let inserted = match ticket {
+            Some(t) => state.store.insert_owned(&record, &t.owner).await,
+            None => state.store.insert(&record).await,
+        };
+        let owner = match (inserted, ticket) {
+            (Ok(()), _) => return Ok(Stored::Inserted),
+            (Err(StoreError::Conflict(_)), Some(t)) if t.taken_over => &t.owner,
+            (Err(e), _) => return Err(e),
+        };
+        match state.store.adopt(msg.id, owner).await? {
+            Some(JobStatus::Queued) => return Ok(Stored::Adopted),
+            Some(status) => return Ok(Stored::Seen(status)),
+            // Withdrawn meanwhile by the request taken over from: store it again.
+            None => continue,
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "the record of job {} changed under three attempts to store it",
+        msg.id
+    )))
+}
+
+/// Removes the record of a job the broker refused for sure, unless a later request with the
+/// same `Idempotency-Key` took the claim over and adopted the record: it relies on it.
+async fn withdraw(state: &SharedState, id: JobId, ticket: Option<&Ticket>) {
+    match state
+        .store
+        .withdraw(id, ticket.map(|t| t.owner.as_str()))
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => tracing::info!(
+            "the record is no longer this request's (a takeover of its idempotency claim adopted it); kept"
+        ),
+        Err(e) => tracing::error!(
+            error.cause_chain = ?e,
+            error.message = %e,
+            "could not delete the record of a job the broker did not accept"
+        ),
     }
 }
 
@@ -217,11 +280,20 @@ fn count_publish_failure(state: &SharedState, e: &PublishError) {
         .inc();
 }
 
-fn publish_error(e: PublishError, pool: &str) -> ApiError {
+/// The answer to a failed publish. After an ambiguous one the job may run: the message names
+/// it, and how to settle it.
+fn publish_error(e: PublishError, id: JobId, pool: &str, keyed: bool) -> ApiError {
     match e {
         PublishError::Unroutable => {
             ApiError::Unprocessable(format!("pool: no worker serves pool {pool:?}"))
         }
+        e if e.ambiguous() && keyed => ApiError::Unavailable(format!(
+            "{e}; job {id} may be queued: retry with the same Idempotency-Key, which keeps this job"
+        )),
+        e if e.ambiguous() => ApiError::Unavailable(format!(
+            "{e}; job {id} may be queued and stays queued: check GET /v1/jobs/{id}, or cancel it, \
+             before submitting it again"
+        )),
         other => ApiError::Unavailable(other.to_string()),
     }
 }
@@ -391,7 +463,7 @@ async fn redrive(
                     "could not put the job back to dead_lettered; it stays queued without a message"
                 );
             }
-            Err(publish_error(e, &msg.placement.pool))
+            Err(publish_error(e, id, &msg.placement.pool, false))
         }
     }
 }

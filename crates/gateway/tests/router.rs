@@ -367,7 +367,7 @@ async fn without_a_broker_a_submission_is_a_503_after_the_confirm_timeout_and_le
     assert_eq!(
         app.job_count().await,
         0,
-        "the record of an unconfirmed job is deleted"
+        "the record of a job that was never sent is deleted"
     );
     let (_, _, text) = app
         .send(Request::get("/metrics").body(Body::empty()).unwrap())

@@ -73,8 +73,16 @@ pub const MAX_PAGE: u32 = 1000;
 pub trait JobStore: Send + Sync + 'static {
     /// Records a submitted job (status `queued`). `Conflict` when the id exists.
     async fn insert(&self, job: &JobRecord) -> Result<(), StoreError>;
-    /// Removes a job that was never enqueued (the broker did not confirm it).
-    async fn delete(&self, id: JobId) -> Result<(), StoreError>;
+    /// `insert` for a submission that holds an idempotency claim: the record remembers `owner`
+    /// (the claim's token), and only the owner may `withdraw` it.
+    async fn insert_owned(&self, job: &JobRecord, owner: &str) -> Result<(), StoreError>;
+    /// Hands a `queued` record to `owner`, a submission that took over the idempotency claim of
+    /// the one that stored it: from then on the earlier submission's `withdraw` removes nothing.
+    /// Answers the job's status (the record is adopted only when `queued`), `None` if no such job.
+    async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError>;
+    /// Removes a `queued` job the broker refused for sure, only while `owner` still owns it
+    /// (`None`: a record stored by `insert`). False when nothing was removed.
+    async fn withdraw(&self, id: JobId, owner: Option<&str>) -> Result<bool, StoreError>;
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
     async fn list(&self, query: &ListQuery) -> Result<JobPage, StoreError>;
     /// Marks an attempt running (creating the record from `job` if it is missing), unless the

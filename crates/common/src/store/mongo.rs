@@ -99,6 +99,14 @@ impl MongoStore {
         Ok(Self { jobs })
     }
 
+    async fn insert_doc(&self, id: JobId, d: Document) -> Result<(), StoreError> {
+        match self.jobs.insert_one(d).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict(id)),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn status_of(&self, id: JobId) -> Result<Option<JobStatus>, StoreError> {
         let d = self
             .jobs
@@ -166,19 +174,39 @@ impl MongoStore {
 #[async_trait]
 impl JobStore for MongoStore {
     async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
-        match self.jobs.insert_one(to_doc(job)?).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_duplicate_key(&e) => Err(StoreError::Conflict(job.id)),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.insert_doc(job.id, to_doc(job)?).await
     }
 
-    async fn delete(&self, id: JobId) -> Result<(), StoreError> {
-        self.jobs
-            .delete_one(doc! { "_id": id.to_string() })
+    async fn insert_owned(&self, job: &JobRecord, owner: &str) -> Result<(), StoreError> {
+        let mut d = to_doc(job)?;
+        d.insert("owner", owner);
+        self.insert_doc(job.id, d).await
+    }
+
+    async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
+        let r = self
+            .jobs
+            .update_one(
+                doc! { "_id": id.to_string(), "status": "queued" },
+                doc! { "$set": { "owner": owner } },
+            )
             .await
-            .map(|_| ())
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if r.matched_count == 1 {
+            return Ok(Some(JobStatus::Queued));
+        }
+        self.status_of(id).await
+    }
+
+    async fn withdraw(&self, id: JobId, owner: Option<&str>) -> Result<bool, StoreError> {
+        // `null` also matches a document without the field (stored by `insert`).
+        let owner = owner.map_or(Bson::Null, |o| Bson::String(o.to_string()));
+        let r = self
+            .jobs
+            .delete_one(doc! { "_id": id.to_string(), "status": "queued", "owner": owner })
+            .await
+            .map_err(unavailable)?;
+        Ok(r.deleted_count == 1)
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {

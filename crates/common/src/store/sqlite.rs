@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at INTEGER NOT NULL,
     started_at INTEGER,
     finished_at INTEGER,
-    drive TEXT
+    drive TEXT,
+    owner TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
@@ -55,14 +56,28 @@ const COLUMNS: &str = columns!();
 const INSERT_SQL: &str = concat!(
     "INSERT OR IGNORE INTO jobs (",
     columns!(),
-    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)"
+    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
 );
 const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
 const MAX_BATCH: usize = 512;
 
 enum Op {
-    Insert(JobRecord, oneshot::Sender<Result<(), StoreError>>),
-    Delete(JobId, oneshot::Sender<Result<(), StoreError>>),
+    /// A submitted job, with the submission that owns it when it holds an idempotency claim.
+    Insert(
+        JobRecord,
+        Option<String>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    Adopt(
+        JobId,
+        String,
+        oneshot::Sender<Result<Option<JobStatus>, StoreError>>,
+    ),
+    Withdraw(
+        JobId,
+        Option<String>,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
     Start(JobRecord, oneshot::Sender<Result<StartOutcome, StoreError>>),
     RecordError(JobId, u32, String, oneshot::Sender<Result<(), StoreError>>),
     /// The final outcome, of one drive of the job when the drive is named.
@@ -136,17 +151,18 @@ fn open_conn(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Databases made before re-drives were named lack the `drive` column: add it.
-fn add_drive_column(conn: &Connection) -> Result<(), StoreError> {
+/// Databases made before re-drives were named lack the `drive` column, and those made before
+/// submissions owned their records lack `owner`: add the one missing.
+fn add_text_column(conn: &Connection, name: &str) -> Result<(), StoreError> {
     let has_it = || {
-        conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'drive'")
-            .and_then(|mut st| st.exists([]))
+        conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")
+            .and_then(|mut st| st.exists([name]))
             .map_err(unavailable)
     };
     if has_it()? {
         return Ok(());
     }
-    match conn.execute_batch("ALTER TABLE jobs ADD COLUMN drive TEXT") {
+    match conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} TEXT")) {
         Ok(()) => Ok(()),
         // Another process opening the same file added it first.
         Err(_) if has_it()? => Ok(()),
@@ -158,7 +174,8 @@ impl SqliteStore {
     pub fn open(path: &str) -> Result<Self, StoreError> {
         let write_conn = open_conn(path)?;
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        add_drive_column(&write_conn)?;
+        add_text_column(&write_conn, "drive")?;
+        add_text_column(&write_conn, "owner")?;
         let reader = open_conn(path)?;
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
@@ -233,7 +250,13 @@ fn fail(op: Op, e: StoreError) {
     let msg = e.to_string();
     let err = || StoreError::Unavailable(msg.clone());
     match op {
-        Op::Insert(_, r) | Op::Delete(_, r) | Op::RecordError(_, _, _, r) => {
+        Op::Insert(_, _, r) | Op::RecordError(_, _, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Adopt(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Withdraw(_, _, r) => {
             let _ = r.send(Err(err()));
         }
         Op::Start(_, r) => {
@@ -259,8 +282,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
         })
     }
     match op {
-        Op::Insert(job, r) => {
-            let v = insert_row(tx, &job).and_then(|n| {
+        Op::Insert(job, owner, r) => {
+            let v = insert_row(tx, &job, owner.as_deref()).and_then(|n| {
                 if n == 0 {
                     Err(StoreError::Conflict(job.id))
                 } else {
@@ -269,10 +292,31 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
             });
             reply(r, v)
         }
-        Op::Delete(id, r) => {
+        Op::Adopt(id, owner, r) => {
             let v = tx
-                .execute("DELETE FROM jobs WHERE id = ?1", params![id.to_string()])
-                .map(|_| ())
+                .execute(
+                    "UPDATE jobs SET owner = ?2 WHERE id = ?1 AND status = 'queued'",
+                    params![id.to_string(), owner],
+                )
+                .map_err(unavailable)
+                .and_then(|n| {
+                    if n == 1 {
+                        Ok(Some(JobStatus::Queued))
+                    } else {
+                        status_of(tx, id)
+                    }
+                });
+            reply(r, v)
+        }
+        Op::Withdraw(id, owner, r) => {
+            // `IS` compares NULL with NULL as equal: a record stored without an owner is
+            // withdrawn by a submission without one.
+            let v = tx
+                .execute(
+                    "DELETE FROM jobs WHERE id = ?1 AND status = 'queued' AND owner IS ?2",
+                    params![id.to_string(), owner],
+                )
+                .map(|n| n == 1)
                 .map_err(unavailable);
             reply(r, v)
         }
@@ -302,7 +346,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
     }
 }
 
-fn insert_row(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<usize, StoreError> {
+fn insert_row(
+    tx: &rusqlite::Transaction<'_>,
+    job: &JobRecord,
+    owner: Option<&str>,
+) -> Result<usize, StoreError> {
     tx.prepare_cached(INSERT_SQL)
         .and_then(|mut st| {
             st.execute(params![
@@ -321,6 +369,7 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<usize, 
                 job.created_at,
                 job.started_at,
                 job.finished_at,
+                owner,
             ])
         })
         .map_err(unavailable)
@@ -362,7 +411,7 @@ fn start(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<StartOutcome
         Some(s) if s.is_final() => Ok(StartOutcome::AlreadyFinal(s)),
         Some(_) => Ok(StartOutcome::Started),
         None => {
-            insert_row(tx, job)?;
+            insert_row(tx, job, None)?;
             Ok(StartOutcome::Started)
         }
     }
@@ -462,11 +511,22 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
 impl JobStore for SqliteStore {
     async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
         let job = job.clone();
-        self.send(|r| Op::Insert(job, r)).await
+        self.send(|r| Op::Insert(job, None, r)).await
     }
 
-    async fn delete(&self, id: JobId) -> Result<(), StoreError> {
-        self.send(|r| Op::Delete(id, r)).await
+    async fn insert_owned(&self, job: &JobRecord, owner: &str) -> Result<(), StoreError> {
+        let (job, owner) = (job.clone(), owner.to_string());
+        self.send(|r| Op::Insert(job, Some(owner), r)).await
+    }
+
+    async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
+        let owner = owner.to_string();
+        self.send(|r| Op::Adopt(id, owner, r)).await
+    }
+
+    async fn withdraw(&self, id: JobId, owner: Option<&str>) -> Result<bool, StoreError> {
+        let owner = owner.map(str::to_string);
+        self.send(|r| Op::Withdraw(id, owner, r)).await
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -598,15 +658,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_database_from_before_named_drives_gains_the_column_and_keeps_its_jobs() {
+    async fn a_database_from_before_named_drives_and_owners_gains_the_columns_and_keeps_its_jobs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         let path = path.to_str().unwrap();
         let old = SCHEMA.replace(
-            "finished_at INTEGER,\n    drive TEXT",
+            "finished_at INTEGER,\n    drive TEXT,\n    owner TEXT",
             "finished_at INTEGER",
         );
-        assert_ne!(old, SCHEMA, "the old schema has no drive column");
+        assert_ne!(old, SCHEMA, "the old schema has no drive or owner column");
         let conn = open_conn(path).unwrap();
         conn.execute_batch(&old).unwrap();
         let id = uuid::Uuid::now_v7();
@@ -637,5 +697,16 @@ mod tests {
             store.finish_drive(id, "d2", &dead).await.unwrap(),
             FinishOutcome::Stored
         );
+        // A record from before owners has none: only a submission without one withdraws it.
+        let queued = uuid::Uuid::now_v7();
+        let conn = open_conn(path).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, params, pool, gpus_requested, status, created_at) \
+             VALUES (?1, 'simulate', '{}', 'default', 1, 'queued', 1)",
+            params![queued.to_string()],
+        )
+        .unwrap();
+        assert!(!store.withdraw(queued, Some("someone")).await.unwrap());
+        assert!(store.withdraw(queued, None).await.unwrap());
     }
 }

@@ -58,7 +58,7 @@ pub struct ListParams {
         (status = 409, description = "A request with this Idempotency-Key is still in progress", body = ErrorBody),
         (status = 413, description = "Body larger than max_body_bytes", body = ErrorBody),
         (status = 422, description = "Invalid job (the message names the field), unknown pool, or Idempotency-Key reused with another body", body = ErrorBody),
-        (status = 503, description = "Broker (no confirm in time), store or Redis unavailable; nothing was enqueued", body = ErrorBody),
+        (status = 503, description = "Broker, store or Redis unavailable. Nothing was enqueued, unless the broker's confirm never came: then the message names the job, which stays queued (retry with the same Idempotency-Key)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -1,13 +1,18 @@
 //! `Idempotency-Key`: one job per key, whatever the timing.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use gpuq_common::job::{JobMessage, now_ms};
+use gpuq_gateway::AppState;
+use lapin::options::QueueDeleteOptions;
+use lapin::types::ShortString;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::body;
-use crate::support::{self, error_of, spawn_app};
+use crate::doubles::SlowFirstInsert;
+use crate::support::{self, error_of, spawn_app, spawn_app_with};
+use crate::{body, keyed_submit, oneshot};
 
 /// The pending claim a gateway that died mid-request leaves for `key`, past its deadline: the
 /// job it was making, and the Redis key.
@@ -144,4 +149,58 @@ async fn a_taken_over_claim_keeps_its_job_id_when_the_broker_refuses_the_retry()
         kept["until_ms"].as_i64().unwrap() <= now_ms(),
         "open for the next request at once: {kept}"
     );
+}
+
+#[tokio::test]
+async fn a_request_whose_claim_was_taken_over_never_deletes_the_record_its_successor_relies_on() {
+    // A pending window of 0.5 s + 2 s.
+    let app = spawn_app_with(|s| s.confirm_timeout_ms = 500).await;
+    // Request A goes through a second gateway whose store answers its insert late.
+    let slow = Arc::new(SlowFirstInsert::new(app.state.store.clone()));
+    let gateway_a = gpuq_gateway::router(Arc::new(AppState::new(
+        &app.settings,
+        slow.clone(),
+        app.state.broker.clone(),
+        app.state.kv.clone(),
+    )));
+    let job = json!({"kind":"simulate","params":{"duration_ms":5}});
+    let a = {
+        let (router, req) = (gateway_a.clone(), keyed_submit(&job, "order-slow"));
+        tokio::spawn(async move { oneshot(&router, req).await })
+    };
+    slow.stored.notified().await;
+    // B, same key: it waits out A's pending window, takes the claim over, adopts the record A
+    // stored and is answered 202.
+    let (status, _, b) = body(app.submit_with_key(&job, "order-slow").await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let msg = app.take("default").await.expect("B's message");
+    assert_eq!(
+        msg.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        id
+    );
+    // Now A's publish is refused for sure (no queue is bound for the pool any more), and A
+    // cleans up after itself.
+    app.channel
+        .queue_delete(
+            ShortString::from(app.topology.pool_queue("default")),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    slow.release();
+    let (status, resp) = a.await.unwrap();
+    assert_eq!(status, 422, "{resp}");
+    // The job B was answered 202 for keeps its record.
+    let (status, _, record) = body(app.get(&format!("/v1/jobs/{id}")).await).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(record["status"], "queued");
+    let (status, _, again) = body(app.submit_with_key(&job, "order-slow").await).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], id.as_str());
 }

@@ -1,11 +1,19 @@
 //! Submissions: 202 only after the confirm, bad inputs enqueue nothing, unknown pools, load.
 
-use gpuq_common::job::JobMessage;
-use reqwest::StatusCode;
-use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::body;
+use gpuq_common::job::JobMessage;
+use gpuq_gateway::AppState;
+use gpuq_gateway::broker::Broker;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::doubles::HoldingRelay;
 use crate::support::{self, error_of, spawn_app, spawn_app_with};
+use crate::{body, keyed_submit, oneshot};
 
 #[tokio::test]
 async fn a_submission_is_answered_202_only_once_its_message_is_in_the_queue() {
@@ -113,6 +121,92 @@ async fn a_job_for_a_pool_no_worker_serves_is_refused_with_422_and_not_stored() 
     // The gateway's link survives an unroutable publish.
     let (status, _, _) = body(app.submit(&json!({"kind":"simulate"})).await).await;
     assert_eq!(status, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn a_job_whose_confirm_never_came_stays_visible_and_a_retry_with_its_key_makes_no_second_job()
+{
+    let app = spawn_app().await;
+    // A second gateway on the same prefix, store and Redis, whose broker link runs through a
+    // relay that can hold the broker's answers: its publish reaches the queue, the confirm not.
+    let node = reqwest::Url::parse(&app.settings.amqp_url_list()[0]).unwrap();
+    let relay = HoldingRelay::start(format!(
+        "{}:{}",
+        node.host_str().unwrap(),
+        node.port().unwrap_or(5672)
+    ));
+    let mut relayed = node.clone();
+    relayed.set_host(Some("127.0.0.1")).unwrap();
+    relayed.set_port(Some(relay.addr.port())).unwrap();
+    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let broker = Broker::start(
+        vec![relayed.to_string()],
+        app.topology.clone(),
+        Duration::from_millis(500),
+        stop.clone(),
+        &tracker,
+    );
+    assert!(broker.wait_connected(Duration::from_secs(10)).await);
+    let held = gpuq_gateway::router(Arc::new(AppState::new(
+        &app.settings,
+        app.state.store.clone(),
+        broker,
+        app.state.kv.clone(),
+    )));
+
+    let job = json!({"kind":"simulate","params":{"duration_ms":5}});
+    relay.hold(true);
+    let (status, resp) = oneshot(&held, keyed_submit(&job, "order-unconfirmed")).await;
+    relay.hold(false);
+    assert_eq!(status, 503, "{resp}");
+    let (_, message) = error_of(&resp);
+    assert!(message.contains("may be queued"), "{message}");
+    let id = message
+        .split_whitespace()
+        .find_map(|w| uuid::Uuid::parse_str(w).ok())
+        .unwrap_or_else(|| panic!("the answer names the job: {message}"))
+        .to_string();
+    // The broker did store it: a worker may run it, so the job must not be invisible.
+    for _ in 0..100 {
+        if app.depth("default").await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.depth("default").await, 1);
+    let (status, _, record) = body(app.get(&format!("/v1/jobs/{id}")).await).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(record["status"], "queued");
+
+    // The client retries with the same key: the same job, republished (workers deduplicate
+    // the two messages by id), and still one record.
+    let (status, _, retried) = body(app.submit_with_key(&job, "order-unconfirmed").await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{retried}");
+    assert_eq!(retried["id"], id.as_str());
+    let (status, _, again) = body(app.submit_with_key(&job, "order-unconfirmed").await).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], id.as_str());
+    let mut ids = vec![];
+    while let Some(msg) = app.take("default").await {
+        ids.push(
+            msg.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .as_str()
+                .to_string(),
+        );
+    }
+    assert_eq!(ids, vec![id.clone(), id.clone()]);
+    let (_, _, page) = body(app.get("/v1/jobs").await).await;
+    let listed: Vec<&Value> = page["jobs"].as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), 1, "{page}");
+    assert_eq!(listed[0]["id"], id.as_str());
+
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
 
 #[tokio::test]
