@@ -501,6 +501,10 @@ const NOT_CAUSED: &[(&str, &str)] = &[
         "the job store refused a write (a store outage)",
     ),
     (
+        "gpuq_dead_letters_unrecorded_total",
+        "a dead letter without a job id, or whose stored record is corrupt",
+    ),
+    (
         "gpuq_redis_errors_total",
         "a Redis command failed (a Redis outage)",
     ),
