@@ -66,30 +66,10 @@ impl Keys {
     }
 }
 
-/// Takes the lease when free, or when its owner's liveness key is gone (the owner died).
-/// KEYS[1] = lease, ARGV[1] = owner, ARGV[2] = ttl ms, ARGV[3] = liveness key prefix.
-/// Returns 1 when taken (fresh), 2 when taken over from a dead owner, 0 when a live owner holds it.
-pub const TAKE_LEASE_LUA: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-local owner = redis.call('GET', KEYS[1])
-if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
-end
-if redis.call('EXISTS', ARGV[3] .. owner) == 0 then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2
-end
-return 0
-"#;
-
-/// Renews a lease only while we own it. KEYS[1] = lease, ARGV[1] = owner, ARGV[2] = ttl ms.
-pub const RENEW_LEASE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
-/// Releases a lease only while we own it. KEYS[1] = lease, ARGV[1] = owner.
-pub const RELEASE_LEASE_LUA: &str = r#"
+/// Deletes the key only if it still holds the expected value: KEYS[1] = key, ARGV[1] = expected.
+/// Returns 1 when deleted, 0 otherwise. The worker releases a lease it owns with it
+/// (ARGV[1] = owner); the gateway drops an idempotency claim it still holds.
+pub const COMPARE_AND_DELETE_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use gpuq_common::job::{JobId, JobMessage, now_ms};
-use gpuq_common::keys::Keys;
+use gpuq_common::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Kv, KvError};
@@ -26,11 +26,6 @@ const COMPARE_AND_SET_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1
 end
-return 0
-"#;
-/// Deletes the key only if it holds the expected value. KEYS[1], ARGV[1] = expected.
-const COMPARE_AND_DELETE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gpuq_common::engine::{AdminState, Heartbeat};
-use gpuq_common::keys::{Keys, RELEASE_LEASE_LUA};
+use gpuq_common::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
@@ -76,7 +76,7 @@ impl Coordinator {
             lease_ttl_ms,
             acquire: Script::new(ACQUIRE_LUA),
             renew: Script::new(RENEW_LUA),
-            release: Script::new(RELEASE_LEASE_LUA),
+            release: Script::new(COMPARE_AND_DELETE_LUA),
         }
     }
 
@@ -135,7 +135,7 @@ impl Coordinator {
         let mut pipe = redis::pipe();
         pipe.set_ex(self.keys.done(job), 1, DONE_TTL_S).ignore();
         pipe.cmd("EVAL")
-            .arg(RELEASE_LEASE_LUA)
+            .arg(COMPARE_AND_DELETE_LUA)
             .arg(1)
             .arg(self.keys.lease(job))
             .arg(&self.owner)
