@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpuq_common::JobStatus;
+pub use gpuq_common::engine::GpuFault;
 use uuid::Uuid;
 
 use crate::tester::scenario::Scenario;
@@ -229,15 +230,6 @@ pub enum EngineAction {
     /// Restart the worker process: it finishes its running jobs (within its shutdown grace),
     /// exits, and its supervisor starts it again
     Restart { id: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GpuFault {
-    Overheat,
-    Ecc,
-    Oom,
-    Lost,
-    Clear,
 }
 
 #[derive(Debug, Subcommand)]

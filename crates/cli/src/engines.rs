@@ -5,7 +5,7 @@ use gpuq_common::engine::{EngineView, GpuSnapshot};
 use gpuq_common::job::now_ms;
 use serde_json::Value;
 
-use crate::cli::{EngineAction, EnginesArgs, GpuFault, GpusCmd};
+use crate::cli::{EngineAction, EnginesArgs, GpusCmd};
 use crate::output::{Table, fmt_age, or_dash};
 use crate::{Ctx, Exit};
 
@@ -48,7 +48,7 @@ pub async fn run_gpus(ctx: &Ctx, cmd: &GpusCmd) -> anyhow::Result<Exit> {
         fault,
         json,
     } = cmd;
-    let name = fault_name(*fault);
+    let name = fault.as_str();
     let answer = ctx.manager().gpu_fault(engine, *gpu, name).await?;
     if *json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -56,16 +56,6 @@ pub async fn run_gpus(ctx: &Ctx, cmd: &GpusCmd) -> anyhow::Result<Exit> {
         println!("{}", render_fault_answer(engine, *gpu, name, &answer));
     }
     Ok(Exit::Ok)
-}
-
-pub fn fault_name(f: GpuFault) -> &'static str {
-    match f {
-        GpuFault::Overheat => "overheat",
-        GpuFault::Ecc => "ecc",
-        GpuFault::Oom => "oom",
-        GpuFault::Lost => "lost",
-        GpuFault::Clear => "clear",
-    }
 }
 
 fn render_fault_answer(engine: &str, gpu: u32, fault: &str, answer: &Value) -> String {

@@ -1,4 +1,5 @@
-//! The engine contract between workers and the manager: GPU snapshots, heartbeats and states.
+//! The engine contract between workers and the manager: GPU snapshots, heartbeats, states and
+//! the GPU faults an operator can inject.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -24,6 +25,63 @@ impl GpuHealth {
             GpuHealth::Degraded => "degraded",
             GpuHealth::Unhealthy => "unhealthy",
         }
+    }
+}
+
+/// A GPU fault an operator can inject into a simulated GPU. On the wire (CLI → manager → worker
+/// admin API) it is its snake_case name: `{"fault": "ecc"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuFault {
+    /// Temperature jumps to 99 °C (with hardware thermal slowdown).
+    Overheat,
+    /// One more uncorrected ECC error; the count stays until `Clear`.
+    Ecc,
+    /// All memory in use.
+    Oom,
+    /// The device stops answering.
+    Lost,
+    /// Removes every fault.
+    Clear,
+}
+
+impl GpuFault {
+    pub const ALL: [GpuFault; 5] = [
+        GpuFault::Overheat,
+        GpuFault::Ecc,
+        GpuFault::Oom,
+        GpuFault::Lost,
+        GpuFault::Clear,
+    ];
+
+    /// Reads the name used by the admin API and the CLI (`overheat`, `ecc`, `oom`, `lost`, `clear`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|f| f.as_str().eq_ignore_ascii_case(s))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuFault::Overheat => "overheat",
+            GpuFault::Ecc => "ecc",
+            GpuFault::Oom => "oom",
+            GpuFault::Lost => "lost",
+            GpuFault::Clear => "clear",
+        }
+    }
+}
+
+/// The CLI's `gpus fault <FAULT>` argument: the same names, with no per-value help.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for GpuFault {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
     }
 }
 
@@ -165,5 +223,22 @@ pub fn derive_state(hb: Option<&Heartbeat>, admin: Option<AdminState>) -> Engine
         EngineState::Degraded
     } else {
         EngineState::Healthy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_names_round_trip_through_parse_and_serde() {
+        for f in GpuFault::ALL {
+            assert_eq!(GpuFault::parse(f.as_str()), Some(f));
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.as_str()));
+            assert_eq!(serde_json::from_str::<GpuFault>(&json).unwrap(), f);
+        }
+        assert_eq!(GpuFault::parse(" Overheat "), Some(GpuFault::Overheat));
+        assert_eq!(GpuFault::parse("melt"), None);
     }
 }

@@ -7,7 +7,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use gpuq_common::engine::{AdminState, EngineState, EngineView, Heartbeat, derive_state};
+use gpuq_common::engine::{AdminState, EngineState, EngineView, GpuFault, Heartbeat, derive_state};
 use gpuq_common::http::{ApiError, ApiJson, ApiPath, check_bearer};
 use gpuq_common::job::now_ms;
 use serde::{Deserialize, Serialize};
@@ -224,16 +224,6 @@ pub async fn restart(
         .map_err(redis_error)?;
     tracing::info!(worker_id = %id, instance = %hb.instance_id, "operator asked the engine to restart");
     Ok(Json(known_view(&state, &id).await?))
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum GpuFault {
-    Overheat,
-    Ecc,
-    Oom,
-    Lost,
-    Clear,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

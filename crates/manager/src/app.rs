@@ -264,7 +264,7 @@ impl Application {
         gpuq_common::http::ErrorBody,
         api::HeartbeatAck,
         api::FaultRequest,
-        api::GpuFault,
+        gpuq_common::engine::GpuFault,
         overview::Overview,
         crate::queues::QueueStats,
     ))

@@ -9,6 +9,7 @@ mod sim;
 use std::sync::Arc;
 
 use gpuq_common::Settings;
+pub use gpuq_common::engine::GpuFault;
 use gpuq_common::engine::GpuSnapshot;
 
 pub use health::{Thresholds, evaluate};
@@ -19,50 +20,6 @@ pub use sim::SimBackend;
 pub const AUTO_SIM_GPUS: u32 = 2;
 /// Most simulated GPUs `sim:N` accepts.
 pub const MAX_SIM_GPUS: u32 = 64;
-
-/// A GPU fault an operator can inject into a simulated GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GpuFault {
-    /// Temperature jumps to 99 °C (with hardware thermal slowdown).
-    Overheat,
-    /// One more uncorrected ECC error; the count stays until `Clear`.
-    Ecc,
-    /// All memory in use.
-    Oom,
-    /// The device stops answering.
-    Lost,
-    /// Removes every fault.
-    Clear,
-}
-
-impl GpuFault {
-    pub const ALL: [GpuFault; 5] = [
-        GpuFault::Overheat,
-        GpuFault::Ecc,
-        GpuFault::Oom,
-        GpuFault::Lost,
-        GpuFault::Clear,
-    ];
-
-    /// Reads the name used by the admin API and the CLI (`overheat`, `ecc`, `oom`, `lost`, `clear`).
-    pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|f| f.as_str().eq_ignore_ascii_case(s))
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GpuFault::Overheat => "overheat",
-            GpuFault::Ecc => "ecc",
-            GpuFault::Oom => "oom",
-            GpuFault::Lost => "lost",
-            GpuFault::Clear => "clear",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -181,18 +138,6 @@ mod tests {
             worker_id: "w1".into(),
             ..Settings::default()
         }
-    }
-
-    #[test]
-    fn fault_names_round_trip_through_parse_and_serde() {
-        for f in GpuFault::ALL {
-            assert_eq!(GpuFault::parse(f.as_str()), Some(f));
-            let json = serde_json::to_string(&f).unwrap();
-            assert_eq!(json, format!("\"{}\"", f.as_str()));
-            assert_eq!(serde_json::from_str::<GpuFault>(&json).unwrap(), f);
-        }
-        assert_eq!(GpuFault::parse(" Overheat "), Some(GpuFault::Overheat));
-        assert_eq!(GpuFault::parse("melt"), None);
     }
 
     #[test]
