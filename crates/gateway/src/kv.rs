@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use gpuq_common::redis_conn;
+use redis::aio::ConnectionManager;
 
 /// Upper bound of one Redis command, connection included.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -27,14 +28,11 @@ pub struct Kv {
 impl Kv {
     /// Parses the URL and prepares the connection without making it.
     pub fn lazy(url: &str) -> Result<Self, KvError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
+        // On the request path: short timeouts and a quick reconnect.
+        let config = redis_conn::config(Duration::from_secs(1), 1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = redis_conn::lazy(url, config)?;
         Ok(Self { conn })
     }
 

@@ -15,9 +15,9 @@ use axum::routing::{get, post};
 use gpuq_common::http::{method_not_allowed, not_found, ops_routes, track_metrics};
 use gpuq_common::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
+use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
 use gpuq_common::{JobStore, Settings};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -124,15 +124,12 @@ impl Application {
         let store = gpuq_common::store::open(&settings.store_url)
             .await
             .context("opening the job store")?;
-        let client =
-            redis::Client::open(settings.redis_url.as_str()).context("parsing GPUQ_REDIS_URL")?;
-        let redis_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
         // Lazy: the manager starts (and reports not ready) while Redis is away.
-        let redis = ConnectionManager::new_lazy_with_config(client, redis_config)
-            .context("creating the Redis connection manager")?;
+        let redis = redis_conn::lazy(
+            &settings.redis_url,
+            redis_conn::config(Duration::from_secs(2), 2),
+        )
+        .context("parsing GPUQ_REDIS_URL")?;
         let prometheus = new_registry("manager");
         let metrics = ManagerMetrics::new(&prometheus);
         let http = reqwest::Client::builder()

@@ -10,6 +10,7 @@ use anyhow::Context;
 use gpuq_common::engine::{AdminState, GpuSnapshot};
 use gpuq_common::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
+use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
 use gpuq_common::{JobStore, Settings};
 use prometheus::Registry;
@@ -133,14 +134,12 @@ impl Application {
         let store = gpuq_common::store::open(&settings.store_url)
             .await
             .context("opening the store")?;
-        let redis = redis::Client::open(settings.redis_url.as_str()).context("redis URL")?;
-        let cm_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_with_config(redis, cm_config)
-            .await
-            .context("connecting to Redis")?;
+        let conn = redis_conn::connect(
+            &settings.redis_url,
+            redis_conn::config(Duration::from_secs(2), 1),
+        )
+        .await
+        .context("connecting to Redis")?;
         let keys = Keys::new(&settings.queue_prefix);
         let coord = Coordinator::new(conn, keys, instance_id.clone(), settings.lease_ttl_ms);
         let registry = new_registry("worker");
