@@ -635,16 +635,9 @@ pub fn promtool_lint(text: &str) -> String {
     complaints.trim().to_string()
 }
 
-/// Sum of every sample of a metric family in Prometheus text.
+/// Sum of every sample of a metric family in Prometheus text (0 when it has none).
 pub fn sum_metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    gpuq_common::prom::sum_family(text, name).unwrap_or(0.0)
 }
 
 /// Counts of each final status.

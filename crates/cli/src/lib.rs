@@ -13,7 +13,7 @@ pub mod jobs;
 pub mod load;
 pub mod manager;
 pub mod output;
-pub mod prom;
+pub use gpuq_common::prom;
 pub mod stats;
 pub mod submit;
 pub mod tester;

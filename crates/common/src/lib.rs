@@ -10,6 +10,7 @@ pub mod http;
 pub mod job;
 pub mod keys;
 pub mod metrics;
+pub mod prom;
 pub mod redis_conn;
 pub mod shutdown;
 pub mod store;

@@ -1,5 +1,6 @@
 //! Just enough of the Prometheus text format to read counters: the sum of one metric family's
-//! samples across all label sets, or across those with one label value.
+//! samples across all label sets, or across those with one label value. The CLI reads workers'
+//! `/metrics` with it, and so do the end-to-end tests.
 
 /// Sum of every sample named exactly `name` (any labels); `None` when there is none.
 /// Histogram and summary series (`name_bucket`, `name_sum`) are other names and never match.
