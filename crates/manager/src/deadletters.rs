@@ -480,24 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_dead_letter_of_an_earlier_drive_does_not_undo_a_re_drive() {
-        use gpuq_common::job::{JobPayload, JobPlacement, SimulateParams};
-        let dir = tempfile::tempdir().unwrap();
-        let store = gpuq_common::store::open(&format!(
-            "sqlite://{}",
-            dir.path().join("jobs.db").display()
-        ))
-        .await
-        .unwrap();
-        let msg = JobMessage::new(
-            JobPayload::Simulate(SimulateParams::default()),
-            JobPlacement {
-                gpus: 1,
-                min_gpu_memory_mb: None,
-                pool: "default".into(),
-                ttl_s: None,
-            },
-        );
-        store.insert(&JobRecord::queued(&msg)).await.unwrap();
+        let (_dir, _path, store, msg) = stored_job().await;
         let first = DeadLetter::from_message(
             &props(
                 x_death("delivery_limit", "p.jobs.default"),
