@@ -5,17 +5,22 @@
 #      docker.io and mmdebstrap;
 #      cargo-nextest; rustfmt and clippy; secantusdb, pinned, with pip: see scripts/lib.sh)
 #   2. cargo fmt --check, cargo clippy -D warnings
-#   3. cargo build --workspace --bins (the end-to-end tests spawn these from target/debug)
-#   4. starts the local stack (scripts/stack.sh up) unless it already runs; stops it at the end
-#      only when this script started it
+#   3. builds once: cargo build --workspace --bins (the end-to-end tests spawn these from
+#      target/debug), then every test binary (cargo nextest run --workspace --no-run). Every
+#      cargo call here selects the whole workspace, so all of them resolve the same features and
+#      share one build of the dependency graph (see tests/Cargo.toml); later phases compile
+#      nothing
+#   4. starts the production shape in the background (scripts/compose.sh up --local-images:
+#      docker-compose.yml on stand-in images built here; a Docker engine started when none runs),
+#      and the local stack (scripts/stack.sh up) unless it already runs; stops it at the end only
+#      when this script started it
 #   5. starts secantusd (a MongoDB stand-in) on 127.0.0.1:21017 for the MongoDB store contract,
 #      unless GPUQ_TEST_MONGODB_URL names a server already; cargo nextest run --workspace
 #      --no-fail-fast (end-to-end suites on SQLite), the pipeline suite once more with the
 #      services on MongoDB, then the disruptive suite; stops secantusd
 #   6. every scripts/checks/*.sh, in sorted order
-#   7. the production shape, after the local stack is down: scripts/compose.sh up --local-images
-#      (docker-compose.yml on stand-in images built here; a Docker engine started when none
-#      runs), tests/compose.rs against it, then compose.sh down -v
+#   7. the compose tests against the production shape started in step 4, while the local stack
+#      stops; then compose.sh down -v
 #   8. prints the wall time of each phase; exits non-zero when anything failed
 # Every phase runs even when an earlier one failed (except the tests when the build failed), so
 # that one run shows every problem. Logs: test-artifacts/.
@@ -101,6 +106,7 @@ phase_install() {
 phase_fmt() { cargo fmt --all -- --check; }
 phase_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
 phase_build() { cargo build --workspace --bins; }
+phase_build_tests() { cargo nextest run --workspace --no-run; }
 phase_stack() { bash "$STACK" up; }
 
 # nextest_pass LABEL CARGO_ARGS... : one nextest run, after a "-- nextest pass LABEL" line, its
@@ -147,7 +153,7 @@ phase_tests() {
   rc1=$?
   if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
     GPUQ_TEST_STORE=mongodb nextest_pass "2/3: tests/pipeline.rs with every service on the MongoDB store ($mongo, a database per test)" \
-      "${args[@]}" -p gpuq-e2e --test pipeline
+      "${args[@]}" -E 'binary(pipeline)'
     rc2=$?
   else
     printf -- '\n-- nextest pass 2/3: tests/pipeline.rs on the MongoDB store: NOT RUN (no MongoDB server)\n' | tee -a "$ARTIFACTS/nextest.log"
@@ -155,29 +161,59 @@ phase_tests() {
   fi
   secantusd_stop "$TEST_MONGODB_DIR/pid"
   nextest_pass "3/3: disruptive, alone, one test at a time (SQLite stores)" \
-    "${args[@]}" -p gpuq-e2e --test disruptive --test-threads 1
+    "${args[@]}" -E 'binary(disruptive)' --test-threads 1
   rc3=$?
   [ "$rc_mongo" -eq 0 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$rc3" -eq 0 ]
 }
 
 # The production shape: docker-compose.yml on local stand-in images (scripts/compose.sh up
-# --local-images, with an env file of its own, never the user's .env), tests/compose.rs against
-# it one test at a time, then `down -v`, which fails if anything of the project is left.
-phase_compose() {
-  local rc=0
+# --local-images, with an env file of its own, never the user's .env). `up` mostly waits for the
+# containers' RabbitMQ cluster to form, so it runs in the background while the native suites run;
+# its output goes to test-artifacts/compose-up.log. Then tests/compose.rs against it, one test at
+# a time, and `down -v`, which fails if anything of the project is left.
+COMPOSE_UP_PID=""
+COMPOSE_UP_T0=""
+compose_up_start() {
   export GPUQ_COMPOSE_ENV_FILE="$TEST_COMPOSE_DIR/.env"
   rm -f "$GPUQ_COMPOSE_ENV_FILE"
-  bash scripts/compose.sh init >/dev/null || return 1
-  STARTED_COMPOSE=1
-  if bash scripts/compose.sh up --local-images; then
-    nextest_pass "compose: tests/compose.rs against docker-compose.yml on stand-in images, one at a time" \
-      nextest run --no-fail-fast -p gpuq-e2e --test compose --run-ignored only --test-threads 1 || rc=1
-  else
-    rc=1
+  if ! bash scripts/compose.sh init >/dev/null; then
+    log "FAILED: scripts/compose.sh init"
+    return 1
   fi
-  bash scripts/compose.sh down -v || rc=1
-  STARTED_COMPOSE=0
+  STARTED_COMPOSE=1
+  log "starting the compose stack in the background (log: test-artifacts/compose-up.log)"
+  COMPOSE_UP_T0="$(now_s)"
+  bash scripts/compose.sh up --local-images >"$ARTIFACTS/compose-up.log" 2>&1 &
+  COMPOSE_UP_PID=$!
+}
+
+# compose_up_wait : waits for the background `up` and records it as the phase "compose up".
+compose_up_wait() {
+  local rc=1
+  printf '\n======== compose up (started in the background after the build) ========\n'
+  if [ -n "$COMPOSE_UP_PID" ]; then
+    wait "$COMPOSE_UP_PID"
+    rc=$?
+    cat "$ARTIFACTS/compose-up.log"
+  fi
+  PHASE_NAMES+=("compose up (overlapped)")
+  PHASE_TIMES+=("$(elapsed "${COMPOSE_UP_T0:-$(now_s)}")")
+  if [ "$rc" -eq 0 ]; then
+    PHASE_RESULTS+=("ok")
+  else
+    PHASE_RESULTS+=("FAILED ($rc)")
+    FAILED=1
+  fi
   return "$rc"
+}
+
+phase_compose_tests() {
+  nextest_pass "compose: tests/compose.rs against docker-compose.yml on stand-in images, one at a time" \
+    nextest run --workspace --no-fail-fast -E 'binary(compose)' --run-ignored only --test-threads 1
+}
+
+phase_compose_down() {
+  bash scripts/compose.sh down -v
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +231,10 @@ cleanup() {
   trap - EXIT INT TERM
   secantusd_stop "$TEST_MONGODB_DIR/pid"
   rm -rf "$TEST_MONGODB_DIR"
+  if [ -n "${COMPOSE_UP_PID:-}" ] && kill -0 "$COMPOSE_UP_PID" 2>/dev/null; then
+    kill "$COMPOSE_UP_PID" 2>/dev/null
+    wait "$COMPOSE_UP_PID" 2>/dev/null
+  fi
   if [ "$STARTED_COMPOSE" -eq 1 ]; then
     printf '\n======== removing the compose stack this run started ========\n'
     bash scripts/compose.sh down -v || true
@@ -217,6 +257,11 @@ run_phase fmt phase_fmt
 run_phase clippy phase_clippy
 BUILD_OK=1
 run_phase build phase_build || BUILD_OK=0
+
+if [ "$BUILD_OK" -eq 1 ]; then
+  run_phase "build tests" phase_build_tests || BUILD_OK=0
+  compose_up_start || true
+fi
 
 if bash "$STACK" status >/dev/null 2>&1; then
   log "the local stack already runs: using it (and leaving it running)"
@@ -241,16 +286,33 @@ if [ "${#CHECKS[@]}" -gt 0 ]; then
   done
 fi
 
+# The local stack stops in the background while the compose tests run.
+STACK_DOWN_PID=""
 if [ "$STARTED_STACK" -eq 1 ]; then
-  run_phase "stack down" bash "$STACK" down
+  log "stopping the local stack in the background (log: test-artifacts/stack-down.log)"
+  bash "$STACK" down >"$ARTIFACTS/stack-down.log" 2>&1 &
+  STACK_DOWN_PID=$!
   STARTED_STACK=0
 fi
 
-# After the native stack is down: the two never compete for the 2 cores.
-if [ "$BUILD_OK" -eq 1 ]; then
-  run_phase compose phase_compose
+if [ "$BUILD_OK" -eq 1 ] && [ -n "$COMPOSE_UP_PID" ]; then
+  if compose_up_wait; then
+    run_phase "compose tests" phase_compose_tests
+  else
+    skip_phase "compose tests" "compose up failed"
+  fi
+  run_phase "compose down" phase_compose_down && STARTED_COMPOSE=0
 else
-  skip_phase compose "the build failed"
+  skip_phase compose "the build failed or compose.sh init failed"
+fi
+
+if [ -n "$STACK_DOWN_PID" ]; then
+  wait "$STACK_DOWN_PID"
+  rc=$?
+  cat "$ARTIFACTS/stack-down.log"
+  PHASE_NAMES+=("stack down (overlapped)")
+  PHASE_TIMES+=("-")
+  if [ "$rc" -eq 0 ]; then PHASE_RESULTS+=("ok"); else PHASE_RESULTS+=("FAILED ($rc)"); FAILED=1; fi
 fi
 
 # ---------------------------------------------------------------------------------------------
