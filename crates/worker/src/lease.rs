@@ -10,10 +10,10 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
 
+use crate::protocol::{ALIVE_TTL, Acquire};
+
 /// How long a done marker outlives the job: longer than any redelivery can arrive.
 const DONE_TTL_S: u64 = 7 * 24 * 3600;
-/// Liveness of this process: refreshed every second, gone 3 s after the process dies.
-pub const ALIVE_TTL: Duration = Duration::from_secs(3);
 
 /// How long an engine without a heartbeat still counts as possibly able to place a job: a
 /// job only it could run is given back, not dead-lettered as unschedulable, while it restarts.
@@ -42,19 +42,6 @@ local owner = redis.call('GET', KEYS[1])
 if owner == ARGV[1] or not owner then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 "#;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acquire {
-    /// The job already has a final result.
-    Done,
-    /// A client cancelled the job before it started.
-    Cancelled,
-    /// A live worker holds the lease.
-    Held,
-    Taken,
-    /// Taken from a worker whose liveness key is gone.
-    TakenOver,
-}
 
 #[derive(Clone)]
 pub struct Coordinator {

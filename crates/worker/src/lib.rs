@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod lease;
 pub mod monitor;
 pub mod process;
+pub mod protocol;
 pub mod runner;
 pub mod slots;
 
