@@ -1,0 +1,107 @@
+//! SQLite connections: the schema, the pragmas every connection needs (WAL, synced commits), a
+//! busy handler that retries in short steps, and the columns older databases lack.
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::store::StoreError;
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    gpus_requested INTEGER NOT NULL,
+    min_gpu_memory_mb INTEGER,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    gpus TEXT NOT NULL DEFAULT '[]',
+    result TEXT,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    drive TEXT,
+    owner TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+";
+
+pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// How long a statement waits for another process's write lock before the store reports itself
+/// unavailable (callers retry: a worker keeps its result until it is stored).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// When the current wait for a lock began (SQLite calls the busy handler on the thread that
+    /// runs the statement, with attempt 0 first).
+    static BUSY_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+fn busy_retry(attempt: i32) -> bool {
+    let now = std::time::Instant::now();
+    let since = if attempt == 0 {
+        BUSY_SINCE.set(Some(now));
+        now
+    } else {
+        BUSY_SINCE.get().unwrap_or(now)
+    };
+    let waited = now - since;
+    if waited >= BUSY_TIMEOUT {
+        return false;
+    }
+    // Short steps first (a commit holds the lock for well under a millisecond), then 1 ms.
+    std::thread::sleep(if waited < Duration::from_millis(200) {
+        Duration::from_micros(100)
+    } else {
+        Duration::from_millis(1)
+    });
+    true
+}
+
+pub(super) fn open_conn(path: &str) -> Result<Connection, StoreError> {
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(unavailable)?;
+    }
+    let mut conn = Connection::open(path).map_err(unavailable)?;
+    // SQLite's default busy handler sleeps whole milliseconds (1, 2, 5, 10… ms) when another
+    // process holds the write lock; with several processes committing small batches that
+    // sleep, not the work, bounds throughput. Retry in 100 µs steps instead, for up to 10 s.
+    conn.busy_handler(Some(busy_retry)).map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    // FULL: each commit syncs the WAL. A worker acks a job to the broker once its result is
+    // committed, and the broker then forgets the job; with NORMAL the last commits of a WAL
+    // database survive a crash of the process but not of the machine.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+/// Databases made before re-drives were named lack the `drive` column, and those made before
+/// submissions owned their records lack `owner`: add the one missing.
+pub(super) fn add_text_column(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    let has_it = || {
+        conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")
+            .and_then(|mut st| st.exists([name]))
+            .map_err(unavailable)
+    };
+    if has_it()? {
+        return Ok(());
+    }
+    match conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} TEXT")) {
+        Ok(()) => Ok(()),
+        // Another process opening the same file added it first.
+        Err(_) if has_it()? => Ok(()),
+        Err(e) => Err(unavailable(e)),
+    }
+}

@@ -1,0 +1,287 @@
+//! Embedded SQLite backend. Several processes share one file (WAL). Writes go through one
+//! writer thread per process that commits whatever is pending in one transaction (group
+//! commit), so thousands of small writes a second cost a few commits; reads use their own
+//! connection and never wait for the writer.
+
+/// The column list, as a macro so that the fixed statements below can be `concat!`ed (and
+/// prepared once per connection).
+macro_rules! columns {
+    () => {
+        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at"
+    };
+}
+macro_rules! not_final {
+    () => {
+        "('queued','running')"
+    };
+}
+
+mod conn;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, mpsc};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+use conn::{SCHEMA, add_text_column, open_conn, unavailable};
+use writer::{GET_SQL, Op, row_to_record, writer_loop};
+
+const COLUMNS: &str = columns!();
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &str) -> Result<Self, StoreError> {
+        let write_conn = open_conn(path)?;
+        write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        add_text_column(&write_conn, "drive")?;
+        add_text_column(&write_conn, "owner")?;
+        let reader = open_conn(path)?;
+        let (tx, rx) = mpsc::channel::<Op>();
+        std::thread::Builder::new()
+            .name("gpuq-sqlite-writer".into())
+            .spawn(move || writer_loop(write_conn, rx))
+            .map_err(unavailable)?;
+        Ok(Self {
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(make(tx))
+            .map_err(|_| unavailable("writer thread stopped"))?;
+        rx.await.map_err(|_| unavailable("writer thread stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| unavailable("reader poisoned"))?;
+            f(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
+        let job = job.clone();
+        self.send(|r| Op::Insert(job, None, r)).await
+    }
+
+    async fn insert_owned(&self, job: &JobRecord, owner: &str) -> Result<(), StoreError> {
+        let (job, owner) = (job.clone(), owner.to_string());
+        self.send(|r| Op::Insert(job, Some(owner), r)).await
+    }
+
+    async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
+        let owner = owner.to_string();
+        self.send(|r| Op::Adopt(id, owner, r)).await
+    }
+
+    async fn withdraw(&self, id: JobId, owner: Option<&str>) -> Result<bool, StoreError> {
+        let owner = owner.map(str::to_string);
+        self.send(|r| Op::Withdraw(id, owner, r)).await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(GET_SQL)
+                .and_then(|mut st| {
+                    st.query_row(params![id.to_string()], row_to_record)
+                        .optional()
+                })
+                .map_err(unavailable)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<JobPage, StoreError> {
+        let q = q.clone();
+        self.read(move |c| {
+            let limit = page_limit(q.limit);
+            let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1=1");
+            let mut args: Vec<String> = vec![];
+            if let Some(s) = q.status {
+                args.push(s.as_str().into());
+                sql.push_str(&format!(" AND status = ?{}", args.len()));
+            }
+            if let Some(p) = &q.pool {
+                args.push(p.clone());
+                sql.push_str(&format!(" AND pool = ?{}", args.len()));
+            }
+            if let Some(cur) = q.cursor {
+                args.push(cur.to_string());
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+            let mut stmt = c.prepare(&sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), row_to_record)
+                .map_err(unavailable)?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                jobs.push(row.map_err(unavailable)??);
+            }
+            let next_cursor = if jobs.len() > limit as usize {
+                jobs.truncate(limit as usize);
+                jobs.last().map(|j| j.id)
+            } else {
+                None
+            };
+            Ok(JobPage { jobs, next_cursor })
+        })
+        .await
+    }
+
+    async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError> {
+        let job = job.clone();
+        self.send(|r| Op::Start(job, r)).await
+    }
+
+    async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError> {
+        let error = error.to_string();
+        self.send(|r| Op::RecordError(id, attempt, error, r)).await
+    }
+
+    async fn finish(&self, id: JobId, outcome: &FinalOutcome) -> Result<FinishOutcome, StoreError> {
+        let outcome = outcome.clone();
+        self.send(|r| Op::Finish(id, outcome, None, r)).await
+    }
+
+    async fn finish_drive(
+        &self,
+        id: JobId,
+        drive: &str,
+        outcome: &FinalOutcome,
+    ) -> Result<FinishOutcome, StoreError> {
+        let (outcome, drive) = (outcome.clone(), drive.to_string());
+        self.send(|r| Op::Finish(id, outcome, Some(drive), r)).await
+    }
+
+    async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError> {
+        let drive = drive.to_string();
+        self.send(|r| Op::Reset(id, drive, r)).await
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare("SELECT status, count(*) FROM jobs GROUP BY status")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(unavailable)?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (s, n) = row.map_err(unavailable)?;
+                if let Some(s) = JobStatus::parse(&s) {
+                    out.insert(s, n);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::FIRST_DRIVE;
+
+    #[test]
+    fn every_connection_writes_ahead_and_syncs_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_conn(dir.path().join("jobs.db").to_str().unwrap()).unwrap();
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|v| format!("{v:?}"))
+            .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+        assert_eq!(pragma("synchronous"), "Integer(2)", "2 is FULL");
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_named_drives_and_owners_gains_the_columns_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let path = path.to_str().unwrap();
+        let old = SCHEMA.replace(
+            "finished_at INTEGER,\n    drive TEXT,\n    owner TEXT",
+            "finished_at INTEGER",
+        );
+        assert_ne!(old, SCHEMA, "the old schema has no drive or owner column");
+        let conn = open_conn(path).unwrap();
+        conn.execute_batch(&old).unwrap();
+        let id = uuid::Uuid::now_v7();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, params, pool, gpus_requested, status, created_at) \
+             VALUES (?1, 'simulate', '{}', 'default', 1, 'dead_lettered', 1)",
+            params![id.to_string()],
+        )
+        .unwrap();
+        drop(conn);
+        let store = SqliteStore::open(path).unwrap();
+        // Twice on one file: the second open finds the column there.
+        let _again = SqliteStore::open(path).unwrap();
+        assert!(store.reset_for_retry(id, "d2").await.unwrap());
+        let dead = FinalOutcome {
+            status: JobStatus::DeadLettered,
+            result: None,
+            error: Some("delivery_limit".into()),
+            worker: None,
+            finished_at: 2,
+            attempt: None,
+        };
+        assert_eq!(
+            store.finish_drive(id, FIRST_DRIVE, &dead).await.unwrap(),
+            FinishOutcome::Superseded
+        );
+        assert_eq!(
+            store.finish_drive(id, "d2", &dead).await.unwrap(),
+            FinishOutcome::Stored
+        );
+        // A record from before owners has none: only a submission without one withdraws it.
+        let queued = uuid::Uuid::now_v7();
+        let conn = open_conn(path).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, kind, params, pool, gpus_requested, status, created_at) \
+             VALUES (?1, 'simulate', '{}', 'default', 1, 'queued', 1)",
+            params![queued.to_string()],
+        )
+        .unwrap();
+        assert!(!store.withdraw(queued, Some("someone")).await.unwrap());
+        assert!(store.withdraw(queued, None).await.unwrap());
+    }
+}

@@ -1,0 +1,344 @@
+//! The SQLite writer thread: every write goes through it as an `Op`, and it commits whatever is
+//! pending in one transaction (group commit); the conditional writes that end a job live here.
+
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::conn::unavailable;
+use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
+use crate::store::{FinishOutcome, StartOutcome, StoreError};
+use crate::topology::FIRST_DRIVE;
+
+const INSERT_SQL: &str = concat!(
+    "INSERT OR IGNORE INTO jobs (",
+    columns!(),
+    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
+);
+pub(super) const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
+const MAX_BATCH: usize = 512;
+
+pub(super) enum Op {
+    /// A submitted job, with the submission that owns it when it holds an idempotency claim.
+    Insert(
+        JobRecord,
+        Option<String>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    Adopt(
+        JobId,
+        String,
+        oneshot::Sender<Result<Option<JobStatus>, StoreError>>,
+    ),
+    Withdraw(
+        JobId,
+        Option<String>,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
+    Start(JobRecord, oneshot::Sender<Result<StartOutcome, StoreError>>),
+    RecordError(JobId, u32, String, oneshot::Sender<Result<(), StoreError>>),
+    /// The final outcome, of one drive of the job when the drive is named.
+    Finish(
+        JobId,
+        FinalOutcome,
+        Option<String>,
+        oneshot::Sender<Result<FinishOutcome, StoreError>>,
+    ),
+    Reset(JobId, String, oneshot::Sender<Result<bool, StoreError>>),
+}
+
+pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                for op in batch {
+                    fail(op, unavailable(&e));
+                }
+                continue;
+            }
+        };
+        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(batch.len());
+        for op in batch {
+            replies.push(apply(&tx, op));
+        }
+        match tx.commit() {
+            Ok(()) => replies.into_iter().for_each(|r| r()),
+            Err(e) => {
+                tracing::error!(error.message = %e, "sqlite commit failed");
+                // Replies are dropped: every waiter sees "writer stopped"-style unavailability.
+                drop(replies);
+            }
+        }
+    }
+}
+
+fn fail(op: Op, e: StoreError) {
+    let msg = e.to_string();
+    let err = || StoreError::Unavailable(msg.clone());
+    match op {
+        Op::Insert(_, _, r) | Op::RecordError(_, _, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Adopt(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Withdraw(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Start(_, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Finish(_, _, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Reset(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+    }
+}
+
+/// Runs one op inside the batch's transaction; the returned closure replies after the commit.
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
+    fn reply<T: 'static>(
+        r: oneshot::Sender<Result<T, StoreError>>,
+        v: Result<T, StoreError>,
+    ) -> Box<dyn FnOnce()> {
+        Box::new(move || {
+            let _ = r.send(v);
+        })
+    }
+    match op {
+        Op::Insert(job, owner, r) => {
+            let v = insert_row(tx, &job, owner.as_deref()).and_then(|n| {
+                if n == 0 {
+                    Err(StoreError::Conflict(job.id))
+                } else {
+                    Ok(())
+                }
+            });
+            reply(r, v)
+        }
+        Op::Adopt(id, owner, r) => {
+            let v = tx
+                .execute(
+                    "UPDATE jobs SET owner = ?2 WHERE id = ?1 AND status = 'queued'",
+                    params![id.to_string(), owner],
+                )
+                .map_err(unavailable)
+                .and_then(|n| {
+                    if n == 1 {
+                        Ok(Some(JobStatus::Queued))
+                    } else {
+                        status_of(tx, id)
+                    }
+                });
+            reply(r, v)
+        }
+        Op::Withdraw(id, owner, r) => {
+            // `IS` compares NULL with NULL as equal: a record stored without an owner is
+            // withdrawn by a submission without one.
+            let v = tx
+                .execute(
+                    "DELETE FROM jobs WHERE id = ?1 AND status = 'queued' AND owner IS ?2",
+                    params![id.to_string(), owner],
+                )
+                .map(|n| n == 1)
+                .map_err(unavailable);
+            reply(r, v)
+        }
+        Op::Start(job, r) => reply(r, start(tx, &job)),
+        Op::RecordError(id, attempt, err, r) => {
+            let v = tx
+                .prepare_cached(concat!(
+                    "UPDATE jobs SET error = ?2, attempts = max(attempts, ?3) WHERE id = ?1 AND status IN ",
+                    not_final!()
+                ))
+                .and_then(|mut st| st.execute(params![id.to_string(), err, attempt]))
+                .map(|_| ())
+                .map_err(unavailable);
+            reply(r, v)
+        }
+        Op::Finish(id, outcome, drive, r) => reply(r, finish(tx, id, &outcome, drive.as_deref())),
+        Op::Reset(id, drive, r) => {
+            let v = tx
+                .execute(
+                    "UPDATE jobs SET status = 'queued', finished_at = NULL, result = NULL, drive = ?2 WHERE id = ?1 AND status = 'dead_lettered'",
+                    params![id.to_string(), drive],
+                )
+                .map(|n| n == 1)
+                .map_err(unavailable);
+            reply(r, v)
+        }
+    }
+}
+
+fn insert_row(
+    tx: &rusqlite::Transaction<'_>,
+    job: &JobRecord,
+    owner: Option<&str>,
+) -> Result<usize, StoreError> {
+    tx.prepare_cached(INSERT_SQL)
+        .and_then(|mut st| {
+            st.execute(params![
+                job.id.to_string(),
+                job.kind.as_str(),
+                job.params.to_string(),
+                job.pool,
+                job.gpus_requested,
+                job.min_gpu_memory_mb.map(|m| m as i64),
+                job.status.as_str(),
+                job.attempts,
+                job.worker,
+                serde_json::to_string(&job.gpus).expect("gpus serialize"),
+                job.result.as_ref().map(Value::to_string),
+                job.error,
+                job.created_at,
+                job.started_at,
+                job.finished_at,
+                owner,
+            ])
+        })
+        .map_err(unavailable)
+}
+
+fn status_of(tx: &rusqlite::Transaction<'_>, id: JobId) -> Result<Option<JobStatus>, StoreError> {
+    let s: Option<String> = tx
+        .prepare_cached("SELECT status FROM jobs WHERE id = ?1")
+        .and_then(|mut st| {
+            st.query_row(params![id.to_string()], |r| r.get(0))
+                .optional()
+        })
+        .map_err(unavailable)?;
+    s.map(|s| JobStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s}"))))
+        .transpose()
+}
+
+fn start(tx: &rusqlite::Transaction<'_>, job: &JobRecord) -> Result<StartOutcome, StoreError> {
+    let n = tx
+        .prepare_cached(concat!(
+            "UPDATE jobs SET status = 'running', attempts = ?2, worker = ?3, gpus = ?4, ",
+            "started_at = ?5 WHERE id = ?1 AND status IN ",
+            not_final!()
+        ))
+        .and_then(|mut st| {
+            st.execute(params![
+                job.id.to_string(),
+                job.attempts,
+                job.worker,
+                serde_json::to_string(&job.gpus).expect("gpus serialize"),
+                job.started_at
+            ])
+        })
+        .map_err(unavailable)?;
+    if n == 1 {
+        return Ok(StartOutcome::Started);
+    }
+    match status_of(tx, job.id)? {
+        Some(s) if s.is_final() => Ok(StartOutcome::AlreadyFinal(s)),
+        Some(_) => Ok(StartOutcome::Started),
+        None => {
+            insert_row(tx, job, None)?;
+            Ok(StartOutcome::Started)
+        }
+    }
+}
+
+/// The final write; with `drive`, only while the job is still on that drive (a job never
+/// re-driven has no `drive` and is on the first).
+fn finish(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    o: &FinalOutcome,
+    drive: Option<&str>,
+) -> Result<FinishOutcome, StoreError> {
+    let a = o.attempt.as_ref();
+    let n = tx
+        .prepare_cached(concat!(
+            "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), ",
+            "worker = coalesce(?5, worker), finished_at = ?6, attempts = coalesce(?7, attempts), ",
+            "gpus = coalesce(?8, gpus), started_at = coalesce(?9, started_at) ",
+            "WHERE id = ?1 AND (?10 IS NULL OR coalesce(drive, ?11) = ?10) AND status IN ",
+            not_final!()
+        ))
+        .and_then(|mut st| {
+            st.execute(params![
+                id.to_string(),
+                o.status.as_str(),
+                o.result.as_ref().map(Value::to_string),
+                o.error,
+                o.worker,
+                o.finished_at,
+                a.map(|a| a.attempts),
+                a.map(|a| serde_json::to_string(&a.gpus).expect("gpus serialize")),
+                a.map(|a| a.started_at),
+                drive,
+                FIRST_DRIVE,
+            ])
+        })
+        .map_err(unavailable)?;
+    if n == 1 {
+        return Ok(FinishOutcome::Stored);
+    }
+    Ok(match status_of(tx, id)? {
+        Some(s) if s.is_final() => FinishOutcome::AlreadyFinal(s),
+        Some(_) => FinishOutcome::Superseded,
+        None => FinishOutcome::NotFound,
+    })
+}
+
+/// Decodes a row. Whatever a column holds that does not decode (a wrong type included) is
+/// `Corrupt`, not `Unavailable`: reading it again gives the same answer.
+pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+    let id: String = r.get(0)?;
+    let build = || -> Result<JobRecord, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of job {id}"));
+        let text = |i: usize, what: &str| -> Result<String, StoreError> {
+            r.get(i).map_err(|_| corrupt(what))
+        };
+        let (kind, params, status, gpus) = (
+            text(1, "kind")?,
+            text(2, "params")?,
+            text(6, "status")?,
+            text(9, "gpus")?,
+        );
+        let result: Option<String> = r.get(10).map_err(|_| corrupt("result"))?;
+        Ok(JobRecord {
+            id: id.parse().map_err(|_| corrupt("id"))?,
+            kind: match kind.as_str() {
+                "simulate" => JobKind::Simulate,
+                "command" => JobKind::Command,
+                _ => return Err(corrupt("kind")),
+            },
+            params: serde_json::from_str(&params).map_err(|_| corrupt("params"))?,
+            pool: r.get(3).map_err(|_| corrupt("pool"))?,
+            gpus_requested: r.get(4).map_err(|_| corrupt("gpus_requested"))?,
+            min_gpu_memory_mb: r
+                .get::<_, Option<i64>>(5)
+                .map_err(|_| corrupt("min_gpu_memory_mb"))?
+                .map(|m| m as u64),
+            status: JobStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
+            attempts: r.get(7).map_err(|_| corrupt("attempts"))?,
+            worker: r.get(8).map_err(|_| corrupt("worker"))?,
+            gpus: serde_json::from_str(&gpus).map_err(|_| corrupt("gpus"))?,
+            result: result
+                .map(|s| serde_json::from_str(&s))
+                .transpose()
+                .map_err(|_| corrupt("result"))?,
+            error: r.get(11).map_err(|_| corrupt("error"))?,
+            created_at: r.get(12).map_err(|_| corrupt("created_at"))?,
+            started_at: r.get(13).map_err(|_| corrupt("started_at"))?,
+            finished_at: r.get(14).map_err(|_| corrupt("finished_at"))?,
+        })
+    };
+    Ok(build())
+}
