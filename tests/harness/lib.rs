@@ -186,6 +186,40 @@ pub struct Stack {
     base_env: Vec<(String, String)>,
 }
 
+/// Starts the stack's workers (`worker-1`…), each on a free port; answers them and their URLs.
+fn spawn_workers(
+    opts: &StackOptions,
+    base_env: &[(String, String)],
+    dir: &Path,
+) -> anyhow::Result<(Vec<Supervised>, Vec<String>)> {
+    let mut workers = vec![];
+    let mut worker_urls = vec![];
+    for i in 0..opts.workers {
+        let port = free_port();
+        let mut env = base_env.to_vec();
+        env.extend([
+            ("GPUQ_WORKER_ID".into(), format!("worker-{}", i + 1)),
+            ("GPUQ_WORKER_BIND".into(), format!("127.0.0.1:{port}")),
+            ("GPUQ_GPUS".into(), opts.gpus.clone()),
+            (
+                "GPUQ_FAULT_INJECTION".into(),
+                opts.fault_injection.to_string(),
+            ),
+        ]);
+        if let Some(extra) = opts.worker_env.get(&i) {
+            env.extend(extra.iter().cloned());
+        }
+        workers.push(Supervised::spawn(
+            &format!("worker-{}", i + 1),
+            &bin_dir().join("gpuq-worker"),
+            env,
+            dir,
+        )?);
+        worker_urls.push(format!("http://127.0.0.1:{port}"));
+    }
+    Ok((workers, worker_urls))
+}
+
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
@@ -246,31 +280,7 @@ impl Stack {
             format!("127.0.0.1:{gateway_port}"),
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
-        let mut workers = vec![];
-        let mut worker_urls = vec![];
-        for i in 0..opts.workers {
-            let port = free_port();
-            let mut env = base_env.clone();
-            env.extend([
-                ("GPUQ_WORKER_ID".into(), format!("worker-{}", i + 1)),
-                ("GPUQ_WORKER_BIND".into(), format!("127.0.0.1:{port}")),
-                ("GPUQ_GPUS".into(), opts.gpus.clone()),
-                (
-                    "GPUQ_FAULT_INJECTION".into(),
-                    opts.fault_injection.to_string(),
-                ),
-            ]);
-            if let Some(extra) = opts.worker_env.get(&i) {
-                env.extend(extra.iter().cloned());
-            }
-            workers.push(Supervised::spawn(
-                &format!("worker-{}", i + 1),
-                &bin_dir().join("gpuq-worker"),
-                env,
-                &dir,
-            )?);
-            worker_urls.push(format!("http://127.0.0.1:{port}"));
-        }
+        let (workers, worker_urls) = spawn_workers(&opts, &base_env, &dir)?;
         let stack = Stack {
             prefix,
             dir,

@@ -181,27 +181,7 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let mut cmd = tokio::process::Command::new(path);
-    cmd.args(&p.args)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
-        )
-        .envs(&p.env)
-        .env("CUDA_VISIBLE_DEVICES", &devices)
-        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        .env("GPUQ_JOB_ID", ctx.job.to_string())
-        .env("GPUQ_ATTEMPT", ctx.attempt.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    let mut cmd = engine_command(path, p, &ctx, &devices);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return RunOutcome::Retry(format!("cannot start {path}: {e}")),
@@ -278,22 +258,63 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
         "gpus": ctx.gpus,
         "cuda_visible_devices": devices,
     });
+    exit_outcome(&p.program, status, result)
+}
+
+/// The engine's process: the allow-listed program with its arguments, no shell, a clean
+/// environment with the job's GPUs, in its own process group.
+fn engine_command(
+    path: &str,
+    p: &CommandParams,
+    ctx: &RunContext,
+    devices: &str,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.args(&p.args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
+        )
+        .envs(&p.env)
+        .env("CUDA_VISIBLE_DEVICES", devices)
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .env("GPUQ_JOB_ID", ctx.job.to_string())
+        .env("GPUQ_ATTEMPT", ctx.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// What the engine's exit means for the job.
+fn exit_outcome(
+    program: &str,
+    status: std::io::Result<std::process::ExitStatus>,
+    result: serde_json::Value,
+) -> RunOutcome {
     let status = match status {
         Ok(s) => s,
         Err(e) => return RunOutcome::Retry(format!("waiting for the engine failed: {e}")),
     };
     match status.code() {
         Some(0) => RunOutcome::Succeeded(result),
-        Some(EXIT_RETRY) => RunOutcome::Retry(format!("{} exited {EXIT_RETRY} (retry)", p.program)),
+        Some(EXIT_RETRY) => RunOutcome::Retry(format!("{} exited {EXIT_RETRY} (retry)", program)),
         Some(code) => RunOutcome::Failed {
             result,
-            error: format!("{} exited with code {code}", p.program),
+            error: format!("{} exited with code {code}", program),
         },
         None => {
             use std::os::unix::process::ExitStatusExt;
             RunOutcome::Retry(format!(
                 "{} was killed by signal {}",
-                p.program,
+                program,
                 status.signal().unwrap_or_default()
             ))
         }

@@ -8,13 +8,14 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
-use crate::gateway::SubmitBody;
-use crate::load::{LoadPlan, submit_many};
+use crate::gateway::{Gateway, SubmitBody};
+use crate::load::{LoadPlan, LoadResult, submit_many};
 use crate::output::progress_bar;
 use crate::tester::events::{EventLog, watch_workers};
 use crate::tester::flow::{self, FinishOptions};
 use crate::tester::scenario::Scenario;
 use crate::tester::verdict::Verdict;
+use crate::worker::Worker;
 
 #[derive(Debug, Clone)]
 pub struct RunPlan {
@@ -85,33 +86,7 @@ pub async fn run_plan(ctx: &Ctx, plan: &RunPlan) -> anyhow::Result<Verdict> {
     let stop = CancellationToken::new();
     let watcher = watch_workers(workers.clone(), log.clone(), stop.clone());
 
-    let mut body = SubmitBody::simulate(plan.duration_ms);
-    if let Some(p) = plan.fail_probability {
-        body.params = json!({ "duration_ms": plan.duration_ms, "fail_probability": p });
-    }
-    let load_plan = LoadPlan {
-        jobs: plan.jobs.into(),
-        rate: None,
-        concurrency: plan.concurrency.max(1),
-        retry_for: Some(Duration::from_secs(30)),
-    };
-    let pb = progress_bar(plan.jobs.into(), "submitted", plan.visible);
-    log.attach(&pb);
-    let load = submit_many(
-        &gw,
-        Arc::new(body),
-        &load_plan,
-        &CancellationToken::new(),
-        &pb,
-    )
-    .await;
-    pb.finish_and_clear();
-    log.push(format!(
-        "submitted {}: {} accepted, {} rejected",
-        load.submitted,
-        load.accepted.len(),
-        load.rejected_total()
-    ));
+    let load = submit_jobs(&gw, plan, &log).await;
 
     let mut v = flow::finish(
         ctx,
@@ -131,7 +106,49 @@ pub async fn run_plan(ctx: &Ctx, plan: &RunPlan) -> anyhow::Result<Verdict> {
     stop.cancel();
     let _ = watcher.await;
 
-    // A fault the worker never used would hit the next person's jobs: report it and clear it.
+    clear_leftover_faults(&target, plan, &mut v).await;
+    v.mode = "run".into();
+    v.scenario = Some(format!("{} ×{}", plan.scenario.as_str(), plan.count));
+    v.worker = Some(target.name.clone());
+    v.events = log.take();
+    Ok(v)
+}
+
+/// Submits the plan's short simulate jobs, drawing a progress bar.
+async fn submit_jobs(gw: &Gateway, plan: &RunPlan, log: &EventLog) -> LoadResult {
+    let mut body = SubmitBody::simulate(plan.duration_ms);
+    if let Some(p) = plan.fail_probability {
+        body.params = json!({ "duration_ms": plan.duration_ms, "fail_probability": p });
+    }
+    let load_plan = LoadPlan {
+        jobs: plan.jobs.into(),
+        rate: None,
+        concurrency: plan.concurrency.max(1),
+        retry_for: Some(Duration::from_secs(30)),
+    };
+    let pb = progress_bar(plan.jobs.into(), "submitted", plan.visible);
+    log.attach(&pb);
+    let load = submit_many(
+        gw,
+        Arc::new(body),
+        &load_plan,
+        &CancellationToken::new(),
+        &pb,
+    )
+    .await;
+    pb.finish_and_clear();
+    log.push(format!(
+        "submitted {}: {} accepted, {} rejected",
+        load.submitted,
+        load.accepted.len(),
+        load.rejected_total()
+    ));
+
+    load
+}
+
+/// A fault the worker never used would hit the next person's jobs: report it and clear it.
+async fn clear_leftover_faults(target: &Worker, plan: &RunPlan, v: &mut Verdict) {
     if let Ok(f) = target.faults().await {
         let left: u32 = f
             .armed
@@ -148,9 +165,4 @@ pub async fn run_plan(ctx: &Ctx, plan: &RunPlan) -> anyhow::Result<Verdict> {
             ));
         }
     }
-    v.mode = "run".into();
-    v.scenario = Some(format!("{} ×{}", plan.scenario.as_str(), plan.count));
-    v.worker = Some(target.name.clone());
-    v.events = log.take();
-    Ok(v)
 }
