@@ -213,6 +213,12 @@ node_pid() {
 
 node_log() { printf '%s/log/%s.log' "$(node_dir "$1")" "$(node_name "$1")"; }
 
+# The console output of node N's last start.
+this_start_log() {
+  awk '/^===== .* starting / { s = "" } { s = s $0 "\n" } END { printf "%s", s }' \
+    "$(node_dir "$1")/console.log" 2>/dev/null
+}
+
 node_failure_logs() {
   local n="$1" d
   d="$(node_dir "$n")"
@@ -284,7 +290,7 @@ listening_all() {
 
 # Waits until node N has fully booted; prints its logs and fails when it does not.
 await_node() {
-  local n="$1" start deadline pid out left
+  local n="$1" start deadline pid out left relaunched=0
   start=$(date +%s)
   deadline=$((start + START_TIMEOUT))
   pid="$(node_pid "$n")" || pid=""
@@ -292,6 +298,17 @@ await_node() {
     # Polled cheaply (kill -0 is a builtin): process spawns are slow in this sandbox and the
     # booting nodes need the CPU.
     if ! pid_alive "$pid"; then
+      # RabbitMQ 3.10 can stop a node that restarts while its peers boot too (feature flag
+      # sync: `incompatible_feature_flags` … `badmap`), and the peers then wait for it until
+      # their own timeout. Starting it again at once lets all three finish booting.
+      if [ "$relaunched" -lt 2 ] && this_start_log "$n" | grep -q incompatible_feature_flags; then
+        relaunched=$((relaunched + 1))
+        printf '[%s] WARNING: %s stopped on the feature-flag sync with booting peers; starting it again\n' "$(_ts)" "$(node_name "$n")" >&2
+        sleep 1
+        launch_node "$n" >&2
+        pid="$(node_pid "$n")" || pid=""
+        continue
+      fi
       printf '[%s] ERROR: %s exited while starting\n' "$(_ts)" "$(node_name "$n")" >&2
       node_failure_logs "$n"
       return 1

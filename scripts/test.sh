@@ -10,10 +10,10 @@
 #      cargo call here selects the whole workspace, so all of them resolve the same features and
 #      share one build of the dependency graph (see tests/Cargo.toml); later phases compile
 #      nothing
-#   4. starts the production shape in the background (scripts/compose.sh up --local-images:
-#      docker-compose.yml on stand-in images built here; a Docker engine started when none runs),
-#      and the local stack (scripts/stack.sh up) unless it already runs; stops it at the end only
-#      when this script started it
+#   4. starts the local stack (scripts/stack.sh up) unless it already runs (stopped at the end
+#      only when this script started it), then the production shape in the background
+#      (scripts/compose.sh up --local-images: docker-compose.yml on stand-in images built here;
+#      a Docker engine started when none runs)
 #   5. starts secantusd (a MongoDB stand-in) on 127.0.0.1:21017 for the MongoDB store contract,
 #      unless GPUQ_TEST_MONGODB_URL names a server already; cargo nextest run --workspace
 #      --no-fail-fast (end-to-end suites on SQLite), the pipeline suite once more with the
@@ -260,7 +260,6 @@ run_phase build phase_build || BUILD_OK=0
 
 if [ "$BUILD_OK" -eq 1 ]; then
   run_phase "build tests" phase_build_tests || BUILD_OK=0
-  compose_up_start || true
 fi
 
 if bash "$STACK" status >/dev/null 2>&1; then
@@ -268,6 +267,12 @@ if bash "$STACK" status >/dev/null 2>&1; then
 else
   STARTED_STACK=1
   run_phase stack phase_stack
+fi
+
+# After the local stack is up: six RabbitMQ nodes booting at once on two cores is what makes
+# RabbitMQ 3.10's feature-flag sync race likely (see scripts/stack.sh, await_node).
+if [ "$BUILD_OK" -eq 1 ]; then
+  compose_up_start || true
 fi
 
 if [ "$BUILD_OK" -eq 1 ]; then
