@@ -13,8 +13,8 @@ use gpuq_common::job::now_ms;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::registry::{Sighting, validate_engine_id};
+use crate::state::AppState;
 
 pub fn redis_error(e: redis::RedisError) -> ApiError {
     ApiError::Unavailable(format!("redis: {e}"))

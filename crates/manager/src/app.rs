@@ -3,7 +3,7 @@
 //! queue polling) until the shutdown token is cancelled.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,12 +12,12 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
+use gpuq_common::Settings;
 use gpuq_common::http::{method_not_allowed, not_found, ops_routes, track_metrics};
 use gpuq_common::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
 use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
-use gpuq_common::{JobStore, Settings};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,10 +26,11 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::deadletters::DeadLetterConsumer;
-use crate::fleet::{FleetGauges, refresh_loop};
-use crate::overview::ThroughputTracker;
+use crate::fleet::FleetGauges;
 use crate::queues::QueuePoller;
 use crate::registry::Registry;
+use crate::state::{AppState, Inner};
+use crate::throughput::ThroughputTracker;
 use crate::{api, overview, ui};
 
 /// Timings of the background loops (tests shorten them).
@@ -47,59 +48,6 @@ impl Default for Intervals {
             fleet_refresh: Duration::from_secs(2),
             queue_poll: Duration::from_secs(5),
         }
-    }
-}
-
-struct Inner {
-    settings: Settings,
-    registry: Registry,
-    store: Arc<dyn JobStore>,
-    metrics: ManagerMetrics,
-    prometheus: prometheus::Registry,
-    http_metrics: Arc<HttpMetrics>,
-    gauges: FleetGauges,
-    queues: QueuePoller,
-    throughput: ThroughputTracker,
-    http: reqwest::Client,
-    broker_connected: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-}
-
-/// Shared state of every handler and loop; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    pub fn settings(&self) -> &Settings {
-        &self.0.settings
-    }
-    pub fn registry(&self) -> &Registry {
-        &self.0.registry
-    }
-    pub fn store(&self) -> &Arc<dyn JobStore> {
-        &self.0.store
-    }
-    pub fn metrics(&self) -> &ManagerMetrics {
-        &self.0.metrics
-    }
-    pub fn gauges(&self) -> &FleetGauges {
-        &self.0.gauges
-    }
-    pub fn queues(&self) -> &QueuePoller {
-        &self.0.queues
-    }
-    pub fn throughput(&self) -> &ThroughputTracker {
-        &self.0.throughput
-    }
-    pub fn http(&self) -> &reqwest::Client {
-        &self.0.http
-    }
-    pub fn broker_connected(&self) -> bool {
-        self.0.broker_connected.load(Ordering::Relaxed)
-    }
-    /// Cancelled when the manager shuts down (ends event streams).
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.0.shutdown.clone()
     }
 }
 
@@ -330,4 +278,41 @@ pub fn router(state: AppState) -> Router {
                 .map_or("unmatched", MatchedPath::as_str);
             tracing::info_span!("http", method = %req.method(), route)
         }))
+}
+
+/// Every `interval`: re-derives every engine's state (expired heartbeats → offline), refreshes the
+/// gauges, and samples job counts for the throughput figure.
+pub async fn refresh_loop(state: AppState, interval: Duration, token: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let views = state.registry().all_views().await;
+        let counts = state.store().count_by_status().await;
+        match (&views, &counts) {
+            (Ok(views), Ok(counts)) => {
+                state.gauges().observe_all(views);
+                state.throughput().record(counts);
+                if failing {
+                    tracing::info!("fleet refresh works again");
+                }
+                failing = false;
+            }
+            _ => {
+                let message = match (views, counts) {
+                    (Err(e), _) => format!("redis: {e}"),
+                    (_, Err(e)) => format!("store: {e}"),
+                    _ => unreachable!("one of them failed"),
+                };
+                if !failing {
+                    tracing::warn!(error.message = %message, "fleet refresh failed");
+                }
+                failing = true;
+            }
+        }
+    }
 }

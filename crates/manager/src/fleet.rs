@@ -4,13 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use gpuq_common::engine::{EngineState, EngineView, GpuHealth};
 use gpuq_common::metrics::ManagerMetrics;
-use tokio_util::sync::CancellationToken;
-
-use crate::app::AppState;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -101,43 +97,6 @@ impl FleetGauges {
         }
         for h in GpuHealth::ALL {
             let _ = m.gpu_health.remove_label_values(&[engine, gpu, h.as_str()]);
-        }
-    }
-}
-
-/// Every `interval`: re-derives every engine's state (expired heartbeats → offline), refreshes the
-/// gauges, and samples job counts for the throughput figure.
-pub async fn refresh_loop(state: AppState, interval: Duration, token: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let views = state.registry().all_views().await;
-        let counts = state.store().count_by_status().await;
-        match (&views, &counts) {
-            (Ok(views), Ok(counts)) => {
-                state.gauges().observe_all(views);
-                state.throughput().record(counts);
-                if failing {
-                    tracing::info!("fleet refresh works again");
-                }
-                failing = false;
-            }
-            _ => {
-                let message = match (views, counts) {
-                    (Err(e), _) => format!("redis: {e}"),
-                    (_, Err(e)) => format!("store: {e}"),
-                    _ => unreachable!("one of them failed"),
-                };
-                if !failing {
-                    tracing::warn!(error.message = %message, "fleet refresh failed");
-                }
-                failing = true;
-            }
         }
     }
 }

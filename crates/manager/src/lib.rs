@@ -8,6 +8,9 @@ pub mod fleet;
 pub mod overview;
 pub mod queues;
 pub mod registry;
+pub mod state;
+pub mod throughput;
 pub mod ui;
 
-pub use app::{AppState, Application, Intervals, router};
+pub use app::{Application, Intervals, router};
+pub use state::AppState;

@@ -2,10 +2,9 @@
 //! recent jobs, served whole (`GET /v1/overview`) and pushed every ~1.5 s over Server-Sent
 //! Events (`GET /v1/events`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -19,21 +18,12 @@ use gpuq_common::store::ListQuery;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::queues::QueueStats;
+use crate::state::AppState;
+use crate::throughput::Throughput;
 
 /// How often the event stream sends a fresh overview.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(1500);
-/// Throughput is measured over this window.
-const WINDOW: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Throughput {
-    /// Jobs that reached a final status per second, over `window_s`.
-    pub finished_per_s: f64,
-    /// The span actually measured (shorter right after the manager started).
-    pub window_s: f64,
-}
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Overview {
@@ -49,63 +39,6 @@ pub struct Overview {
     pub throughput: Throughput,
     pub recent_jobs: Vec<JobRecord>,
     pub dead_letters: Vec<JobRecord>,
-}
-
-/// Successive samples of the finished-job count, to turn counts into a rate.
-#[derive(Default)]
-pub struct ThroughputTracker {
-    samples: Mutex<VecDeque<(Instant, u64)>>,
-}
-
-impl ThroughputTracker {
-    /// Samples the count of final jobs from a `count_by_status` answer.
-    pub fn record(&self, counts: &BTreeMap<JobStatus, u64>) {
-        let finished = counts
-            .iter()
-            .filter(|(s, _)| s.is_final())
-            .map(|(_, n)| n)
-            .sum();
-        self.record_at(Instant::now(), finished);
-    }
-
-    pub fn record_at(&self, at: Instant, finished: u64) {
-        let mut s = self.samples.lock().expect("throughput lock");
-        if s.back()
-            .is_some_and(|(t, _)| at.saturating_duration_since(*t) < Duration::from_millis(500))
-        {
-            return;
-        }
-        s.push_back((at, finished));
-        // Keep one sample at least WINDOW old as the baseline.
-        while s.len() > 2
-            && s.get(1)
-                .is_some_and(|(t, _)| at.saturating_duration_since(*t) >= WINDOW)
-        {
-            s.pop_front();
-        }
-    }
-
-    pub fn rate(&self) -> Throughput {
-        let s = self.samples.lock().expect("throughput lock");
-        let (Some((t0, n0)), Some((t1, n1))) = (s.front(), s.back()) else {
-            return Throughput {
-                finished_per_s: 0.0,
-                window_s: 0.0,
-            };
-        };
-        let dt = t1.saturating_duration_since(*t0).as_secs_f64();
-        if dt < 1.0 {
-            return Throughput {
-                finished_per_s: 0.0,
-                window_s: dt,
-            };
-        }
-        // Counts can fall (a dead letter re-driven goes back to queued): never a negative rate.
-        Throughput {
-            finished_per_s: n1.saturating_sub(*n0) as f64 / dt,
-            window_s: dt,
-        }
-    }
 }
 
 /// Gathers the overview from Redis, the store and the last queue poll.
@@ -180,29 +113,4 @@ pub async fn events(
     });
     Sse::new(ticks.take_until(stop.cancelled_owned()))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throughput_is_the_slope_of_finished_counts_over_the_last_minute() {
-        let t = ThroughputTracker::default();
-        let t0 = Instant::now();
-        assert_eq!(t.rate().finished_per_s, 0.0);
-        t.record_at(t0, 100);
-        t.record_at(t0 + Duration::from_millis(100), 500); // too soon: ignored
-        t.record_at(t0 + Duration::from_secs(10), 300);
-        let r = t.rate();
-        assert!((r.finished_per_s - 20.0).abs() < 1e-9, "{r:?}");
-        for i in 1..=20u64 {
-            t.record_at(t0 + Duration::from_secs(10 + i * 5), 300 + i * 50);
-        }
-        let r = t.rate();
-        assert!(r.window_s <= 65.0, "{r:?}");
-        assert!((r.finished_per_s - 10.0).abs() < 1e-9, "{r:?}");
-        t.record_at(t0 + Duration::from_secs(200), 0);
-        assert_eq!(t.rate().finished_per_s, 0.0);
-    }
 }

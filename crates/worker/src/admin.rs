@@ -16,9 +16,9 @@ use gpuq_common::http::{
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::app::Worker;
 use crate::faults::{ArmRequest, FaultsView, Scenario};
 use crate::gpu::{GpuError, GpuFault, snapshot};
+use crate::state::Worker;
 
 #[derive(OpenApi)]
 #[openapi(

@@ -1,19 +1,17 @@
-//! The worker's state and lifecycle: build everything it needs, run the consumer, the GPU
+//! The worker's lifecycle: build its state (`state.rs`), run the consumer, the GPU
 //! monitor and the admin server, and stop them in order on shutdown.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use gpuq_common::engine::{AdminState, GpuSnapshot};
+use gpuq_common::Settings;
 use gpuq_common::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
 use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
-use gpuq_common::{JobStore, Settings};
-use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -21,59 +19,10 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::faults::Faults;
-use crate::gpu::{GpuBackend, Thresholds};
+use crate::gpu::Thresholds;
 use crate::lease::Coordinator;
-use crate::runner::StopReason;
 use crate::slots::Slots;
-
-/// A job running here, and how to stop it.
-pub struct Running {
-    pub stop: watch::Sender<Option<StopReason>>,
-    pub gpus: Vec<u32>,
-    pub started: Instant,
-    pub pool: String,
-}
-
-#[derive(Default)]
-pub struct Stats {
-    pub processed: AtomicU64,
-    pub failed: AtomicU64,
-    pub total_ms: AtomicU64,
-}
-
-/// Everything the worker's tasks share.
-pub struct Worker {
-    pub settings: Settings,
-    pub engine_id: String,
-    /// One per process start; owner of this process's leases.
-    pub instance_id: String,
-    pub pools: Vec<String>,
-    pub topology: Topology,
-    pub store: Arc<dyn JobStore>,
-    pub coord: Coordinator,
-    pub slots: Slots,
-    pub gpus: Arc<dyn GpuBackend>,
-    pub thresholds: Thresholds,
-    pub faults: Faults,
-    pub metrics: WorkerMetrics,
-    pub http_metrics: Arc<HttpMetrics>,
-    pub registry: Registry,
-    pub programs: Arc<BTreeMap<String, String>>,
-    pub running: Mutex<HashMap<Uuid, Running>>,
-    pub stats: Stats,
-    pub snapshot: Mutex<Vec<GpuSnapshot>>,
-    /// Operator intent from the manager (cordon/drain).
-    pub admin: watch::Sender<Option<AdminState>>,
-    /// False while Redis does not answer: no job may start without its lease.
-    pub redis_ok: watch::Sender<bool>,
-    pub consuming: AtomicBool,
-    pub broker_connected: AtomicBool,
-    pub started_at_ms: i64,
-    pub http: reqwest::Client,
-    pub shutdown: CancellationToken,
-    /// Cancelled when the operator asked this process to restart (through the manager).
-    pub restart: CancellationToken,
-}
+use crate::state::{Stats, Worker};
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,26 +37,6 @@ pub enum Stopped {
 /// The exit code of a worker that stopped for a restart: non-zero so that supervisors which
 /// restart only failed processes (`on-failure`) start it again too; 75 is `EX_TEMPFAIL`.
 pub const EXIT_RESTART: i32 = 75;
-
-impl Worker {
-    pub fn running_jobs(&self) -> Vec<Uuid> {
-        self.running
-            .lock()
-            .expect("running")
-            .keys()
-            .copied()
-            .collect()
-    }
-
-    /// Asks every running job (or those given) to stop.
-    pub fn stop_jobs(&self, jobs: Option<&[Uuid]>, reason: StopReason) {
-        for (id, r) in self.running.lock().expect("running").iter() {
-            if jobs.is_none_or(|j| j.contains(id)) {
-                let _ = r.stop.send(Some(reason));
-            }
-        }
-    }
-}
 
 pub struct Application {
     worker: Arc<Worker>,
@@ -230,22 +159,5 @@ impl Application {
         }
         tracing::info!(worker_id = %w.engine_id, reason = ?why, "stopped");
         Ok(why)
-    }
-}
-
-/// Consumers may run only when this is true.
-pub fn gate_open(w: &Worker) -> bool {
-    !w.shutdown.is_cancelled()
-        && *w.redis_ok.borrow()
-        && w.admin.borrow().is_none()
-        && w.slots.capacity().schedulable > 0
-}
-
-/// Records an attempt's run time in the status-line stats.
-pub fn record_run(w: &Worker, ms: u64, failed: bool) {
-    w.stats.processed.fetch_add(1, Ordering::Relaxed);
-    w.stats.total_ms.fetch_add(ms, Ordering::Relaxed);
-    if failed {
-        w.stats.failed.fetch_add(1, Ordering::Relaxed);
     }
 }

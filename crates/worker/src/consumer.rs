@@ -14,8 +14,8 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio_util::task::TaskTracker;
 
-use crate::app::{Worker, gate_open};
 use crate::process::{Channels, process_delivery};
+use crate::state::{Worker, gate_open};
 
 pub async fn run(w: Arc<Worker>) {
     let jobs = TaskTracker::new();

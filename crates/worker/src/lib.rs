@@ -13,5 +13,7 @@ pub mod process;
 pub mod protocol;
 pub mod runner;
 pub mod slots;
+pub mod state;
 
-pub use app::{Application, EXIT_RESTART, Stopped, Worker};
+pub use app::{Application, EXIT_RESTART, Stopped};
+pub use state::Worker;

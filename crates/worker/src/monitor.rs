@@ -9,9 +9,9 @@ use std::time::Duration;
 use gpuq_common::engine::{GpuHealth, Heartbeat};
 use gpuq_common::job::now_ms;
 
-use crate::app::Worker;
 use crate::gpu::snapshot;
 use crate::runner::StopReason;
+use crate::state::Worker;
 
 pub async fn run(w: Arc<Worker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -15,8 +15,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use super::Outcome;
-use crate::app::Worker;
 use crate::protocol::{Action, Arrival, PRIOR_DELIVERIES_HEADER};
+use crate::state::Worker;
 
 /// The channels a delivery needs: the one it came on (for closing it in a fault) and a
 /// confirm-mode one for republishing.

@@ -20,9 +20,9 @@ use tracing::Instrument;
 
 pub use self::act::Channels;
 use self::act::Job;
-use crate::app::Worker;
 use crate::protocol::{self, Acquire, Action, Arrival, PRIOR_DELIVERIES_HEADER, Placement};
 use crate::slots::NoPlacement;
+use crate::state::Worker;
 
 /// What happened to a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,10 +13,10 @@ use tokio::sync::watch;
 
 use super::Outcome;
 use super::act::{Job, store_retry};
-use crate::app::{Running, Worker, record_run};
 use crate::faults::Scenario;
 use crate::protocol::{self, Action, AfterRun, Finish, RunEnd, Stored};
 use crate::runner::{self, RunContext, RunOutcome, StopReason};
+use crate::state::{Running, Worker, record_run};
 
 /// How often a running job looks for a client's cancel.
 const CANCEL_POLL: Duration = Duration::from_secs(1);

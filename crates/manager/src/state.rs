@@ -1,0 +1,68 @@
+//! What the manager's handlers and loops share (`AppState`): the engine registry, the store,
+//! metrics and gauges, the queue poller, the throughput tracker. `app` builds it; the handlers
+//! (`api`, `overview`) read it from here, so no module needs `app`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gpuq_common::metrics::{HttpMetrics, ManagerMetrics};
+use gpuq_common::{JobStore, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::FleetGauges;
+use crate::queues::QueuePoller;
+use crate::registry::Registry;
+use crate::throughput::ThroughputTracker;
+
+pub(crate) struct Inner {
+    pub(crate) settings: Settings,
+    pub(crate) registry: Registry,
+    pub(crate) store: Arc<dyn JobStore>,
+    pub(crate) metrics: ManagerMetrics,
+    pub(crate) prometheus: prometheus::Registry,
+    pub(crate) http_metrics: Arc<HttpMetrics>,
+    pub(crate) gauges: FleetGauges,
+    pub(crate) queues: QueuePoller,
+    pub(crate) throughput: ThroughputTracker,
+    pub(crate) http: reqwest::Client,
+    pub(crate) broker_connected: Arc<AtomicBool>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Shared state of every handler and loop; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(pub(crate) Arc<Inner>);
+
+impl AppState {
+    pub fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.0.store
+    }
+    pub fn metrics(&self) -> &ManagerMetrics {
+        &self.0.metrics
+    }
+    pub fn gauges(&self) -> &FleetGauges {
+        &self.0.gauges
+    }
+    pub fn queues(&self) -> &QueuePoller {
+        &self.0.queues
+    }
+    pub fn throughput(&self) -> &ThroughputTracker {
+        &self.0.throughput
+    }
+    pub fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+    pub fn broker_connected(&self) -> bool {
+        self.0.broker_connected.load(Ordering::Relaxed)
+    }
+    /// Cancelled when the manager shuts down (ends event streams).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.0.shutdown.clone()
+    }
+}
