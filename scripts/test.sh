@@ -149,19 +149,19 @@ phase_tests() {
     fi
   fi
   nextest_pass "1/3: every suite but disruptive; end-to-end on SQLite stores, the MongoDB store contract on $mongo" \
-    "${args[@]}" -E 'not binary(disruptive)'
+    "${args[@]}" -E 'not (binary(e2e) and test(/^disruptive::/))'
   rc1=$?
   if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then
-    GPUQ_TEST_STORE=mongodb nextest_pass "2/3: tests/pipeline.rs with every service on the MongoDB store ($mongo, a database per test)" \
-      "${args[@]}" -E 'binary(pipeline)'
+    GPUQ_TEST_STORE=mongodb nextest_pass "2/3: tests/e2e/pipeline.rs with every service on the MongoDB store ($mongo, a database per test)" \
+      "${args[@]}" -E 'binary(e2e) and test(/^pipeline::/)'
     rc2=$?
   else
-    printf -- '\n-- nextest pass 2/3: tests/pipeline.rs on the MongoDB store: NOT RUN (no MongoDB server)\n' | tee -a "$ARTIFACTS/nextest.log"
+    printf -- '\n-- nextest pass 2/3: tests/e2e/pipeline.rs on the MongoDB store: NOT RUN (no MongoDB server)\n' | tee -a "$ARTIFACTS/nextest.log"
     rc2=1
   fi
   secantusd_stop "$TEST_MONGODB_DIR/pid"
   nextest_pass "3/3: disruptive, alone, one test at a time (SQLite stores)" \
-    "${args[@]}" -E 'binary(disruptive)' --test-threads 1
+    "${args[@]}" -E 'binary(e2e) and test(/^disruptive::/)' --test-threads 1
   rc3=$?
   [ "$rc_mongo" -eq 0 ] && [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$rc3" -eq 0 ]
 }
@@ -169,7 +169,7 @@ phase_tests() {
 # The production shape: docker-compose.yml on local stand-in images (scripts/compose.sh up
 # --local-images, with an env file of its own, never the user's .env). `up` mostly waits for the
 # containers' RabbitMQ cluster to form, so it runs in the background while the native suites run;
-# its output goes to test-artifacts/compose-up.log. Then tests/compose.rs against it, one test at
+# its output goes to test-artifacts/compose-up.log. Then tests/e2e/compose.rs against it, one test at
 # a time, and `down -v`, which fails if anything of the project is left.
 COMPOSE_UP_PID=""
 COMPOSE_UP_T0=""
@@ -208,8 +208,8 @@ compose_up_wait() {
 }
 
 phase_compose_tests() {
-  nextest_pass "compose: tests/compose.rs against docker-compose.yml on stand-in images, one at a time" \
-    nextest run --workspace --no-fail-fast -E 'binary(compose)' --run-ignored only --test-threads 1
+  nextest_pass "compose: tests/e2e/compose.rs against docker-compose.yml on stand-in images, one at a time" \
+    nextest run --workspace --no-fail-fast -E 'binary(e2e) and test(/^compose::/)' --run-ignored only --test-threads 1
 }
 
 phase_compose_down() {

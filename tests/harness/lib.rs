@@ -660,7 +660,7 @@ pub fn by_status(records: &[JobRecord]) -> HashMap<JobStatus, usize> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Manager and engine helpers (added for the GPU suite, tests/gpus.rs). Additive only.
+// Manager and engine helpers (added for the GPU suite, tests/e2e/gpus.rs). Additive only.
 // ---------------------------------------------------------------------------------------------
 
 impl Stack {

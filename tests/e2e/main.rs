@@ -1,0 +1,16 @@
+//! The end-to-end suites, one test binary (one link of everything instead of seven): each module
+//! is one concern and every test's name starts with it (`pipeline::…`), which is how
+//! scripts/test.sh selects them (`-E 'binary(e2e) and test(/^disruptive::/)'`).
+//!
+//! They spawn the real gpuq binaries (`GPUQ_BIN_DIR`) against the shared RabbitMQ cluster and
+//! Redis of scripts/stack.sh, each test under its own queue and key prefix (gpuq-e2e's harness).
+//! `disruptive` stops broker nodes and Redis: it runs alone, one test at a time, last. `compose`'s
+//! live tests are `#[ignore]`d here and run against scripts/compose.sh's stack.
+
+mod compose;
+mod deploy;
+mod disruptive;
+mod faults;
+mod gpus;
+mod observability;
+mod pipeline;
