@@ -417,6 +417,22 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// `GET /v1/jobs` filters. Newest first; `cursor` is the last id of the previous page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub pool: Option<String>,
+    pub limit: u32,
+    pub cursor: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobRecord>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<uuid::Uuid>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

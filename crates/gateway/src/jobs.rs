@@ -176,10 +176,13 @@ async fn store_record(
             None => continue,
         }
     }
-    Err(StoreError::Unavailable(format!(
-        "the record of job {} changed under three attempts to store it",
-        msg.id
-    )))
+    Err(StoreError::Unavailable(
+        format!(
+            "the record of job {} changed under three attempts to store it",
+            msg.id
+        )
+        .into(),
+    ))
 }
 
 /// Removes the record of a job the broker refused for sure, unless a later request with the

@@ -9,24 +9,86 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
+// The list filters and page are part of the API contract (OpenAPI schemas), defined with the
+// job types; the store only takes and returns them.
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+pub use crate::job::{JobPage, ListQuery};
 
 pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
 
-#[derive(Debug, thiserror::Error)]
+/// A store failure in domain terms. `Unavailable` is worth retrying (the backend did not
+/// answer or refused for now); `Corrupt` is not (stored data this version cannot read). Both
+/// keep the driver's error (rusqlite, mongodb, bson, serde) as their `source()`, so a log line
+/// or `anyhow`'s `{:#}` shows the cause and a caller can downcast to it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     #[error("job {0} already exists")]
     Conflict(JobId),
     #[error("store data is corrupt: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] Cause),
     #[error("bad store URL: {0}")]
     BadUrl(String),
+}
+
+impl StoreError {
+    /// `Unavailable`, caused by a driver error.
+    pub fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable(Cause::from_error(e))
+    }
+    /// `Corrupt`, caused by a decoding error.
+    pub fn corrupt(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Corrupt(Cause::from_error(e))
+    }
+}
+
+/// What caused a `StoreError`: a message, and the error behind it when there is one. Cheap to
+/// clone (the SQLite writer answers every operation of a failed batch with the same cause).
+#[derive(Debug, Clone)]
+pub struct Cause {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Cause {
+    pub fn from_error(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            message: e.to_string(),
+            source: Some(Arc::new(e)),
+        }
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            source: None,
+        }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// Outcome of starting an attempt.
@@ -49,22 +111,6 @@ pub enum FinishOutcome {
     NotFound,
     /// The job was re-driven since the drive this write belongs to: nothing changed.
     Superseded,
-}
-
-/// `GET /v1/jobs` filters. Newest first; `cursor` is the last id of the previous page.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-pub struct ListQuery {
-    pub status: Option<JobStatus>,
-    pub pool: Option<String>,
-    pub limit: u32,
-    pub cursor: Option<uuid::Uuid>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct JobPage {
-    pub jobs: Vec<JobRecord>,
-    /// Pass as `cursor` for the next page; absent on the last page.
-    pub next_cursor: Option<uuid::Uuid>,
 }
 
 pub const MAX_PAGE: u32 = 1000;

@@ -17,8 +17,8 @@ pub struct MongoStore {
     jobs: Collection<Document>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 fn not_final() -> Document {
@@ -33,7 +33,7 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 }
 
 fn to_doc(job: &JobRecord) -> Result<Document, StoreError> {
-    let mut d = bson::to_document(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut d = bson::to_document(job).map_err(StoreError::corrupt)?;
     d.remove("id");
     d.insert("_id", job.id.to_string());
     Ok(d)
@@ -44,11 +44,11 @@ fn from_doc(mut d: Document) -> Result<JobRecord, StoreError> {
         .remove("_id")
         .ok_or_else(|| StoreError::Corrupt("document without _id".into()))?;
     d.insert("id", id);
-    bson::from_document(d).map_err(|e| StoreError::Corrupt(e.to_string()))
+    bson::from_document(d).map_err(StoreError::corrupt)
 }
 
 fn json_to_bson(v: &serde_json::Value) -> Result<Bson, StoreError> {
-    bson::to_bson(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+    bson::to_bson(v).map_err(StoreError::corrupt)
 }
 
 /// The write concern of the jobs collection: the URL's, journaled unless the URL says otherwise.
@@ -281,10 +281,9 @@ impl JobStore for MongoStore {
                 },
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "job {} changed under three attempts to start it",
-            job.id
-        )))
+        Err(StoreError::Unavailable(
+            format!("job {} changed under three attempts to start it", job.id).into(),
+        ))
     }
 
     async fn record_error(&self, id: JobId, attempt: u32, error: &str) -> Result<(), StoreError> {

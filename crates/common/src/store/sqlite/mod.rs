@@ -63,8 +63,9 @@ impl SqliteStore {
         let (tx, rx) = oneshot::channel();
         self.writer
             .send(make(tx))
-            .map_err(|_| unavailable("writer thread stopped"))?;
-        rx.await.map_err(|_| unavailable("writer thread stopped"))?
+            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
     }
 
     async fn read<T: Send + 'static>(
@@ -73,7 +74,9 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().map_err(|_| unavailable("reader poisoned"))?;
+            let conn = reader
+                .lock()
+                .map_err(|_| StoreError::Unavailable("reader poisoned".into()))?;
             f(&conn)
         })
         .await
@@ -216,6 +219,24 @@ impl JobStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::topology::FIRST_DRIVE;
+
+    #[test]
+    fn an_unavailable_store_keeps_the_drivers_error_as_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the database file should be: SQLite cannot open it.
+        let path = dir.path().join("db");
+        std::fs::create_dir(&path).unwrap();
+        let err = SqliteStore::open(path.to_str().unwrap())
+            .err()
+            .expect("a directory is no database");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let cause = std::error::Error::source(&err).expect("a cause");
+        let driver = std::error::Error::source(cause).expect("the driver's error");
+        assert!(
+            driver.downcast_ref::<rusqlite::Error>().is_some(),
+            "{driver:?}"
+        );
+    }
 
     #[test]
     fn every_connection_writes_ahead_and_syncs_each_commit() {

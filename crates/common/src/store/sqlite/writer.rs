@@ -61,8 +61,9 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
+                let e = unavailable(e);
                 for op in batch {
-                    fail(op, unavailable(&e));
+                    fail(op, e.clone());
                 }
                 continue;
             }
@@ -83,8 +84,7 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
 }
 
 fn fail(op: Op, e: StoreError) {
-    let msg = e.to_string();
-    let err = || StoreError::Unavailable(msg.clone());
+    let err = || e.clone();
     match op {
         Op::Insert(_, _, r) | Op::RecordError(_, _, _, r) => {
             let _ = r.send(Err(err()));
@@ -219,7 +219,7 @@ fn status_of(tx: &rusqlite::Transaction<'_>, id: JobId) -> Result<Option<JobStat
                 .optional()
         })
         .map_err(unavailable)?;
-    s.map(|s| JobStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s}"))))
+    s.map(|s| JobStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s}").into())))
         .transpose()
 }
 
@@ -301,7 +301,7 @@ fn finish(
 pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let id: String = r.get(0)?;
     let build = || -> Result<JobRecord, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of job {id}"));
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of job {id}").into());
         let text = |i: usize, what: &str| -> Result<String, StoreError> {
             r.get(i).map_err(|_| corrupt(what))
         };
