@@ -118,12 +118,17 @@ where
 
 /// UTC now as `2026-11-22T00:08:27.123Z`, without a date-time crate.
 fn rfc3339_now() -> String {
-    let ms = crate::job::now_ms();
+    format_utc_ms(crate::job::now_ms(), 'T')
+}
+
+/// Milliseconds since the epoch as a UTC time, `2026-11-22T00:08:27.123Z` with `sep` = 'T'
+/// (RFC 3339, the log lines) or `2026-11-22 00:08:27.123Z` with ' ' (the CLI's tables).
+pub fn format_utc_ms(ms: i64, sep: char) -> String {
     let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        "{y:04}-{m:02}-{d:02}{sep}{:02}:{:02}:{:02}.{millis:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
