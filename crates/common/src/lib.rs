@@ -4,11 +4,11 @@
 
 pub mod amqp;
 pub mod config;
+pub mod coord;
 pub mod engine;
 pub mod faults;
 pub mod http;
 pub mod job;
-pub mod keys;
 pub mod metrics;
 pub mod prom;
 pub mod redis_conn;

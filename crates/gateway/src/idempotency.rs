@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
+use gpuq_common::coord::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use gpuq_common::job::{JobId, JobMessage, now_ms};
-use gpuq_common::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Kv, KvError};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use gpuq_common::config::{Secret, Settings};
-use gpuq_common::keys::Keys;
+use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{GatewayMetrics, HttpMetrics};
 use gpuq_common::store::JobStore;
 use prometheus::Registry;

@@ -4,8 +4,8 @@
 
 use std::collections::HashSet;
 
+use gpuq_common::coord::keys::Keys;
 use gpuq_common::engine::{AdminState, EngineView, Heartbeat, derive_state};
-use gpuq_common::keys::Keys;
 use redis::aio::ConnectionManager;
 
 /// Records a heartbeat atomically.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gpuq_common::Settings;
-use gpuq_common::keys::Keys;
+use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
 use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use crate::faults::Faults;
 use crate::gpu::Thresholds;
-use crate::lease::Coordinator;
 use crate::slots::Slots;
 use crate::state::{Stats, Worker};
+use gpuq_common::coord::lease::Coordinator;
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,6 @@ pub mod app;
 pub mod consumer;
 pub mod faults;
 pub mod gpu;
-pub mod lease;
 pub mod monitor;
 pub mod process;
 pub mod protocol;

@@ -11,9 +11,7 @@ use gpuq_common::JobStatus;
 /// Deliveries a job had before a give-back republished it (the broker's count restarts).
 pub const PRIOR_DELIVERIES_HEADER: &str = "x-gpuq-prior-deliveries";
 
-/// Liveness of a worker process: refreshed every second, gone 3 s after the process dies. A
-/// lease whose owner's liveness key is gone is taken over.
-pub const ALIVE_TTL: Duration = Duration::from_secs(3);
+pub use gpuq_common::coord::lease::{ALIVE_TTL, Acquire};
 
 /// How long a delivery waits on a lease held by a live owner before it gives the job back.
 pub const LEASE_WAIT: Duration = Duration::from_secs(4);
@@ -149,20 +147,6 @@ pub fn placement(p: Placement, pool: &str, gpus: u32, min_gpu_memory_mb: u64) ->
         // An engine that could place it exists, or may come back: not a dead letter.
         Placement::Never { .. } => give_back("not_placeable_here", Duration::from_secs(1), false),
     }
-}
-
-/// The answer of the one Redis round trip of step 4 (done marker, cancel, lease).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Acquire {
-    /// The job already has a final result.
-    Done,
-    /// A client cancelled the job before it started.
-    Cancelled,
-    /// A live worker holds the lease.
-    Held,
-    Taken,
-    /// Taken from a worker whose liveness key is gone.
-    TakenOver,
 }
 
 /// Step 4: the lease. `answer` is `None` when Redis did not answer; `waited` is how long this

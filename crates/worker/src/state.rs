@@ -19,9 +19,9 @@ use uuid::Uuid;
 
 use crate::faults::Faults;
 use crate::gpu::{GpuBackend, Thresholds};
-use crate::lease::Coordinator;
 use crate::runner::StopReason;
 use crate::slots::Slots;
+use gpuq_common::coord::lease::Coordinator;
 
 /// A job running here, and how to stop it.
 pub struct Running {

@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
-use gpuq_common::engine::{AdminState, Heartbeat};
-use gpuq_common::keys::{COMPARE_AND_DELETE_LUA, Keys};
+use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
+use crate::engine::{AdminState, Heartbeat};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
-
-use crate::protocol::{ALIVE_TTL, Acquire};
 
 /// How long a done marker outlives the job: longer than any redelivery can arrive.
 const DONE_TTL_S: u64 = 7 * 24 * 3600;
@@ -18,6 +16,25 @@ const DONE_TTL_S: u64 = 7 * 24 * 3600;
 /// How long an engine without a heartbeat still counts as possibly able to place a job: a
 /// job only it could run is given back, not dead-lettered as unschedulable, while it restarts.
 pub const ENGINE_AWAY_GRACE: Duration = Duration::from_secs(600);
+
+/// Liveness of a worker process: refreshed every second, gone 3 s after the process dies. A
+/// lease whose owner's liveness key is gone is taken over.
+pub const ALIVE_TTL: Duration = Duration::from_secs(3);
+
+/// The answer of the one round trip of the delivery protocol's step 4 (done marker, cancel,
+/// lease); the worker's `protocol` decides what each means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquire {
+    /// The job already has a final result.
+    Done,
+    /// A client cancelled the job before it started.
+    Cancelled,
+    /// A live worker holds the lease.
+    Held,
+    Taken,
+    /// Taken from a worker whose liveness key is gone.
+    TakenOver,
+}
 
 /// Done check, cancel check and lease in one round trip. KEYS: done, lease, cancel. ARGV: owner,
 /// ttl ms, alive prefix. -1 done; -2 cancelled; 0 held by a live owner; 1 taken; 2 taken over
@@ -232,7 +249,7 @@ impl Coordinator {
             pipe.hget(self.keys.engine_info(e), "last_seen_ms");
         }
         let seen: Vec<Option<i64>> = pipe.query_async(&mut c).await?;
-        let recent = gpuq_common::job::now_ms() - ENGINE_AWAY_GRACE.as_millis() as i64;
+        let recent = crate::job::now_ms() - ENGINE_AWAY_GRACE.as_millis() as i64;
         if seen.iter().flatten().any(|&ms| ms >= recent) {
             return Ok(None);
         }
