@@ -9,13 +9,14 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::Registry;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
 use utoipa::ToSchema;
 
 use crate::config::Secret;
@@ -221,6 +222,27 @@ pub async fn track_metrics(
         .with_label_values(&[&route, &method])
         .observe(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The tail every gpuq service puts on its router: `/healthz` and `/metrics` ([`ops_routes`]),
+/// the JSON 404 and 405 fallbacks, the request metrics, and one tracing span per request
+/// (method and matched route; `ApiError` logs its own failures, once).
+pub fn service_router(app: Router, registry: Registry, http_metrics: Arc<HttpMetrics>) -> Router {
+    app.merge(ops_routes(registry))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(http_metrics, track_metrics))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", MatchedPath::as_str);
+                    tracing::info_span!("http", method = %req.method(), route)
+                })
+                .on_failure(()),
+        )
 }
 
 /// `/healthz` (the process answers) and `/metrics` (the registry), for any service.

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
 use gpuq_common::Settings;
 use gpuq_common::coord::keys::Keys;
-use gpuq_common::http::{method_not_allowed, not_found, ops_routes, track_metrics};
+use gpuq_common::http::service_router;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
 use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
@@ -22,7 +22,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::deadletters::DeadLetterConsumer;
@@ -247,8 +246,8 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 /// Every route of the manager, with request metrics and tracing by matched route.
 pub fn router(state: AppState) -> Router {
     let http_metrics = state.0.http_metrics.clone();
-    let ops = ops_routes(state.0.prometheus.clone());
-    Router::new()
+    let prometheus = state.0.prometheus.clone();
+    let app = Router::new()
         .route("/v1/heartbeats", post(api::post_heartbeat))
         .route("/v1/engines", get(api::list_engines))
         .route("/v1/engines/{id}", get(api::get_engine))
@@ -263,21 +262,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/ui", get(ui::page))
         .route("/", get(|| async { Redirect::temporary("/ui") }))
-        .with_state(state)
-        .merge(ops)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            http_metrics,
-            track_metrics,
-        ))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("unmatched", MatchedPath::as_str);
-            tracing::info_span!("http", method = %req.method(), route)
-        }))
+        .with_state(state);
+    service_router(app, prometheus, http_metrics)
 }
 
 /// Every `interval`: re-derives every engine's state (expired heartbeats → offline), refreshes the

@@ -8,11 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use gpuq_common::engine::{GpuSnapshot, Heartbeat};
-use gpuq_common::http::{
-    ApiError, ApiJson, ErrorBody, check_bearer, not_found, ops_routes, track_metrics,
-};
+use gpuq_common::http::{ApiError, ApiJson, ErrorBody, check_bearer, service_router};
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -50,13 +48,7 @@ pub fn router(w: Arc<Worker>) -> Router {
         .route("/admin/gpus/{index}/fault", post(gpu_fault))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(w.clone());
-    admin
-        .merge(ops_routes(w.registry.clone()))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(
-            w.http_metrics.clone(),
-            track_metrics,
-        ))
+    service_router(admin, w.registry.clone(), w.http_metrics.clone())
 }
 
 fn admin_auth(w: &Worker, headers: &HeaderMap) -> Result<(), ApiError> {

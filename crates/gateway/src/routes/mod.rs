@@ -6,16 +6,15 @@ pub mod health;
 pub mod jobs;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use gpuq_common::http::{ApiError, check_bearer, method_not_allowed, not_found, ops_routes};
+use gpuq_common::http::{ApiError, check_bearer, service_router};
 use gpuq_common::job::JobId;
 use serde::de::DeserializeOwned;
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::openapi::ApiDoc;
@@ -39,7 +38,7 @@ pub fn router(state: SharedState) -> Router {
     let openapi = ApiDoc::openapi()
         .to_json()
         .expect("the OpenAPI document serializes");
-    Router::new()
+    let app = Router::new()
         .merge(v1)
         .route("/readyz", get(health::readyz))
         .route(
@@ -47,26 +46,8 @@ pub fn router(state: SharedState) -> Router {
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
         )
         .with_state(state.clone())
-        .merge(ops_routes(state.registry.clone()))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(from_fn_with_state(
-            state.http_metrics.clone(),
-            gpuq_common::http::track_metrics,
-        ))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map_or("unmatched", MatchedPath::as_str);
-                    tracing::info_span!("http", method = %req.method(), route)
-                })
-                // ApiError logs its own failures, once.
-                .on_failure(()),
-        )
+        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+    service_router(app, state.registry.clone(), state.http_metrics.clone())
 }
 
 async fn require_api_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
