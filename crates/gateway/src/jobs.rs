@@ -12,8 +12,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use tracing::{Instrument, Span, instrument};
 
 use crate::broker::PublishError;
-use crate::idempotency::{Claim, IdempotencyError, Ticket, body_hash};
 use crate::state::SharedState;
+use gpuq_common::coord::idempotency::{Claim, IdempotencyError, Ticket, body_hash};
 
 /// The outcome of an accepted submission.
 #[derive(Debug, Clone, PartialEq)]
@@ -361,19 +361,13 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
     state.store.get(id).await?.ok_or_else(|| not_found(id))
 }
 
-async fn signal_cancel(state: &SharedState, id: JobId) -> Result<(), crate::kv::KvError> {
-    let (key, ttl) = (state.keys.cancel(id), state.cancel_ttl_s);
+async fn signal_cancel(
+    state: &SharedState,
+    id: JobId,
+) -> Result<(), gpuq_common::coord::kv::KvError> {
     state
         .kv
-        .run(|mut c| async move {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(now_ms())
-                .arg("EX")
-                .arg(ttl)
-                .query_async::<()>(&mut c)
-                .await
-        })
+        .signal_cancel(&state.keys, id, state.cancel_ttl_s)
         .await
 }
 
@@ -407,15 +401,10 @@ async fn redrive(
     let id = record.id;
     // A done marker would make workers skip the re-driven job; a dead letter has no result, so
     // one left behind is stale. Needs Redis: without it the re-drive could be silently dropped.
-    let done_key = state.keys.done(id);
-    state
-        .kv
-        .run(|mut c| async move { redis::cmd("DEL").arg(&done_key).query_async::<i64>(&mut c).await })
-        .await
-        .map_err(|e| {
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot clear the done marker");
-            ApiError::Unavailable("cannot reach Redis to re-drive the job; retry later".into())
-        })?;
+    state.kv.clear_done(&state.keys, id).await.map_err(|e| {
+        tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot clear the done marker");
+        ApiError::Unavailable("cannot reach Redis to re-drive the job; retry later".into())
+    })?;
     // The store remembers the drive, so that a late copy of an earlier dead letter of this job
     // cannot undo the re-drive.
     let drive = uuid::Uuid::new_v4().to_string();

@@ -3,9 +3,7 @@
 //! status, listing, cancel, dead letters and their re-drive, readiness, metrics and OpenAPI.
 
 pub mod broker;
-pub mod idempotency;
 pub mod jobs;
-pub mod kv;
 pub mod openapi;
 pub mod routes;
 pub mod startup;

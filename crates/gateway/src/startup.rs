@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
-use crate::kv::Kv;
 use crate::routes::router;
 use crate::state::{AppState, SharedState};
+use gpuq_common::coord::kv::Kv;
 
 /// How long `build` waits for a first broker link before serving anyway (`/readyz` tells).
 const FIRST_LINK_WAIT: Duration = Duration::from_secs(10);

@@ -9,8 +9,8 @@ use gpuq_common::store::JobStore;
 use prometheus::Registry;
 
 use crate::broker::Broker;
-use crate::idempotency::Idempotency;
-use crate::kv::Kv;
+use gpuq_common::coord::idempotency::Idempotency;
+use gpuq_common::coord::kv::Kv;
 
 pub type SharedState = Arc<AppState>;
 

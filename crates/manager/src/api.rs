@@ -13,8 +13,8 @@ use gpuq_common::job::now_ms;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::registry::{Sighting, validate_engine_id};
 use crate::state::AppState;
+use gpuq_common::coord::registry::{Sighting, validate_engine_id};
 
 pub fn redis_error(e: redis::RedisError) -> ApiError {
     ApiError::Unavailable(format!("redis: {e}"))

@@ -27,10 +27,10 @@ use utoipa::OpenApi;
 use crate::deadletters::DeadLetterConsumer;
 use crate::fleet::FleetGauges;
 use crate::queues::QueuePoller;
-use crate::registry::Registry;
 use crate::state::{AppState, Inner};
 use crate::throughput::ThroughputTracker;
 use crate::{api, overview, ui};
+use gpuq_common::coord::registry::Registry;
 
 /// Timings of the background loops (tests shorten them).
 #[derive(Debug, Clone)]

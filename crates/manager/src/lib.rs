@@ -7,7 +7,6 @@ pub mod deadletters;
 pub mod fleet;
 pub mod overview;
 pub mod queues;
-pub mod registry;
 pub mod state;
 pub mod throughput;
 pub mod ui;

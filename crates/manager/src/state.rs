@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::FleetGauges;
 use crate::queues::QueuePoller;
-use crate::registry::Registry;
 use crate::throughput::ThroughputTracker;
+use gpuq_common::coord::registry::Registry;
 
 pub(crate) struct Inner {
     pub(crate) settings: Settings,

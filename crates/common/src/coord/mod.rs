@@ -1,7 +1,13 @@
 //! Coordination through Redis: the one home of gpuq's Redis key names (`keys`), Lua scripts and
 //! round trips. `lease` holds the worker's side of the delivery protocol (the per-job lease and
 //! done marker, cancels, this process's liveness, operator intent, whether a pool can place a
-//! job). Every key lives under the queue prefix, so tests can share one Redis.
+//! job); `idempotency` the gateway's claims of `Idempotency-Key`s over `kv`, its bounded-time
+//! Redis handle (also used for cancel signals); `registry` the manager's engine registry
+//! (heartbeats, the engines ever seen, operator intent, restart requests, dead-letter markers).
+//! Every key lives under the queue prefix, so tests can share one Redis.
 
+pub mod idempotency;
 pub mod keys;
+pub mod kv;
 pub mod lease;
+pub mod registry;

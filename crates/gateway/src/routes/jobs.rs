@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiQuery, parse_cursor, parse_id, parse_limit, parse_pool};
-use crate::idempotency::Idempotency;
 use crate::jobs::{self as ops, Submitted};
 use crate::state::SharedState;
+use gpuq_common::coord::idempotency::Idempotency;
 
 /// Request header naming a submission so that retries of it enqueue nothing new.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";

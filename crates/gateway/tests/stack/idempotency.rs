@@ -26,7 +26,7 @@ async fn leave_expired_claim(
     let msg = JobMessage::new(payload, placement);
     let entry = json!({
         "id": msg.id,
-        "body_hash": gpuq_gateway::idempotency::body_hash(&msg),
+        "body_hash": gpuq_common::coord::idempotency::body_hash(&msg),
         "state": "pending",
         "until_ms": now_ms() - 1,
     });

@@ -12,10 +12,10 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gpuq_common::Settings;
 use gpuq_common::config::Secret;
+use gpuq_common::coord::kv::Kv;
 use gpuq_common::store::JobStore;
 use gpuq_common::topology::Topology;
 use gpuq_gateway::broker::Broker;
-use gpuq_gateway::kv::Kv;
 use gpuq_gateway::{AppState, Application, SharedState};
 use lapin::options::{
     BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,

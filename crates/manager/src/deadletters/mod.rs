@@ -20,8 +20,8 @@ use gpuq_common::amqp::connect_any;
 use gpuq_common::metrics::ManagerMetrics;
 use gpuq_common::topology::Topology;
 
-use crate::registry::Registry;
 use gpuq_common::JobStore;
+use gpuq_common::coord::registry::Registry;
 use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use gpuq_common::redis_conn;
+use super::keys::Keys;
+use crate::job::{JobId, now_ms};
+use crate::redis_conn;
 use redis::aio::ConnectionManager;
 
 /// Upper bound of one Redis command, connection included.
@@ -56,5 +58,31 @@ impl Kv {
                 .map(|_| ())
         })
         .await
+    }
+
+    /// A client's cancel of a job: the flag the worker reads before and while it runs the job
+    /// (`lease::Coordinator::cancel_requested`), kept `ttl_s` seconds.
+    pub async fn signal_cancel(&self, keys: &Keys, id: JobId, ttl_s: u64) -> Result<(), KvError> {
+        let key = keys.cancel(id);
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(now_ms())
+                .arg("EX")
+                .arg(ttl_s)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Drops a job's done marker (a re-drive: workers would otherwise skip the job).
+    pub async fn clear_done(&self, keys: &Keys, id: JobId) -> Result<(), KvError> {
+        let key = keys.done(id);
+        self.run(
+            |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<i64>(&mut c).await },
+        )
+        .await
+        .map(|_| ())
     }
 }

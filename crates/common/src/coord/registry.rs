@@ -4,8 +4,8 @@
 
 use std::collections::HashSet;
 
-use gpuq_common::coord::keys::Keys;
-use gpuq_common::engine::{AdminState, EngineView, Heartbeat, derive_state};
+use super::keys::Keys;
+use crate::engine::{AdminState, EngineView, Heartbeat, derive_state};
 use redis::aio::ConnectionManager;
 
 /// Records a heartbeat atomically.
@@ -299,7 +299,7 @@ fn natural_key(s: &str) -> (String, u64, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuq_common::engine::EngineState;
+    use crate::engine::EngineState;
 
     #[test]
     fn engine_ids_that_would_break_keys_or_labels_are_refused() {

@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use gpuq_common::coord::keys::{COMPARE_AND_DELETE_LUA, Keys};
-use gpuq_common::job::{JobId, JobMessage, now_ms};
+use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
+use crate::job::{JobId, JobMessage, now_ms};
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{Kv, KvError};
+use super::kv::{Kv, KvError};
 
 /// Longest accepted key.
 pub const MAX_KEY_LEN: usize = 200;
@@ -305,7 +305,7 @@ pub fn body_hash(msg: &JobMessage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpuq_common::job::SubmitRequest;
+    use crate::job::SubmitRequest;
 
     fn msg(body: &str) -> JobMessage {
         let req: SubmitRequest = serde_json::from_str(body).unwrap();
