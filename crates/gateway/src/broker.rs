@@ -11,8 +11,7 @@ use futures_util::StreamExt;
 use gpuq_common::amqp::{self, AmqpError};
 use gpuq_common::job::JobMessage;
 use gpuq_common::topology::Topology;
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
+use lapin::types::FieldTable;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +19,6 @@ use tokio_util::task::TaskTracker;
 
 /// Pools the gateway declares itself; the others are declared by the workers that serve them.
 pub const GATEWAY_POOLS: &[&str] = &["default"];
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Why a job was not accepted by the broker.
@@ -66,23 +63,10 @@ impl PublishError {
 }
 
 /// A live connection and its confirm channel; replaced as a whole when either dies.
-pub struct Link {
-    pub connection: Connection,
-    pub channel: Channel,
-    pub node: String,
-    pub generation: u64,
-}
-
-impl Link {
-    fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.channel.status().connected()
-    }
-}
+pub type Link = amqp::Session;
 
 struct Inner {
-    urls: Vec<String>,
     topology: Topology,
-    connection_name: String,
     confirm_timeout: Duration,
     link: watch::Sender<Option<Arc<Link>>>,
     /// Wakes the supervisor to check the link after a publish saw an error.
@@ -102,9 +86,7 @@ impl Broker {
         let (link, _) = watch::channel(None);
         Self {
             inner: Arc::new(Inner {
-                urls: vec![],
                 topology,
-                connection_name: String::new(),
                 confirm_timeout,
                 link,
                 kick: Notify::new(),
@@ -121,19 +103,19 @@ impl Broker {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Self {
-        let (link, _) = watch::channel(None);
-        let connection_name = format!("gpuq-gateway {}", topology.prefix);
-        let broker = Self {
-            inner: Arc::new(Inner {
-                urls,
-                topology,
-                connection_name,
-                confirm_timeout,
-                link,
-                kick: Notify::new(),
-            }),
+        let supervisor = amqp::Supervisor {
+            urls,
+            name: format!("gpuq-gateway {}", topology.prefix),
+            topology: topology.clone(),
+            pools: GATEWAY_POOLS.iter().map(|p| p.to_string()).collect(),
         };
-        tracker.spawn(broker.clone().supervise(shutdown));
+        let broker = Self::unconnected(topology, confirm_timeout);
+        let this = broker.clone();
+        tracker.spawn(async move {
+            supervisor
+                .run(&shutdown, |link| this.clone().hold(link, shutdown.clone()))
+                .await;
+        });
         broker
     }
 
@@ -236,90 +218,26 @@ impl Broker {
         }
     }
 
-    async fn supervise(self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        let mut generation = 0u64;
-        while !shutdown.is_cancelled() {
-            let established = tokio::select! {
-                r = self.establish(generation + 1) => r,
-                () = shutdown.cancelled() => break,
-            };
-            match established {
-                Ok(link) => {
-                    generation = link.generation;
-                    backoff = BACKOFF_MIN;
-                    tracing::info!(
-                        node = %amqp::redact(&link.node),
-                        generation,
-                        "broker link up"
-                    );
-                    let link = Arc::new(link);
-                    self.inner.link.send_replace(Some(link.clone()));
-                    let why = self.watch(&link, &shutdown).await;
-                    self.inner.link.send_replace(None);
-                    if shutdown.is_cancelled() {
-                        close(&link).await;
-                        break;
-                    }
-                    tracing::warn!(
-                        node = %amqp::redact(&link.node),
-                        reason = %why,
-                        "broker link lost; reconnecting"
-                    );
-                    // The node may still answer (a channel error): do not leak the connection.
-                    if link.connection.status().connected() {
-                        close(&link).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error.cause_chain = ?e,
-                        error.message = %e,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "cannot reach the broker"
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-            }
+    /// Offers `link` to publishers until it dies or the gateway stops.
+    async fn hold(self, link: Arc<Link>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.inner.link.send_replace(Some(link.clone()));
+        let why = self.watch(&link, &shutdown).await;
+        self.inner.link.send_replace(None);
+        match why {
+            None => Ok(()),
+            Some(why) => Err(anyhow::anyhow!(why)),
         }
-        tracing::info!("broker supervisor stopped");
     }
 
-    async fn establish(&self, generation: u64) -> anyhow::Result<Link> {
-        use anyhow::Context as _;
-        let (connection, node) = amqp::connect_any(&self.inner.urls, &self.inner.connection_name)
-            .await
-            .context("connecting to the broker")?;
-        let channel = amqp::confirm_channel(&connection)
-            .await
-            .context("opening the confirm channel")?;
-        let pools: Vec<String> = GATEWAY_POOLS.iter().map(|p| p.to_string()).collect();
-        self.inner
-            .topology
-            .declare(&channel, &pools)
-            .await
-            .context("declaring the topology")?;
-        Ok(Link {
-            connection,
-            channel,
-            node,
-            generation,
-        })
-    }
-
-    /// Returns when the link dies (with the reason) or on shutdown.
-    async fn watch(&self, link: &Link, shutdown: &CancellationToken) -> String {
+    /// Returns when the link dies (with the reason) or on shutdown (`None`).
+    async fn watch(&self, link: &Link, shutdown: &CancellationToken) -> Option<String> {
         let mut events = link.connection.events_listener();
         let mut tick = tokio::time::interval(HEALTH_CHECK_EVERY);
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return "shutdown".into(),
+                () = shutdown.cancelled() => return None,
                 event = events.next() => match event {
-                    Some(lapin::Event::Error(e)) => return format!("connection error: {e}"),
+                    Some(lapin::Event::Error(e)) => return Some(format!("connection error: {e}")),
                     Some(lapin::Event::ConnectionBlocked(reason)) => {
                         tracing::warn!(%reason, "the broker blocked publishing (resource alarm)");
                     }
@@ -327,31 +245,20 @@ impl Broker {
                         tracing::info!("the broker unblocked publishing");
                     }
                     Some(_) => {}
-                    None => return "connection event stream ended".into(),
+                    None => return Some("connection event stream ended".into()),
                 },
                 () = self.inner.kick.notified() => {
                     if !link.healthy() {
-                        return "a publish found the link closed".into();
+                        return Some("a publish found the link closed".into());
                     }
                 }
                 _ = tick.tick() => {
                     if !link.healthy() {
-                        return "the connection or channel closed".into();
+                        return Some("the connection or channel closed".into());
                     }
                 }
             }
         }
-    }
-}
-
-async fn close(link: &Link) {
-    let closing = link
-        .connection
-        .close(200, ShortString::from("OK".to_string()));
-    match tokio::time::timeout(Duration::from_secs(5), closing).await {
-        Ok(Ok(())) => tracing::info!("broker connection closed"),
-        Ok(Err(e)) => tracing::debug!(error.message = %e, "closing the broker connection"),
-        Err(_) => tracing::warn!("the broker did not answer the connection close in time"),
     }
 }
 

@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gpuq_common::amqp::{confirm_channel, connect_any};
-use lapin::Connection;
+use gpuq_common::amqp::{Session, Supervisor};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio_util::task::TaskTracker;
@@ -19,20 +18,15 @@ use crate::state::{Worker, gate_open};
 
 pub async fn run(w: Arc<Worker>) {
     let jobs = TaskTracker::new();
-    let mut backoff = Duration::from_millis(200);
-    while !w.shutdown.is_cancelled() {
-        match session(&w, &jobs).await {
-            Ok(()) => backoff = Duration::from_millis(200),
-            Err(e) => {
-                tracing::warn!(error.message = %e, "broker session ended; reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = w.shutdown.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    let supervisor = Supervisor {
+        urls: w.settings.amqp_url_list(),
+        name: format!("gpuq-worker {}", w.instance_id),
+        topology: w.topology.clone(),
+        pools: w.pools.clone(),
+    };
+    supervisor
+        .run(&w.shutdown, |link| session(w.clone(), jobs.clone(), link))
+        .await;
     drain(&w, &jobs).await;
 }
 
@@ -48,26 +42,6 @@ async fn drain(w: &Worker, jobs: &TaskTracker) {
         w.stop_jobs(None, crate::runner::StopReason::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(10), jobs.wait()).await;
     }
-}
-
-struct Session {
-    conn: Connection,
-    channels: Arc<Channels>,
-}
-
-async fn open(w: &Worker) -> anyhow::Result<Session> {
-    let (conn, _url) = connect_any(
-        &w.settings.amqp_url_list(),
-        &format!("gpuq-worker {}", w.instance_id),
-    )
-    .await?;
-    let consume = conn.create_channel().await?;
-    let publish = confirm_channel(&conn).await?;
-    w.topology.declare(&publish, &w.pools).await?;
-    Ok(Session {
-        conn,
-        channels: Arc::new(Channels { consume, publish }),
-    })
 }
 
 /// Starts a consumer per pool; each delivery becomes a job task straight from the consumer's
@@ -112,24 +86,32 @@ async fn consume_all(
     Ok(tags)
 }
 
-async fn session(w: &Arc<Worker>, jobs: &TaskTracker) -> anyhow::Result<()> {
-    let s = open(w).await?;
+/// Consumes on one broker link: the supervisor's confirm channel publishes give-backs and
+/// dead letters, a second channel consumes.
+async fn session(w: Arc<Worker>, jobs: TaskTracker, link: Arc<Session>) -> anyhow::Result<()> {
+    let consume = link.connection.create_channel().await?;
+    let channels = Arc::new(Channels {
+        consume,
+        publish: link.channel.clone(),
+    });
     w.broker_connected.store(true, Ordering::Relaxed);
-    let result = serve(w, jobs, &s).await;
+    let result = serve(&w, &jobs, &link, &channels).await;
     w.broker_connected.store(false, Ordering::Relaxed);
     w.consuming.store(false, Ordering::Relaxed);
     w.metrics.consuming.set(0);
     if w.shutdown.is_cancelled() {
-        // Let in-flight jobs ack on this connection before it closes.
-        drain(w, jobs).await;
-        let _ = s.channels.consume.close(200, "OK".into()).await;
-        let _ = s.channels.publish.close(200, "OK".into()).await;
-        let _ = s.conn.close(200, "OK".into()).await;
+        // Let in-flight jobs ack on this connection before the supervisor closes it.
+        drain(&w, &jobs).await;
     }
     result
 }
 
-async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Result<()> {
+async fn serve(
+    w: &Arc<Worker>,
+    jobs: &TaskTracker,
+    link: &Session,
+    channels: &Arc<Channels>,
+) -> anyhow::Result<()> {
     let mut capacity = w.slots.subscribe();
     let mut admin = w.admin.subscribe();
     let mut redis_ok = w.redis_ok.subscribe();
@@ -141,7 +123,7 @@ async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Resu
         let slots = w.slots.capacity().schedulable.min(u32::from(u16::MAX)) as u16;
         if (!want || slots != prefetch) && !tags.is_empty() {
             for tag in tags.drain(..) {
-                s.channels
+                channels
                     .consume
                     .basic_cancel(tag, BasicCancelOptions::default())
                     .await?;
@@ -151,7 +133,7 @@ async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Resu
             tracing::info!(worker_id = %w.engine_id, "consumer paused");
         }
         if want && tags.is_empty() {
-            tags = consume_all(w, jobs, &s.channels, slots).await?;
+            tags = consume_all(w, jobs, channels, slots).await?;
             prefetch = slots;
             w.consuming.store(true, Ordering::Relaxed);
             w.metrics.consuming.set(1);
@@ -162,13 +144,13 @@ async fn serve(w: &Arc<Worker>, jobs: &TaskTracker, s: &Session) -> anyhow::Resu
             _ = admin.changed() => {}
             _ = redis_ok.changed() => {}
             _ = health.tick() => {
-                if !s.conn.status().connected() || !s.channels.consume.status().connected() {
+                if !link.healthy() || !channels.consume.status().connected() {
                     anyhow::bail!("broker connection lost");
                 }
             }
             _ = w.shutdown.cancelled() => {
                 for tag in tags.drain(..) {
-                    let _ = s.channels.consume.basic_cancel(tag, BasicCancelOptions::default()).await;
+                    let _ = channels.consume.basic_cancel(tag, BasicCancelOptions::default()).await;
                 }
                 return Ok(());
             }

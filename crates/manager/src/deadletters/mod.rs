@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gpuq_common::amqp::connect_any;
+use gpuq_common::amqp::{Session, Supervisor};
 use gpuq_common::metrics::ManagerMetrics;
 use gpuq_common::topology::Topology;
 
 use gpuq_common::JobStore;
 use gpuq_common::coord::registry::Registry;
-use lapin::Connection;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
@@ -45,51 +44,32 @@ pub struct DeadLetterConsumer {
 }
 
 impl DeadLetterConsumer {
-    /// Connects through any node, declares the topology, consumes; reconnects on failure.
+    /// Consumes through the broker supervisor (any node, the topology declared on every
+    /// connect, reconnecting on failure) until `token`.
     pub async fn run(self, token: CancellationToken) {
-        let mut backoff = Duration::from_millis(250);
-        while !token.is_cancelled() {
-            let name = format!("gpuq-manager/{}", self.topology.prefix);
-            match connect_any(&self.amqp_urls, &name).await {
-                Ok((conn, _url)) => {
-                    let result = self.consume(&conn, &token).await;
-                    self.connected.store(false, Ordering::Relaxed);
-                    // Unacked dead letters go back to the queue with the channel.
-                    let _ = conn.close(200, ShortString::from("OK")).await;
-                    if token.is_cancelled() {
-                        break;
-                    }
-                    match result {
-                        Ok(()) => tracing::warn!("dead-letter consumer ended; reconnecting"),
-                        Err(e) => tracing::warn!(
-                            error.cause_chain = ?e, error.message = %e,
-                            "dead-letter consumer failed; reconnecting"
-                        ),
-                    }
-                    backoff = Duration::from_millis(250);
-                }
-                Err(e) => {
-                    tracing::warn!(error.message = %e, "no broker node reachable");
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-            tokio::select! {
-                _ = token.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-        }
+        let mut pools = vec!["default".to_string()];
+        pools.extend(self.pools.iter().filter(|p| *p != "default").cloned());
+        let supervisor = Supervisor {
+            urls: self.amqp_urls.clone(),
+            name: format!("gpuq-manager/{}", self.topology.prefix),
+            topology: self.topology.clone(),
+            pools,
+        };
+        let (this, cancel) = (&self, &token);
+        supervisor
+            .run(&token, |link| async move {
+                let result = this.consume(&link, cancel).await;
+                // Unacked dead letters go back to the queue when the supervisor closes the link.
+                this.connected.store(false, Ordering::Relaxed);
+                result
+            })
+            .await;
         self.connected.store(false, Ordering::Relaxed);
     }
 
-    async fn consume(&self, conn: &Connection, token: &CancellationToken) -> anyhow::Result<()> {
+    async fn consume(&self, link: &Session, token: &CancellationToken) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        let channel = conn.create_channel().await.context("opening a channel")?;
-        let mut pools = vec!["default".to_string()];
-        pools.extend(self.pools.iter().filter(|p| *p != "default").cloned());
-        self.topology
-            .declare(&channel, &pools)
-            .await
-            .context("declaring the topology")?;
+        let channel = &link.channel;
         channel
             .basic_qos(PREFETCH, BasicQosOptions { global: false })
             .await
@@ -113,42 +93,52 @@ impl DeadLetterConsumer {
             let delivery = match delivery {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e).context("dead-letter delivery"),
-                None => return Ok(()),
+                None => anyhow::bail!("the dead-letter consumer was cancelled by the broker"),
             };
-            let dl = DeadLetter::from_message(&delivery.properties, &delivery.data);
-            if let Some(id) = dl.id
-                && self
-                    .registry
-                    .dead_letter_seen(id, &dl.drive)
-                    .await
-                    .unwrap_or(false)
-            {
-                tracing::info!(job_id = %id, drive = %dl.drive, "duplicate dead letter of a recorded drive: acked");
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("ack")?;
-                continue;
-            }
-            // Every outcome is acked: one that recorded nothing is parked (logged and counted),
-            // since requeueing it would only fail again, in a loop.
-            match self.record_with_retry(&dl, token).await {
-                Some(rec) => {
-                    if rec.unrecorded_cause().is_none()
-                        && let Some(id) = dl.id
-                        && let Err(e) = self.registry.mark_dead_letter_seen(id, &dl.drive).await
-                    {
-                        tracing::warn!(job_id = %id, error.message = %e, "cannot remember the recorded dead letter");
-                    }
-                    delivery
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .context("ack")?;
-                }
-                // Shutting down mid-retry: the unacked message goes back with the channel.
-                None => return Ok(()),
-            }
+            self.handle(delivery, token).await?;
         }
+    }
+
+    /// Acks a dead letter once it is recorded (or known to be recorded); returns early, leaving
+    /// it unacked, only on shutdown.
+    async fn handle(
+        &self,
+        delivery: lapin::message::Delivery,
+        token: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let dl = DeadLetter::from_message(&delivery.properties, &delivery.data);
+        if let Some(id) = dl.id
+            && self
+                .registry
+                .dead_letter_seen(id, &dl.drive)
+                .await
+                .unwrap_or(false)
+        {
+            tracing::info!(job_id = %id, drive = %dl.drive, "duplicate dead letter of a recorded drive: acked");
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("ack")?;
+            return Ok(());
+        }
+        // Every outcome is acked: one that recorded nothing is parked (logged and counted),
+        // since requeueing it would only fail again, in a loop.
+        let Some(rec) = self.record_with_retry(&dl, token).await else {
+            // Shutting down mid-retry: the unacked message goes back with the channel.
+            return Ok(());
+        };
+        if rec.unrecorded_cause().is_none()
+            && let Some(id) = dl.id
+            && let Err(e) = self.registry.mark_dead_letter_seen(id, &dl.drive).await
+        {
+            tracing::warn!(job_id = %id, error.message = %e, "cannot remember the recorded dead letter");
+        }
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .context("ack")?;
+        Ok(())
     }
 
     /// Records and counts a dead letter. While the store is unavailable the delivery is held

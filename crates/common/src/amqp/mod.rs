@@ -1,4 +1,9 @@
-//! Broker connections: connect through any node of the cluster, publish with confirms.
+//! Broker connections: connect through any node of the cluster, publish with confirms, read
+//! gpuq's message headers. `supervisor` keeps a service's connection up.
+
+mod supervisor;
+
+pub use supervisor::{Session, Supervisor};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
