@@ -143,6 +143,13 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// Redis away or too slow: the request may be retried.
+impl From<crate::coord::CoordError> for ApiError {
+    fn from(e: crate::coord::CoordError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
 /// `Json<T>` whose rejections use the gpuq error shape: malformed JSON 400, wrong types or
 /// unknown fields 422, wrong content type 415 as 400, too large 413.
 #[derive(Debug, Clone, Copy, Default)]

@@ -11,7 +11,6 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod prom;
-pub mod redis_conn;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

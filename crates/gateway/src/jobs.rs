@@ -364,7 +364,7 @@ pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiErro
 async fn signal_cancel(
     state: &SharedState,
     id: JobId,
-) -> Result<(), gpuq_common::coord::kv::KvError> {
+) -> Result<(), gpuq_common::coord::CoordError> {
     state
         .kv
         .signal_cancel(&state.keys, id, state.cancel_ttl_s)

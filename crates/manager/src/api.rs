@@ -16,10 +16,6 @@ use utoipa::ToSchema;
 use crate::state::AppState;
 use gpuq_common::coord::registry::{Sighting, validate_engine_id};
 
-pub fn redis_error(e: redis::RedisError) -> ApiError {
-    ApiError::Unavailable(format!("redis: {e}"))
-}
-
 /// Proof that the request carries the admin token. Put it before a body extractor: extractors
 /// run in order, so a request without the token gets its 401 before its body is read.
 pub struct Admin;
@@ -73,11 +69,7 @@ pub async fn post_heartbeat(
     let ttl_ms =
         interval.saturating_mul(u64::from(settings.engine_offline_after_heartbeats.max(1)));
     let now = now_ms();
-    let receipt = state
-        .registry()
-        .record_heartbeat(&hb, ttl_ms, now)
-        .await
-        .map_err(redis_error)?;
+    let receipt = state.registry().record_heartbeat(&hb, ttl_ms, now).await?;
     match receipt.sighting {
         Sighting::Stale => {
             return Err(ApiError::Conflict(format!(
@@ -121,17 +113,14 @@ pub async fn post_heartbeat(
 pub async fn list_engines(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<EngineView>>, ApiError> {
-    Ok(Json(
-        state.registry().all_views().await.map_err(redis_error)?,
-    ))
+    Ok(Json(state.registry().all_views().await?))
 }
 
 async fn known_view(state: &AppState, id: &str) -> Result<EngineView, ApiError> {
     state
         .registry()
         .view(id)
-        .await
-        .map_err(redis_error)?
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("engine {id} was never seen")))
 }
 
@@ -151,11 +140,7 @@ async fn set_admin(
     admin: Option<AdminState>,
 ) -> Result<Json<EngineView>, ApiError> {
     known_view(&state, &id).await?;
-    state
-        .registry()
-        .set_admin(&id, admin)
-        .await
-        .map_err(redis_error)?;
+    state.registry().set_admin(&id, admin).await?;
     let what = admin.map_or("uncordoned", AdminState::as_str);
     tracing::info!(worker_id = %id, admin = what, "operator changed engine intent");
     let view = known_view(&state, &id).await?;
@@ -220,8 +205,7 @@ pub async fn restart(
     state
         .registry()
         .request_restart(&id, &hb.instance_id, RESTART_REQUEST_TTL)
-        .await
-        .map_err(redis_error)?;
+        .await?;
     tracing::info!(worker_id = %id, instance = %hb.instance_id, "operator asked the engine to restart");
     Ok(Json(known_view(&state, &id).await?))
 }

@@ -16,7 +16,6 @@ use gpuq_common::Settings;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::http::service_router;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
-use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -72,11 +71,8 @@ impl Application {
             .await
             .context("opening the job store")?;
         // Lazy: the manager starts (and reports not ready) while Redis is away.
-        let redis = redis_conn::lazy(
-            &settings.redis_url,
-            redis_conn::config(Duration::from_secs(2), 2),
-        )
-        .context("parsing GPUQ_REDIS_URL")?;
+        let registry = Registry::lazy(&settings.redis_url, Keys::new(&settings.queue_prefix))
+            .context("parsing GPUQ_REDIS_URL")?;
         let prometheus = new_registry("manager");
         let metrics = ManagerMetrics::new(&prometheus);
         let http = reqwest::Client::builder()
@@ -88,7 +84,7 @@ impl Application {
             .with_context(|| format!("binding {}", settings.manager_bind))?;
         let port = listener.local_addr()?.port();
         let state = AppState(Arc::new(Inner {
-            registry: Registry::new(redis, Keys::new(&settings.queue_prefix)),
+            registry,
             store,
             gauges: FleetGauges::new(metrics.clone()),
             queues: QueuePoller::new(

@@ -59,7 +59,7 @@ pub async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
         store.list(&recent_q),
         store.list(&dead_q),
     );
-    let engines = engines.map_err(crate::api::redis_error)?;
+    let engines = engines?;
     let counts = counts?;
     state.throughput().record(&counts);
     let queues = state.queues().snapshot();

@@ -10,7 +10,6 @@ use anyhow::Context;
 use gpuq_common::Settings;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
-use gpuq_common::redis_conn;
 use gpuq_common::topology::Topology;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -63,14 +62,15 @@ impl Application {
         let store = gpuq_common::store::open(&settings.store_url)
             .await
             .context("opening the store")?;
-        let conn = redis_conn::connect(
+        let keys = Keys::new(&settings.queue_prefix);
+        let coord = Coordinator::connect(
             &settings.redis_url,
-            redis_conn::config(Duration::from_secs(2), 1),
+            keys,
+            instance_id.clone(),
+            settings.lease_ttl_ms,
         )
         .await
         .context("connecting to Redis")?;
-        let keys = Keys::new(&settings.queue_prefix);
-        let coord = Coordinator::new(conn, keys, instance_id.clone(), settings.lease_ttl_ms);
         let registry = new_registry("worker");
         let metrics = WorkerMetrics::new(&registry);
         let http_metrics = Arc::new(HttpMetrics::new(&registry));

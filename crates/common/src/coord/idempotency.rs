@@ -12,7 +12,8 @@ use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use crate::job::{JobId, JobMessage, now_ms};
 use serde::{Deserialize, Serialize};
 
-use super::kv::{Kv, KvError};
+use super::CoordError;
+use super::kv::Kv;
 
 /// Longest accepted key.
 pub const MAX_KEY_LEN: usize = 200;
@@ -38,13 +39,13 @@ pub enum IdempotencyError {
     #[error("a request with this Idempotency-Key is still being processed; retry shortly")]
     InProgress,
     #[error("Idempotency-Key needs Redis, which is unreachable; retry later")]
-    Unavailable(#[source] KvError),
+    Unavailable(#[source] CoordError),
     #[error("the stored idempotency record is unreadable")]
     Corrupt,
 }
 
-impl From<KvError> for IdempotencyError {
-    fn from(e: KvError) -> Self {
+impl From<CoordError> for IdempotencyError {
+    fn from(e: CoordError) -> Self {
         IdempotencyError::Unavailable(e)
     }
 }

@@ -5,21 +5,14 @@
 
 use std::time::Duration;
 
+use super::CoordError;
+use super::conn as redis_conn;
 use super::keys::Keys;
 use crate::job::{JobId, now_ms};
-use crate::redis_conn;
 use redis::aio::ConnectionManager;
 
 /// Upper bound of one Redis command, connection included.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1500);
-
-#[derive(Debug, thiserror::Error)]
-pub enum KvError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-}
 
 /// A cheap-to-clone handle on one multiplexed Redis connection.
 #[derive(Clone)]
@@ -29,7 +22,7 @@ pub struct Kv {
 
 impl Kv {
     /// Parses the URL and prepares the connection without making it.
-    pub fn lazy(url: &str) -> Result<Self, KvError> {
+    pub fn lazy(url: &str) -> Result<Self, CoordError> {
         // On the request path: short timeouts and a quick reconnect.
         let config = redis_conn::config(Duration::from_secs(1), 1)
             .set_min_delay(Duration::from_millis(50))
@@ -39,18 +32,18 @@ impl Kv {
     }
 
     /// Runs one command (or script invocation) with the timeout applied.
-    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, KvError>
+    pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, CoordError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         match tokio::time::timeout(REDIS_TIMEOUT, f(self.conn.clone())).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(KvError::Timeout(REDIS_TIMEOUT)),
+            Err(_) => Err(CoordError::Timeout(REDIS_TIMEOUT)),
         }
     }
 
-    pub async fn ping(&self) -> Result<(), KvError> {
+    pub async fn ping(&self) -> Result<(), CoordError> {
         self.run(|mut c| async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut c)
@@ -62,7 +55,12 @@ impl Kv {
 
     /// A client's cancel of a job: the flag the worker reads before and while it runs the job
     /// (`lease::Coordinator::cancel_requested`), kept `ttl_s` seconds.
-    pub async fn signal_cancel(&self, keys: &Keys, id: JobId, ttl_s: u64) -> Result<(), KvError> {
+    pub async fn signal_cancel(
+        &self,
+        keys: &Keys,
+        id: JobId,
+        ttl_s: u64,
+    ) -> Result<(), CoordError> {
         let key = keys.cancel(id);
         self.run(|mut c| async move {
             redis::cmd("SET")
@@ -77,7 +75,7 @@ impl Kv {
     }
 
     /// Drops a job's done marker (a re-drive: workers would otherwise skip the job).
-    pub async fn clear_done(&self, keys: &Keys, id: JobId) -> Result<(), KvError> {
+    pub async fn clear_done(&self, keys: &Keys, id: JobId) -> Result<(), CoordError> {
         let key = keys.done(id);
         self.run(
             |mut c| async move { redis::cmd("DEL").arg(&key).query_async::<i64>(&mut c).await },

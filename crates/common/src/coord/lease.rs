@@ -2,6 +2,7 @@
 //! this process's liveness key (so others can take over its leases when it dies), operator
 //! intent (cordon/drain) and job cancellation.
 
+use super::CoordResult;
 use std::time::Duration;
 
 use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
@@ -84,11 +85,23 @@ impl Coordinator {
         }
     }
 
+    /// Connects now: a worker does not start without Redis.
+    pub async fn connect(
+        url: &str,
+        keys: Keys,
+        owner: String,
+        lease_ttl_ms: u64,
+    ) -> CoordResult<Self> {
+        let config = super::conn::config(std::time::Duration::from_secs(2), 1);
+        let conn = super::conn::connect(url, config).await?;
+        Ok(Self::new(conn, keys, owner, lease_ttl_ms))
+    }
+
     pub fn owner(&self) -> &str {
         &self.owner
     }
 
-    pub async fn acquire(&self, job: Uuid) -> redis::RedisResult<Acquire> {
+    pub async fn acquire(&self, job: Uuid) -> CoordResult<Acquire> {
         let mut c = self.conn.clone();
         let r: i64 = self
             .acquire
@@ -110,7 +123,7 @@ impl Coordinator {
     }
 
     /// True while we still own the lease.
-    pub async fn renew(&self, job: Uuid) -> redis::RedisResult<bool> {
+    pub async fn renew(&self, job: Uuid) -> CoordResult<bool> {
         let mut c = self.conn.clone();
         let r: i64 = self
             .renew
@@ -122,7 +135,7 @@ impl Coordinator {
         Ok(r == 1)
     }
 
-    pub async fn release(&self, job: Uuid) -> redis::RedisResult<()> {
+    pub async fn release(&self, job: Uuid) -> CoordResult<()> {
         let mut c = self.conn.clone();
         let _: i64 = self
             .release
@@ -134,7 +147,7 @@ impl Coordinator {
     }
 
     /// Sets the done marker and drops our lease in one round trip.
-    pub async fn mark_done(&self, job: Uuid) -> redis::RedisResult<()> {
+    pub async fn mark_done(&self, job: Uuid) -> CoordResult<()> {
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.set_ex(self.keys.done(job), 1, DONE_TTL_S).ignore();
@@ -144,16 +157,16 @@ impl Coordinator {
             .arg(self.keys.lease(job))
             .arg(&self.owner)
             .ignore();
-        pipe.query_async::<()>(&mut c).await
+        pipe.query_async::<()>(&mut c).await.map_err(Into::into)
     }
 
     /// Whether a client asked to cancel the job.
-    pub async fn cancel_requested(&self, job: Uuid) -> redis::RedisResult<bool> {
+    pub async fn cancel_requested(&self, job: Uuid) -> CoordResult<bool> {
         let mut c = self.conn.clone();
-        c.exists(self.keys.cancel(job)).await
+        c.exists(self.keys.cancel(job)).await.map_err(Into::into)
     }
 
-    pub async fn refresh_alive(&self) -> redis::RedisResult<()> {
+    pub async fn refresh_alive(&self) -> CoordResult<()> {
         let mut c = self.conn.clone();
         c.set_ex::<_, _, ()>(
             self.keys.instance_alive(&self.owner),
@@ -161,16 +174,19 @@ impl Coordinator {
             ALIVE_TTL.as_secs(),
         )
         .await
+        .map_err(Into::into)
     }
 
-    pub async fn forget_alive(&self) -> redis::RedisResult<()> {
+    pub async fn forget_alive(&self) -> CoordResult<()> {
         let mut c = self.conn.clone();
-        c.del(self.keys.instance_alive(&self.owner)).await
+        c.del(self.keys.instance_alive(&self.owner))
+            .await
+            .map_err(Into::into)
     }
 
     /// The operator's intent for this engine in one round trip: cordon/drain, and whether a
     /// restart was asked of this very process (a request names the instance it is for).
-    pub async fn intent(&self, engine: &str) -> redis::RedisResult<(Option<AdminState>, bool)> {
+    pub async fn intent(&self, engine: &str) -> CoordResult<(Option<AdminState>, bool)> {
         let mut c = self.conn.clone();
         let (admin, restart): (Option<String>, Option<String>) = redis::cmd("MGET")
             .arg(self.keys.engine_admin(engine))
@@ -186,7 +202,7 @@ impl Coordinator {
     /// Removes the restart request this process obeyed (not one made for a later process):
     /// the lease's release script is a compare-and-delete on our instance id, which is the
     /// request's value too.
-    pub async fn clear_restart(&self, engine: &str) -> redis::RedisResult<()> {
+    pub async fn clear_restart(&self, engine: &str) -> CoordResult<()> {
         let mut c = self.conn.clone();
         self.release
             .key(self.keys.engine_restart(engine))
@@ -194,11 +210,15 @@ impl Coordinator {
             .invoke_async::<i64>(&mut c)
             .await
             .map(drop)
+            .map_err(Into::into)
     }
 
-    pub async fn ping(&self) -> redis::RedisResult<()> {
+    pub async fn ping(&self) -> CoordResult<()> {
         let mut c = self.conn.clone();
-        redis::cmd("PING").query_async::<()>(&mut c).await
+        redis::cmd("PING")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(Into::into)
     }
 
     /// Whether any engine serving `pool` could ever place a job asking for `gpus` GPUs with
@@ -211,7 +231,7 @@ impl Coordinator {
         pool: &str,
         gpus: u32,
         min_memory_mb: u64,
-    ) -> redis::RedisResult<Option<bool>> {
+    ) -> CoordResult<Option<bool>> {
         let mut c = self.conn.clone();
         let engines: Vec<String> = c.smembers(self.keys.engines()).await?;
         if engines.is_empty() {

@@ -6,8 +6,22 @@
 //! (heartbeats, the engines ever seen, operator intent, restart requests, dead-letter markers).
 //! Every key lives under the queue prefix, so tests can share one Redis.
 
+use std::time::Duration;
+
+pub mod conn;
 pub mod idempotency;
 pub mod keys;
 pub mod kv;
 pub mod lease;
 pub mod registry;
+
+/// What a coordination round trip fails with: Redis answered with an error, or not in time.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+pub type CoordResult<T> = Result<T, CoordError>;

@@ -2,6 +2,7 @@
 //! what makes an engine `offline`), the set of every engine ever seen, restart detection by
 //! instance id, and the operator's cordon/drain intent that workers read and obey.
 
+use super::CoordResult;
 use std::collections::HashSet;
 
 use super::keys::Keys;
@@ -74,20 +75,17 @@ pub struct Registry {
 
 impl Registry {
     /// Whether this drive's dead letter was already recorded.
-    pub async fn dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> redis::RedisResult<bool> {
+    pub async fn dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> CoordResult<bool> {
         let mut c = self.redis.clone();
         redis::cmd("EXISTS")
             .arg(self.keys.dead_seen(job, drive))
             .query_async(&mut c)
             .await
+            .map_err(Into::into)
     }
 
     /// Remembers (for a week) that this drive's dead letter is recorded.
-    pub async fn mark_dead_letter_seen(
-        &self,
-        job: uuid::Uuid,
-        drive: &str,
-    ) -> redis::RedisResult<()> {
+    pub async fn mark_dead_letter_seen(&self, job: uuid::Uuid, drive: &str) -> CoordResult<()> {
         let mut c = self.redis.clone();
         redis::cmd("SET")
             .arg(self.keys.dead_seen(job, drive))
@@ -96,10 +94,18 @@ impl Registry {
             .arg(7 * 24 * 3600)
             .query_async(&mut c)
             .await
+            .map_err(Into::into)
     }
 
     pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
         Self { redis, keys }
+    }
+
+    /// Parses the URL and prepares the connection without making it: the manager starts (and
+    /// reports not ready) while Redis is away.
+    pub fn lazy(url: &str, keys: Keys) -> CoordResult<Self> {
+        let config = super::conn::config(std::time::Duration::from_secs(2), 2);
+        Ok(Self::new(super::conn::lazy(url, config)?, keys))
     }
 
     pub fn keys(&self) -> &Keys {
@@ -112,7 +118,7 @@ impl Registry {
         hb: &Heartbeat,
         ttl_ms: u64,
         now_ms: i64,
-    ) -> redis::RedisResult<HeartbeatReceipt> {
+    ) -> CoordResult<HeartbeatReceipt> {
         let json = serde_json::to_string(hb).expect("heartbeat serializes");
         let id = hb.engine_id.as_str();
         let (change, starts, admin): (i64, i64, String) = redis::Script::new(HEARTBEAT_LUA)
@@ -143,7 +149,7 @@ impl Registry {
     }
 
     /// Every engine ever seen, sorted.
-    pub async fn engine_ids(&self) -> redis::RedisResult<Vec<String>> {
+    pub async fn engine_ids(&self) -> CoordResult<Vec<String>> {
         let ids: HashSet<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.engines())
             .query_async(&mut self.redis.clone())
@@ -153,16 +159,17 @@ impl Registry {
         Ok(ids)
     }
 
-    pub async fn is_known(&self, id: &str) -> redis::RedisResult<bool> {
+    pub async fn is_known(&self, id: &str) -> CoordResult<bool> {
         redis::cmd("SISMEMBER")
             .arg(self.keys.engines())
             .arg(id)
             .query_async(&mut self.redis.clone())
             .await
+            .map_err(Into::into)
     }
 
     /// The views of the given engines, read in one round trip.
-    pub async fn views(&self, ids: &[String]) -> redis::RedisResult<Vec<EngineView>> {
+    pub async fn views(&self, ids: &[String]) -> CoordResult<Vec<EngineView>> {
         if ids.is_empty() {
             return Ok(vec![]);
         }
@@ -195,13 +202,13 @@ impl Registry {
     }
 
     /// The view of every engine ever seen.
-    pub async fn all_views(&self) -> redis::RedisResult<Vec<EngineView>> {
+    pub async fn all_views(&self) -> CoordResult<Vec<EngineView>> {
         let ids = self.engine_ids().await?;
         self.views(&ids).await
     }
 
     /// One engine's view; `None` for an engine never seen.
-    pub async fn view(&self, id: &str) -> redis::RedisResult<Option<EngineView>> {
+    pub async fn view(&self, id: &str) -> CoordResult<Option<EngineView>> {
         if !self.is_known(id).await? {
             return Ok(None);
         }
@@ -209,7 +216,7 @@ impl Registry {
     }
 
     /// Writes (or with `None` clears) the operator's intent for an engine.
-    pub async fn set_admin(&self, id: &str, admin: Option<AdminState>) -> redis::RedisResult<()> {
+    pub async fn set_admin(&self, id: &str, admin: Option<AdminState>) -> CoordResult<()> {
         let key = self.keys.engine_admin(id);
         let mut conn = self.redis.clone();
         match admin {
@@ -222,6 +229,7 @@ impl Registry {
             }
             None => redis::cmd("DEL").arg(key).query_async(&mut conn).await,
         }
+        .map_err(Into::into)
     }
 
     /// Asks the engine's running worker process (`instance`) to restart. The request names the
@@ -232,7 +240,7 @@ impl Registry {
         id: &str,
         instance: &str,
         ttl: std::time::Duration,
-    ) -> redis::RedisResult<()> {
+    ) -> CoordResult<()> {
         redis::cmd("SET")
             .arg(self.keys.engine_restart(id))
             .arg(instance)
@@ -240,13 +248,15 @@ impl Registry {
             .arg(ttl.as_millis() as u64)
             .query_async(&mut self.redis.clone())
             .await
+            .map_err(Into::into)
     }
 
-    pub async fn ping(&self) -> redis::RedisResult<()> {
+    pub async fn ping(&self) -> CoordResult<()> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.redis.clone())
             .await
             .map(drop)
+            .map_err(Into::into)
     }
 }
 

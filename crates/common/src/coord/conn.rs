@@ -1,5 +1,6 @@
-//! Redis connections: every service opens its `ConnectionManager` here, so the connect and
-//! response timeouts and the reconnect retries are set in one place, per service.
+//! The one way gpuq opens Redis: every handle of the coordination layer (`kv::Kv`,
+//! `lease::Coordinator`, `registry::Registry`) makes its `ConnectionManager` here, with the
+//! connect and response timeouts and the reconnect retries its service needs.
 
 use std::time::Duration;
 
