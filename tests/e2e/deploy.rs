@@ -957,6 +957,16 @@ fn each_gpuq_service_gets_an_environment_its_config_loader_accepts() {
                 }
             };
             let binary = gpuq_binary(s);
+            use gpuq_common::config::{GatewayConfig, ManagerConfig, WorkerConfig, startup};
+            let section = match binary.as_str() {
+                "gpuq-gateway" => startup::load::<GatewayConfig>(&env).map(drop),
+                "gpuq-manager" => startup::load::<ManagerConfig>(&env).map(drop),
+                "gpuq-worker" => startup::load::<WorkerConfig>(&env).map(drop),
+                other => panic!("{name} runs {other}, no gpuq service"),
+            };
+            if let Err(e) = section {
+                errors.push(format!("{name}: {binary} refuses its environment: {e}"));
+            }
             let port = gpuq_listen_port(s)
                 .unwrap_or_else(|| panic!("{name} runs {binary}, no gpuq service"));
             let health = str_list(s.get("healthcheck").and_then(|h| h.get("test"))).join(" ");

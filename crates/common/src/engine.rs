@@ -74,7 +74,6 @@ impl GpuFault {
 }
 
 /// The CLI's `gpus fault <FAULT>` argument: the same names, with no per-value help.
-#[cfg(feature = "clap")]
 impl clap::ValueEnum for GpuFault {
     fn value_variants<'a>() -> &'a [Self] {
         &Self::ALL

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use gpuq_common::Settings;
-use gpuq_common::topology::Topology;
+use gpuq_common::config::GatewayConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,26 +29,27 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = gpuq_common::store::open(&settings.store_url)
+    pub async fn build(config: GatewayConfig) -> anyhow::Result<Self> {
+        let common = &config.common;
+        let store = gpuq_common::store::open(&common.store_url)
             .await
             .context("opening the store")?;
-        let kv = Kv::lazy(&settings.redis_url).context("preparing the Redis connection")?;
+        let kv = Kv::lazy(&common.redis_url).context("preparing the Redis connection")?;
         let tracker = TaskTracker::new();
         let broker_stop = CancellationToken::new();
         let broker = Broker::start(
-            settings.amqp_url_list(),
-            Topology::from_settings(&settings),
-            Duration::from_millis(settings.confirm_timeout_ms.max(1)),
+            common.amqp_urls.clone(),
+            common.topology.clone(),
+            config.confirm_timeout,
             broker_stop.clone(),
             &tracker,
         );
-        if settings.api_key_list().iter().all(|k| k.is_empty()) {
+        if config.api_keys.iter().all(|k| k.is_empty()) {
             tracing::warn!("GPUQ_API_KEYS is empty: every /v1 request will be refused with 401");
         }
-        let listener = TcpListener::bind(&settings.gateway_bind)
+        let listener = TcpListener::bind(&config.bind)
             .await
-            .with_context(|| format!("binding {}", settings.gateway_bind))?;
+            .with_context(|| format!("binding {}", config.bind))?;
         let port = listener
             .local_addr()
             .context("reading the bound port")?
@@ -57,7 +57,7 @@ impl Application {
         if !broker.wait_connected(FIRST_LINK_WAIT).await {
             tracing::warn!("no broker node answered yet; serving anyway, /readyz reports it");
         }
-        let state = Arc::new(AppState::new(&settings, store, broker, kv));
+        let state = Arc::new(AppState::new(&config, store, broker, kv));
         Ok(Self {
             port,
             listener,

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use gpuq_common::config::{Secret, Settings};
+use gpuq_common::config::{GatewayConfig, Secret};
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{GatewayMetrics, HttpMetrics};
 use gpuq_common::store::JobStore;
@@ -31,15 +31,15 @@ pub struct AppState {
 
 impl AppState {
     /// Wires the parts together; the metrics families are registered on a fresh registry.
-    pub fn new(settings: &Settings, store: Arc<dyn JobStore>, broker: Broker, kv: Kv) -> Self {
+    pub fn new(config: &GatewayConfig, store: Arc<dyn JobStore>, broker: Broker, kv: Kv) -> Self {
         let registry = gpuq_common::metrics::new_registry("gateway");
         let metrics = GatewayMetrics::new(&registry);
         let http_metrics = Arc::new(HttpMetrics::new(&registry));
-        let keys = Keys::new(&settings.queue_prefix);
+        let keys = Keys::new(config.common.prefix());
         let idempotency = Idempotency::new(
             kv.clone(),
             keys.clone(),
-            settings.idempotency_ttl_s,
+            config.idempotency_ttl_s,
             broker.confirm_timeout(),
         );
         Self {
@@ -48,9 +48,9 @@ impl AppState {
             kv,
             idempotency,
             keys,
-            api_keys: settings.api_key_list(),
-            max_body_bytes: settings.max_body_bytes,
-            cancel_ttl_s: settings.job_timeout_s.saturating_add(300),
+            api_keys: config.api_keys.clone(),
+            max_body_bytes: config.max_body_bytes,
+            cancel_ttl_s: config.job_timeout_s.saturating_add(300),
             registry,
             metrics,
             http_metrics,

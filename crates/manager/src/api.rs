@@ -26,7 +26,7 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         check_bearer(
             &parts.headers,
-            std::slice::from_ref(&state.settings().admin_token),
+            std::slice::from_ref(&state.config().admin_token),
         )?;
         Ok(Admin)
     }
@@ -60,14 +60,13 @@ pub async fn post_heartbeat(
     if hb.gpus.len() > 1024 {
         return Err(ApiError::Unprocessable("gpus: at most 1024".into()));
     }
-    let settings = state.settings();
+    let config = state.config();
     let interval = if hb.heartbeat_interval_ms > 0 {
         hb.heartbeat_interval_ms
     } else {
-        settings.heartbeat_interval_ms
+        config.heartbeat_interval_ms
     };
-    let ttl_ms =
-        interval.saturating_mul(u64::from(settings.engine_offline_after_heartbeats.max(1)));
+    let ttl_ms = interval.saturating_mul(u64::from(config.engine_offline_after_heartbeats));
     let now = now_ms();
     let receipt = state.registry().record_heartbeat(&hb, ttl_ms, now).await?;
     match receipt.sighting {
@@ -245,7 +244,7 @@ pub async fn gpu_fault(
     let answer = state
         .http()
         .post(&url)
-        .bearer_auth(state.settings().admin_token.expose())
+        .bearer_auth(state.config().admin_token.expose())
         .json(&req)
         .timeout(std::time::Duration::from_secs(5))
         .send()

@@ -12,11 +12,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
-use gpuq_common::Settings;
+use gpuq_common::config::ManagerConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::http::service_router;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
-use gpuq_common::topology::Topology;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,21 +56,22 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        Self::build_with(settings, Intervals::default()).await
+    pub async fn build(config: ManagerConfig) -> anyhow::Result<Self> {
+        Self::build_with(config, Intervals::default()).await
     }
 
-    pub async fn build_with(settings: Settings, intervals: Intervals) -> anyhow::Result<Self> {
-        if settings.admin_token.is_empty() {
+    pub async fn build_with(config: ManagerConfig, intervals: Intervals) -> anyhow::Result<Self> {
+        let common = &config.common;
+        if config.admin_token.is_empty() {
             tracing::warn!(
                 "GPUQ_ADMIN_TOKEN is empty: heartbeats and admin actions will be refused"
             );
         }
-        let store = gpuq_common::store::open(&settings.store_url)
+        let store = gpuq_common::store::open(&common.store_url)
             .await
             .context("opening the job store")?;
         // Lazy: the manager starts (and reports not ready) while Redis is away.
-        let registry = Registry::lazy(&settings.redis_url, Keys::new(&settings.queue_prefix))
+        let registry = Registry::lazy(&common.redis_url, Keys::new(common.prefix()))
             .context("parsing GPUQ_REDIS_URL")?;
         let prometheus = new_registry("manager");
         let metrics = ManagerMetrics::new(&prometheus);
@@ -79,9 +79,9 @@ impl Application {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .context("building the HTTP client")?;
-        let listener = TcpListener::bind(&settings.manager_bind)
+        let listener = TcpListener::bind(&config.bind)
             .await
-            .with_context(|| format!("binding {}", settings.manager_bind))?;
+            .with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
         let state = AppState(Arc::new(Inner {
             registry,
@@ -89,8 +89,8 @@ impl Application {
             gauges: FleetGauges::new(metrics.clone()),
             queues: QueuePoller::new(
                 http.clone(),
-                settings.rabbitmq_mgmt_url_list(),
-                &settings.queue_prefix,
+                config.rabbitmq_mgmt_urls.clone(),
+                common.prefix(),
                 metrics.clone(),
             ),
             metrics,
@@ -100,7 +100,7 @@ impl Application {
             http,
             broker_connected: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
-            settings,
+            config,
         }));
         Ok(Self {
             listener,
@@ -133,11 +133,11 @@ impl Application {
         } = self;
         let token = state.shutdown_token();
         let tracker = TaskTracker::new();
-        let s = state.settings();
+        let c = state.config();
         let consumer = DeadLetterConsumer {
-            amqp_urls: s.amqp_url_list(),
-            topology: Topology::from_settings(s),
-            pools: s.worker_pool_list(),
+            amqp_urls: c.common.amqp_urls.clone(),
+            topology: c.common.topology.clone(),
+            pools: c.pools.clone(),
             store: state.store().clone(),
             metrics: state.metrics().clone(),
             connected: state.0.broker_connected.clone(),

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use gpuq_common::JobStore;
+use gpuq_common::config::ManagerConfig;
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics};
-use gpuq_common::{JobStore, Settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::FleetGauges;
@@ -15,7 +16,7 @@ use crate::throughput::ThroughputTracker;
 use gpuq_common::coord::registry::Registry;
 
 pub(crate) struct Inner {
-    pub(crate) settings: Settings,
+    pub(crate) config: ManagerConfig,
     pub(crate) registry: Registry,
     pub(crate) store: Arc<dyn JobStore>,
     pub(crate) metrics: ManagerMetrics,
@@ -34,8 +35,8 @@ pub(crate) struct Inner {
 pub struct AppState(pub(crate) Arc<Inner>);
 
 impl AppState {
-    pub fn settings(&self) -> &Settings {
-        &self.0.settings
+    pub fn config(&self) -> &ManagerConfig {
+        &self.0.config
     }
     pub fn registry(&self) -> &Registry {
         &self.0.registry

@@ -52,7 +52,7 @@ pub fn router(w: Arc<Worker>) -> Router {
 }
 
 fn admin_auth(w: &Worker, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_bearer(headers, std::slice::from_ref(&w.settings.admin_token))
+    check_bearer(headers, std::slice::from_ref(&w.config.admin_token))
 }
 
 /// Ready when the broker connection is up and Redis and the store answer.

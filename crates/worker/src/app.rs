@@ -7,10 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use gpuq_common::Settings;
+use gpuq_common::config::WorkerConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
-use gpuq_common::topology::Topology;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +17,6 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::faults::Faults;
-use crate::gpu::Thresholds;
 use crate::slots::Slots;
 use crate::state::{Stats, Worker};
 use gpuq_common::coord::lease::Coordinator;
@@ -44,10 +42,11 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let engine_id = settings.worker_name();
+    pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
+        let common = &config.common;
+        let engine_id = config.name.clone();
         let instance_id = format!("{engine_id}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let gpus = crate::gpu::detect(&settings).context("detecting GPUs")?;
+        let gpus = crate::gpu::detect(&config).context("detecting GPUs")?;
         tracing::info!(worker_id = %engine_id, backend = gpus.kind(), gpus = gpus.count(), "GPUs ready");
         let readings = {
             let g = gpus.clone();
@@ -59,33 +58,33 @@ impl Application {
                 .map(|r| (r.index, r.memory_total_mb))
                 .collect::<Vec<_>>(),
         );
-        let store = gpuq_common::store::open(&settings.store_url)
+        let store = gpuq_common::store::open(&common.store_url)
             .await
             .context("opening the store")?;
-        let keys = Keys::new(&settings.queue_prefix);
+        let keys = Keys::new(common.prefix());
         let coord = Coordinator::connect(
-            &settings.redis_url,
+            &common.redis_url,
             keys,
             instance_id.clone(),
-            settings.lease_ttl_ms,
+            config.lease_ttl_ms,
         )
         .await
         .context("connecting to Redis")?;
         let registry = new_registry("worker");
         let metrics = WorkerMetrics::new(&registry);
         let http_metrics = Arc::new(HttpMetrics::new(&registry));
-        let listener = TcpListener::bind(&settings.worker_bind)
+        let listener = TcpListener::bind(&config.bind)
             .await
-            .with_context(|| format!("binding {}", settings.worker_bind))?;
+            .with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
-        let programs = Arc::new(settings.program_map().map_err(anyhow::Error::msg)?);
+        let programs = Arc::new(config.programs.clone());
         let worker = Arc::new(Worker {
             engine_id,
             instance_id,
-            pools: settings.worker_pool_list(),
-            topology: Topology::from_settings(&settings),
-            thresholds: Thresholds::from_settings(&settings),
-            faults: Faults::new(settings.fault_injection),
+            pools: config.pools.clone(),
+            topology: common.topology.clone(),
+            thresholds: config.thresholds,
+            faults: Faults::new(config.fault_injection),
             store,
             coord,
             slots,
@@ -107,7 +106,7 @@ impl Application {
                 .build()?,
             shutdown: CancellationToken::new(),
             restart: CancellationToken::new(),
-            settings,
+            config,
         });
         Ok(Self {
             worker,

@@ -19,7 +19,7 @@ use crate::state::{Worker, gate_open};
 pub async fn run(w: Arc<Worker>) {
     let jobs = TaskTracker::new();
     let supervisor = Supervisor {
-        urls: w.settings.amqp_url_list(),
+        urls: w.config.common.amqp_urls.clone(),
         name: format!("gpuq-worker {}", w.instance_id),
         topology: w.topology.clone(),
         pools: w.pools.clone(),
@@ -33,7 +33,7 @@ pub async fn run(w: Arc<Worker>) {
 /// In-flight jobs get the grace period; then they are stopped and given back.
 async fn drain(w: &Worker, jobs: &TaskTracker) {
     jobs.close();
-    let grace = Duration::from_secs(w.settings.shutdown_grace_s);
+    let grace = w.config.shutdown_grace;
     if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
         tracing::warn!(
             running = w.running_jobs().len(),

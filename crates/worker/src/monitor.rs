@@ -16,8 +16,8 @@ use crate::state::Worker;
 pub async fn run(w: Arc<Worker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let hb_every = Duration::from_millis(w.settings.heartbeat_interval_ms);
-    let status_every = Duration::from_secs(w.settings.status_interval_s.max(1));
+    let hb_every = w.config.heartbeat_interval;
+    let status_every = w.config.status_interval.max(Duration::from_secs(1));
     let mut last_hb = tokio::time::Instant::now() - hb_every;
     let mut last_status = tokio::time::Instant::now();
     let mut hb_tick = tokio::time::interval(hb_every.min(Duration::from_secs(1)));
@@ -70,7 +70,7 @@ async fn sample(w: &Arc<Worker>) {
         .slots
         .with_label_values(&["unavailable"])
         .set(i64::from(cap.total - cap.schedulable));
-    if !w.settings.finish_on_unhealthy {
+    if !w.config.finish_on_unhealthy {
         let sick = w.slots.jobs_on_unhealthy();
         if !sick.is_empty() {
             tracing::warn!(jobs = ?sick, "stopping jobs on unhealthy GPUs");
@@ -136,25 +136,22 @@ pub fn current(w: &Worker) -> Heartbeat {
         } else {
             total as f64 / processed as f64
         },
-        admin_url: w.settings.worker_admin_url(),
+        admin_url: w.config.admin_url.clone(),
         started_at_ms: w.started_at_ms,
         sent_at_ms: now_ms(),
-        heartbeat_interval_ms: w.settings.heartbeat_interval_ms,
+        heartbeat_interval_ms: w.config.heartbeat_interval.as_millis() as u64,
     }
 }
 
 async fn heartbeat(w: &Worker) {
-    if w.settings.manager_url.is_empty() {
+    if w.config.manager_url.is_empty() {
         return;
     }
-    let url = format!(
-        "{}/v1/heartbeats",
-        w.settings.manager_url.trim_end_matches('/')
-    );
+    let url = format!("{}/v1/heartbeats", w.config.manager_url);
     let sent = w
         .http
         .post(&url)
-        .bearer_auth(w.settings.admin_token.expose())
+        .bearer_auth(w.config.admin_token.expose())
         .json(&current(w))
         .send()
         .await;

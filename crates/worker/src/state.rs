@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use gpuq_common::JobStore;
+use gpuq_common::config::WorkerConfig;
 use gpuq_common::engine::{AdminState, GpuSnapshot};
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics};
 use gpuq_common::topology::Topology;
-use gpuq_common::{JobStore, Settings};
 use prometheus::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,7 @@ pub struct Stats {
 
 /// Everything the worker's tasks share.
 pub struct Worker {
-    pub settings: Settings,
+    pub config: WorkerConfig,
     pub engine_id: String,
     /// One per process start; owner of this process's leases.
     pub instance_id: String,

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use gpuq_common::config::GatewayConfig;
 use gpuq_common::job::{JobMessage, now_ms};
 use gpuq_gateway::AppState;
 use lapin::options::QueueDeleteOptions;
@@ -158,7 +159,7 @@ async fn a_request_whose_claim_was_taken_over_never_deletes_the_record_its_succe
     // Request A goes through a second gateway whose store answers its insert late.
     let slow = Arc::new(SlowFirstInsert::new(app.state.store.clone()));
     let gateway_a = gpuq_gateway::router(Arc::new(AppState::new(
-        &app.settings,
+        &GatewayConfig::from_settings(&app.settings).unwrap(),
         slow.clone(),
         app.state.broker.clone(),
         app.state.kv.clone(),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpuq_common::config::GatewayConfig;
 use gpuq_common::job::JobMessage;
 use gpuq_gateway::AppState;
 use gpuq_gateway::broker::Broker;
@@ -148,7 +149,7 @@ async fn a_job_whose_confirm_never_came_stays_visible_and_a_retry_with_its_key_m
     );
     assert!(broker.wait_connected(Duration::from_secs(10)).await);
     let held = gpuq_gateway::router(Arc::new(AppState::new(
-        &app.settings,
+        &GatewayConfig::from_settings(&app.settings).unwrap(),
         app.state.store.clone(),
         broker,
         app.state.kv.clone(),

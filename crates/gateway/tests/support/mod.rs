@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use gpuq_common::Settings;
-use gpuq_common::config::Secret;
+use gpuq_common::config::{GatewayConfig, Secret};
 use gpuq_common::coord::kv::Kv;
 use gpuq_common::store::JobStore;
 use gpuq_common::topology::Topology;
@@ -68,7 +68,12 @@ pub async fn router_app() -> RouterApp {
         Duration::from_millis(settings.confirm_timeout_ms),
     );
     let kv = Kv::lazy(&settings.redis_url).unwrap();
-    let state = Arc::new(AppState::new(&settings, store.clone(), broker, kv));
+    let state = Arc::new(AppState::new(
+        &GatewayConfig::from_settings(&settings).unwrap(),
+        store.clone(),
+        broker,
+        kv,
+    ));
     RouterApp {
         router: gpuq_gateway::router(state.clone()),
         state,
@@ -172,7 +177,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         ..test_settings(&dir)
     };
     tweak(&mut settings);
-    let app = Application::build(settings.clone())
+    let app = Application::build(GatewayConfig::from_settings(&settings).unwrap())
         .await
         .expect("the gateway builds");
     assert!(

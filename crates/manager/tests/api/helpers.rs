@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use gpuq_common::Settings;
 use gpuq_common::amqp::{confirm_channel, connect_any, job_properties, publish_confirmed};
-use gpuq_common::config::Secret;
+use gpuq_common::config::{ManagerConfig, Secret};
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::engine::{GpuHealth, GpuSnapshot, Heartbeat};
 use gpuq_common::topology::Topology;
@@ -75,7 +75,7 @@ pub async fn spawn_app() -> TestApp {
         fleet_refresh: Duration::from_millis(200),
         queue_poll: Duration::from_millis(500),
     };
-    let app = Application::build_with(settings, intervals)
+    let app = Application::build_with(ManagerConfig::from_settings(&settings).unwrap(), intervals)
         .await
         .expect("the manager builds");
     let base = format!("http://127.0.0.1:{}", app.port());

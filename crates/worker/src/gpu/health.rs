@@ -1,38 +1,13 @@
 //! GPU health: turns one reading into healthy / degraded / unhealthy, with short reasons an
 //! operator can read in `gpuq engines`. Only healthy GPUs take new jobs.
 
-use gpuq_common::Settings;
 use gpuq_common::engine::GpuHealth;
 
 use super::GpuReading;
 
-/// The limits past which a GPU is degraded or unhealthy (`GPUQ_GPU_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Thresholds {
-    pub temp_degraded_c: u32,
-    pub temp_unhealthy_c: u32,
-    /// Memory in use, in percent of total, from which a GPU is degraded (0 = never).
-    pub memory_degraded_pct: u32,
-    /// Uncorrected ECC errors from which a GPU is unhealthy (0 = never).
-    pub ecc_unhealthy: u64,
-}
-
-impl Thresholds {
-    pub fn from_settings(s: &Settings) -> Self {
-        Self {
-            temp_degraded_c: s.gpu_temp_degraded_c,
-            temp_unhealthy_c: s.gpu_temp_unhealthy_c,
-            memory_degraded_pct: s.gpu_memory_degraded_pct,
-            ecc_unhealthy: s.gpu_ecc_unhealthy,
-        }
-    }
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Self::from_settings(&Settings::default())
-    }
-}
+/// The limits past which a GPU is degraded or unhealthy (`GPUQ_GPU_*`), parsed with the
+/// worker's configuration.
+pub use gpuq_common::config::GpuThresholds as Thresholds;
 
 /// The health of one GPU and why it is not healthy (empty when it is). The worst rule wins.
 pub fn evaluate(r: &GpuReading, t: &Thresholds) -> (GpuHealth, Vec<String>) {
@@ -263,6 +238,7 @@ mod tests {
 
     #[test]
     fn thresholds_come_from_settings() {
+        use gpuq_common::config::{Settings, WorkerConfig};
         let s = Settings {
             gpu_temp_degraded_c: 70,
             gpu_temp_unhealthy_c: 80,
@@ -271,7 +247,7 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(
-            Thresholds::from_settings(&s),
+            WorkerConfig::from_settings(&s).unwrap().thresholds,
             Thresholds {
                 temp_degraded_c: 70,
                 temp_unhealthy_c: 80,

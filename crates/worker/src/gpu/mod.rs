@@ -8,7 +8,7 @@ mod sim;
 
 use std::sync::Arc;
 
-use gpuq_common::Settings;
+use gpuq_common::config::{GpuSource, WorkerConfig};
 pub use gpuq_common::engine::GpuFault;
 use gpuq_common::engine::GpuSnapshot;
 
@@ -18,8 +18,6 @@ pub use sim::SimBackend;
 
 /// Simulated GPUs `auto` falls back to when NVML is unavailable.
 pub const AUTO_SIM_GPUS: u32 = 2;
-/// Most simulated GPUs `sim:N` accepts.
-pub const MAX_SIM_GPUS: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -29,9 +27,6 @@ pub enum GpuError {
     NoSuchGpu(u32),
     #[error("NVML: {0}")]
     Nvml(String),
-    /// `GPUQ_GPUS` names no backend we know.
-    #[error("gpus = {0:?}: use auto, nvml or sim:N with N in 1..={MAX_SIM_GPUS}")]
-    Spec(String),
 }
 
 /// One reading of one GPU (raw facts; health is derived by `evaluate`).
@@ -70,12 +65,11 @@ pub trait GpuBackend: Send + Sync + 'static {
     fn set_busy(&self, index: u32, busy: bool);
 }
 
-/// `auto`: NVML when it initialises and reports ≥1 device, else simulated (2 GPUs) with an info log
-/// saying why; `nvml`: NVML or an error; `sim:N`: N simulated GPUs (N 1..=64). Anything else: error.
-pub fn detect(settings: &Settings) -> Result<Arc<dyn GpuBackend>, GpuError> {
-    let spec = settings.gpus.trim().to_ascii_lowercase();
-    match spec.as_str() {
-        "auto" => match NvmlBackend::init() {
+/// `Auto`: NVML when it initialises and reports ≥1 device, else simulated (2 GPUs) with an info
+/// log saying why; `Nvml`: NVML or an error; `Simulated(n)`: n simulated GPUs.
+pub fn detect(config: &WorkerConfig) -> Result<Arc<dyn GpuBackend>, GpuError> {
+    match config.gpus {
+        GpuSource::Auto => match NvmlBackend::init() {
             Ok(backend) => {
                 tracing::info!(gpus = backend.count(), "using NVML");
                 Ok(Arc::new(backend))
@@ -86,22 +80,17 @@ pub fn detect(settings: &Settings) -> Result<Arc<dyn GpuBackend>, GpuError> {
                     gpus = AUTO_SIM_GPUS,
                     "NVML unavailable, simulating GPUs"
                 );
-                Ok(Arc::new(SimBackend::from_settings(settings, AUTO_SIM_GPUS)))
+                Ok(Arc::new(SimBackend::from_config(config, AUTO_SIM_GPUS)))
             }
         },
-        "nvml" => {
+        GpuSource::Nvml => {
             let backend = NvmlBackend::init()?;
             tracing::info!(gpus = backend.count(), "using NVML");
             Ok(Arc::new(backend))
         }
-        _ => {
-            let count = spec
-                .strip_prefix("sim:")
-                .and_then(|n| n.trim().parse::<u32>().ok())
-                .filter(|n| (1..=MAX_SIM_GPUS).contains(n))
-                .ok_or_else(|| GpuError::Spec(settings.gpus.clone()))?;
+        GpuSource::Simulated(count) => {
             tracing::info!(gpus = count, "simulating GPUs");
-            Ok(Arc::new(SimBackend::from_settings(settings, count)))
+            Ok(Arc::new(SimBackend::from_config(config, count)))
         }
     }
 }
@@ -132,12 +121,13 @@ mod tests {
 
     use super::*;
 
-    fn settings(gpus: &str) -> Settings {
-        Settings {
+    fn settings(gpus: &str) -> WorkerConfig {
+        WorkerConfig::from_settings(&gpuq_common::Settings {
             gpus: gpus.into(),
             worker_id: "w1".into(),
-            ..Settings::default()
-        }
+            ..gpuq_common::Settings::default()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -152,19 +142,6 @@ mod tests {
         );
         assert!(readings.iter().all(|r| r.memory_total_mb == 24 * 1024));
         assert_eq!(detect(&settings(" SIM:64 ")).unwrap().count(), 64);
-    }
-
-    #[test]
-    fn bad_specs_are_errors_that_name_the_value() {
-        for spec in ["sim:0", "sim:65", "sim:x", "sim:", "sim", "bogus", ""] {
-            match detect(&settings(spec)) {
-                Err(GpuError::Spec(s)) => assert_eq!(s, spec),
-                Err(e) => panic!("{spec:?}: unexpected error {e}"),
-                Ok(b) => panic!("{spec:?}: accepted as {} GPUs", b.count()),
-            }
-        }
-        let msg = detect(&settings("bogus")).err().unwrap().to_string();
-        assert!(msg.contains("\"bogus\"") && msg.contains("sim:N"), "{msg}");
     }
 
     #[test]

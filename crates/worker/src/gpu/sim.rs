@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use gpuq_common::Settings;
+use gpuq_common::config::WorkerConfig;
 
 use super::{GpuBackend, GpuError, GpuFault, GpuReading, Thresholds};
 
@@ -36,12 +36,12 @@ struct SimGpu {
 
 impl SimBackend {
     /// `count` GPUs named after the worker, sized by `sim_gpu_memory_mb`.
-    pub fn from_settings(settings: &Settings, count: u32) -> Self {
+    pub fn from_config(config: &WorkerConfig, count: u32) -> Self {
         Self::new(
-            &settings.worker_name(),
+            &config.name,
             count,
-            settings.sim_gpu_memory_mb,
-            &Thresholds::from_settings(settings),
+            config.sim_gpu_memory_mb,
+            &config.thresholds,
         )
     }
 

@@ -80,7 +80,7 @@ async fn process(job: &Job<'_>) -> Outcome {
     if job.arrival.is_redelivery() {
         w.metrics.redeliveries.with_label_values(&[pool]).inc();
     }
-    if job.arrival.over_budget(w.settings.delivery_limit) {
+    if job.arrival.over_budget(w.topology.delivery_limit) {
         let stored = w.store.get(msg.id).await.ok().flatten().map(|r| r.status);
         return job.act(protocol::over_budget(stored)).await;
     }

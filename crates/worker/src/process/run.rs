@@ -171,10 +171,10 @@ async fn run_attempt(
         gpus: gpus.to_vec(),
         worker: w.engine_id.clone(),
         programs: w.programs.clone(),
-        job_timeout: Duration::from_secs(w.settings.job_timeout_s),
-        progress_timeout: (w.settings.progress_timeout_s > 0)
-            .then(|| Duration::from_secs(w.settings.progress_timeout_s)),
-        output_tail_bytes: w.settings.output_tail_bytes,
+        job_timeout: Duration::from_secs(w.config.job_timeout_s),
+        progress_timeout: (w.config.progress_timeout_s > 0)
+            .then(|| Duration::from_secs(w.config.progress_timeout_s)),
+        output_tail_bytes: w.config.output_tail_bytes,
         stop: stop_rx,
     };
     let started = Instant::now();
@@ -336,7 +336,7 @@ fn crash(scenario: &str) -> ! {
 /// a client cancels it.
 async fn keep_lease(w: Arc<Worker>, record: JobRecord, stop: watch::Sender<Option<StopReason>>) {
     let job = record.id;
-    tokio::time::sleep(Duration::from_millis(w.settings.running_record_delay_ms)).await;
+    tokio::time::sleep(w.config.running_record_delay).await;
     // One try: a store outage must not hold up the lease renewals below; the final write
     // carries the attempt anyway.
     match w.store.start_attempt(&record).await {
@@ -351,7 +351,7 @@ async fn keep_lease(w: Arc<Worker>, record: JobRecord, stop: watch::Sender<Optio
         Err(e) => tracing::error!(error.message = %e, "cannot record the job as running"),
     }
     // A cancel is looked for every second (one EXISTS); the lease is renewed every third of its TTL.
-    let renew_every = Duration::from_millis((w.settings.lease_ttl_ms / 3).max(200));
+    let renew_every = Duration::from_millis((w.config.lease_ttl_ms / 3).max(200));
     let mut tick = tokio::time::interval(CANCEL_POLL.min(renew_every));
     let mut renewed = Instant::now();
     loop {

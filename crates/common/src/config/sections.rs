@@ -1,0 +1,311 @@
+//! What each service runs on: the flat `Settings` (one schema for the file and the `GPUQ_*`
+//! variables, so one `.env` feeds a whole deployment) parsed once, at load, into a typed section
+//! per service — lists split, URLs and program maps checked, durations typed. A service reads
+//! only its section; a bad value stops it at start with the variable's name.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{ConfigError, Secret, Settings};
+use crate::topology::Topology;
+
+/// How a service logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object a line (Loki).
+    Json,
+    /// For a terminal.
+    Pretty,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Json => "json",
+            LogFormat::Pretty => "pretty",
+        }
+    }
+}
+
+/// What every service reads.
+#[derive(Debug, Clone)]
+pub struct Common {
+    /// Every RabbitMQ node; a service connects to any that answers.
+    pub amqp_urls: Vec<String>,
+    pub redis_url: String,
+    /// `sqlite://path` or `mongodb://…`.
+    pub store_url: String,
+    /// The queue names and arguments under the prefix (also the Redis key prefix).
+    pub topology: Topology,
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info,gpuq_worker=debug`.
+    pub log_filter: String,
+}
+
+impl Common {
+    pub fn prefix(&self) -> &str {
+        &self.topology.prefix
+    }
+}
+
+/// The gateway's section.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub common: Common,
+    pub bind: String,
+    /// Accepted bearer keys of the `/v1` API.
+    pub api_keys: Vec<Secret>,
+    pub max_body_bytes: usize,
+    /// How long a submit waits for the broker's confirm before it answers 503.
+    pub confirm_timeout: Duration,
+    pub idempotency_ttl_s: u64,
+    /// The longest a job may run: how long a cancel signal is kept.
+    pub job_timeout_s: u64,
+}
+
+/// The manager's section.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub common: Common,
+    pub bind: String,
+    /// Heartbeats and operator actions.
+    pub admin_token: Secret,
+    /// RabbitMQ management API base URLs (with credentials): queue depths.
+    pub rabbitmq_mgmt_urls: Vec<String>,
+    /// Pools whose queues the manager declares besides `default`.
+    pub pools: Vec<String>,
+    /// A heartbeat's interval when it names none.
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeats missed before an engine counts as offline.
+    pub engine_offline_after_heartbeats: u32,
+}
+
+/// Which GPUs a worker drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuSource {
+    /// NVML when it initialises and reports a device, else simulated GPUs.
+    Auto,
+    /// NVML or an error.
+    Nvml,
+    /// This many simulated GPUs.
+    Simulated(u32),
+}
+
+/// Most simulated GPUs a worker may have.
+pub const MAX_SIM_GPUS: u32 = 64;
+
+impl GpuSource {
+    /// `auto`, `nvml` or `sim:N` (N 1..=64), in any case.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let spec = spec.trim().to_ascii_lowercase();
+        match spec.as_str() {
+            "auto" => Ok(GpuSource::Auto),
+            "nvml" => Ok(GpuSource::Nvml),
+            _ => spec
+                .strip_prefix("sim:")
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .filter(|n| (1..=MAX_SIM_GPUS).contains(n))
+                .map(GpuSource::Simulated)
+                .ok_or_else(|| {
+                    format!("{spec:?}: use auto, nvml or sim:N with N from 1 to {MAX_SIM_GPUS}")
+                }),
+        }
+    }
+}
+
+/// When a GPU counts as degraded or unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuThresholds {
+    pub temp_degraded_c: u32,
+    pub temp_unhealthy_c: u32,
+    /// Memory in use, in percent of total, from which a GPU is degraded (0 = never).
+    pub memory_degraded_pct: u32,
+    /// Uncorrected ECC errors from which a GPU is unhealthy (0 = never).
+    pub ecc_unhealthy: u64,
+}
+
+impl Default for GpuThresholds {
+    fn default() -> Self {
+        WorkerConfig::thresholds(&Settings::default())
+    }
+}
+
+/// The worker's section.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub common: Common,
+    /// The engine's stable name: `worker_id`, else the host name.
+    pub name: String,
+    pub bind: String,
+    /// The admin URL the manager and the CLI call.
+    pub admin_url: String,
+    /// Pools it consumes (`<prefix>.jobs.<pool>`).
+    pub pools: Vec<String>,
+    pub gpus: GpuSource,
+    pub sim_gpu_memory_mb: u64,
+    pub thresholds: GpuThresholds,
+    /// Enables `POST /admin/faults`.
+    pub fault_injection: bool,
+    /// The worker's admin API and its heartbeats to the manager.
+    pub admin_token: Secret,
+    pub manager_url: String,
+    pub lease_ttl_ms: u64,
+    pub running_record_delay: Duration,
+    pub heartbeat_interval: Duration,
+    pub status_interval: Duration,
+    pub shutdown_grace: Duration,
+    /// `command` programs: name → absolute path.
+    pub programs: BTreeMap<String, String>,
+    pub output_tail_bytes: usize,
+    /// Upper bound of any job's run time.
+    pub job_timeout_s: u64,
+    /// Kill an engine that printed nothing for this long (0 = never).
+    pub progress_timeout_s: u64,
+    /// Let a GPU that turns unhealthy finish its running job.
+    pub finish_on_unhealthy: bool,
+}
+
+impl Common {
+    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        let log_format = match s.log_format.as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            _ => return Err(ConfigError::invalid("log_format", "json or pretty")),
+        };
+        Ok(Self {
+            amqp_urls: s.amqp_url_list(),
+            redis_url: s.redis_url.clone(),
+            store_url: s.store_url.clone(),
+            topology: Topology::from_settings(s),
+            log_format,
+            log_filter: s.log.clone(),
+        })
+    }
+}
+
+impl GatewayConfig {
+    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: Common::from_settings(s)?,
+            bind: s.gateway_bind.clone(),
+            api_keys: s.api_key_list(),
+            max_body_bytes: s.max_body_bytes,
+            confirm_timeout: Duration::from_millis(s.confirm_timeout_ms.max(1)),
+            idempotency_ttl_s: s.idempotency_ttl_s,
+            job_timeout_s: s.job_timeout_s,
+        })
+    }
+}
+
+impl ManagerConfig {
+    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: Common::from_settings(s)?,
+            bind: s.manager_bind.clone(),
+            admin_token: s.admin_token.clone(),
+            rabbitmq_mgmt_urls: s.rabbitmq_mgmt_url_list(),
+            pools: s.worker_pool_list(),
+            heartbeat_interval_ms: s.heartbeat_interval_ms,
+            engine_offline_after_heartbeats: s.engine_offline_after_heartbeats.max(1),
+        })
+    }
+}
+
+impl WorkerConfig {
+    pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+        let gpus = GpuSource::parse(&s.gpus).map_err(|m| ConfigError::invalid("gpus", &m))?;
+        let programs = s
+            .program_map()
+            .map_err(|m| ConfigError::invalid("programs", &m))?;
+        Ok(Self {
+            common: Common::from_settings(s)?,
+            name: s.worker_name(),
+            bind: s.worker_bind.clone(),
+            admin_url: s.worker_admin_url(),
+            pools: s.worker_pool_list(),
+            gpus,
+            sim_gpu_memory_mb: s.sim_gpu_memory_mb,
+            thresholds: Self::thresholds(s),
+            fault_injection: s.fault_injection,
+            admin_token: s.admin_token.clone(),
+            manager_url: s.manager_url.trim_end_matches('/').to_string(),
+            lease_ttl_ms: s.lease_ttl_ms,
+            running_record_delay: Duration::from_millis(s.running_record_delay_ms),
+            heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms),
+            status_interval: Duration::from_secs(s.status_interval_s),
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_s),
+            programs,
+            output_tail_bytes: s.output_tail_bytes,
+            job_timeout_s: s.job_timeout_s,
+            progress_timeout_s: s.progress_timeout_s,
+            finish_on_unhealthy: s.finish_on_unhealthy,
+        })
+    }
+
+    fn thresholds(s: &Settings) -> GpuThresholds {
+        GpuThresholds {
+            temp_degraded_c: s.gpu_temp_degraded_c,
+            temp_unhealthy_c: s.gpu_temp_unhealthy_c,
+            memory_degraded_pct: s.gpu_memory_degraded_pct,
+            ecc_unhealthy: s.gpu_ecc_unhealthy,
+        }
+    }
+}
+
+/// A service's section, as `startup` loads it.
+pub trait ServiceConfig: Sized {
+    fn from_settings(s: &Settings) -> Result<Self, ConfigError>;
+    fn common(&self) -> &Common;
+}
+
+macro_rules! service_config {
+    ($($t:ty),*) => {$(
+        impl ServiceConfig for $t {
+            fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
+                <$t>::from_settings(s)
+            }
+            fn common(&self) -> &Common {
+                &self.common
+            }
+        }
+    )*};
+}
+service_config!(GatewayConfig, ManagerConfig, WorkerConfig);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_sources_parse_in_any_case_and_bad_ones_say_what_is_allowed() {
+        assert_eq!(GpuSource::parse(" SIM:64 "), Ok(GpuSource::Simulated(64)));
+        assert_eq!(GpuSource::parse("auto"), Ok(GpuSource::Auto));
+        assert_eq!(GpuSource::parse("NVML"), Ok(GpuSource::Nvml));
+        for bad in ["sim:0", "sim:65", "sim:x", "sim:", "sim", "bogus", ""] {
+            let e = GpuSource::parse(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("{bad:?}")) && e.contains("sim:N"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_worker_setting_fails_the_load_with_its_name() {
+        let s = Settings {
+            gpus: "sim:100".into(),
+            ..Settings::default()
+        };
+        let e = WorkerConfig::from_settings(&s).unwrap_err().to_string();
+        assert!(e.starts_with("gpus:"), "{e}");
+        let s = Settings {
+            worker_pools: "a, b ,".into(),
+            programs: "sh=/bin/sh".into(),
+            ..Settings::default()
+        };
+        let w = WorkerConfig::from_settings(&s).unwrap();
+        assert_eq!(w.pools, ["a", "b"]);
+        assert_eq!(w.programs["sh"], "/bin/sh");
+        assert_eq!(w.common.prefix(), "gpuq");
+    }
+}
