@@ -76,3 +76,36 @@ fn metrics() {}
     responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
 #[allow(dead_code)]
 fn openapi_json() {}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_document_lists_exactly_the_routes_the_router_serves() {
+        let doc = ApiDoc::openapi();
+        let documented: BTreeSet<(String, String)> = serde_json::to_value(&doc.paths)
+            .expect("paths serialize")
+            .as_object()
+            .expect("paths are an object")
+            .iter()
+            .flat_map(|(path, item)| {
+                let methods: Vec<String> = item
+                    .as_object()
+                    .expect("a path item is an object")
+                    .keys()
+                    .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                    .cloned()
+                    .collect();
+                methods.into_iter().map(move |m| (m, path.clone()))
+            })
+            .collect();
+        let served: BTreeSet<(String, String)> = crate::routes::served_routes()
+            .into_iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(documented, served);
+    }
+}

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiQuery, parse_cursor, parse_id, parse_limit, parse_pool};
-use crate::jobs::{self as ops, Submitted};
+use crate::jobs::{self as ops, JobError, Submitted};
 use crate::state::SharedState;
 use gpuq_common::coord::idempotency::Idempotency;
 
@@ -71,7 +71,7 @@ pub async fn submit_job(
         .get(IDEMPOTENCY_KEY)
         .map(|v| Idempotency::validate_key(v.as_bytes()))
         .transpose()
-        .map_err(ops::idempotency_error)?;
+        .map_err(JobError::from)?;
     Ok(match ops::submit(&state, req, key).await? {
         Submitted::Accepted(id) => (
             StatusCode::ACCEPTED,
@@ -173,5 +173,5 @@ pub async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let id = parse_id(&id)?;
-    ops::cancel(&state, id).await.map(Json)
+    Ok(Json(ops::cancel(&state, id).await?))
 }

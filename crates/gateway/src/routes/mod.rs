@@ -11,8 +11,11 @@ use axum::http::header;
 use axum::http::request::Parts;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
+use gpuq_common::coord::idempotency::IdempotencyError;
 use gpuq_common::http::{ApiError, check_bearer, service_router};
+
+use crate::jobs::JobError;
 use gpuq_common::job::JobId;
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -23,31 +26,70 @@ use crate::state::SharedState;
 pub use health::Readiness;
 pub use jobs::{IDEMPOTENT_REPLAYED, SubmitResponse};
 
-/// The gateway's whole HTTP application.
-pub fn router(state: SharedState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/jobs", post(jobs::submit_job).get(jobs::list_jobs))
-        .route("/v1/jobs/{id}", get(jobs::get_job))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
-        .route("/v1/dead-letters", get(dead_letters::list_dead_letters))
-        .route(
+/// The routes served by `gpuq_common::http::service_router` on every service.
+pub const COMMON_ROUTES: &[(&str, &str)] = &[("get", "/healthz"), ("get", "/metrics")];
+
+/// Every route of the gateway's own: (method, path, handler). `router` serves exactly these
+/// (the `/v1` ones behind the API keys), and the OpenAPI document must list exactly these plus
+/// `COMMON_ROUTES` (a test in `openapi` compares them).
+fn routes() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
+    vec![
+        ("post", "/v1/jobs", post(jobs::submit_job)),
+        ("get", "/v1/jobs", get(jobs::list_jobs)),
+        ("get", "/v1/jobs/{id}", get(jobs::get_job)),
+        ("post", "/v1/jobs/{id}/cancel", post(jobs::cancel_job)),
+        (
+            "get",
+            "/v1/dead-letters",
+            get(dead_letters::list_dead_letters),
+        ),
+        (
+            "post",
             "/v1/dead-letters/{id}/retry",
             post(dead_letters::retry_dead_letter),
-        )
+        ),
+        ("get", "/readyz", get(health::readyz)),
+        ("get", "/openapi.json", get(openapi_json)),
+    ]
+}
+
+/// (method, path) of every route `router` serves.
+pub fn served_routes() -> Vec<(&'static str, &'static str)> {
+    routes()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .chain(COMMON_ROUTES.iter().copied())
+        .collect()
+}
+
+/// The gateway's whole HTTP application.
+pub fn router(state: SharedState) -> Router {
+    let (v1, open): (Vec<_>, Vec<_>) = routes()
+        .into_iter()
+        .partition(|(_, path, _)| path.starts_with("/v1/"));
+    let v1 = v1
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .route_layer(from_fn_with_state(state.clone(), require_api_key));
-    let openapi = ApiDoc::openapi()
-        .to_json()
-        .expect("the OpenAPI document serializes");
-    let app = Router::new()
-        .merge(v1)
-        .route("/readyz", get(health::readyz))
-        .route(
-            "/openapi.json",
-            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
-        )
+    let app = open
+        .into_iter()
+        .fold(Router::new().merge(v1), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .with_state(state.clone())
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     service_router(app, state.registry.clone(), state.http_metrics.clone())
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    static DOC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    });
+    ([(header::CONTENT_TYPE, "application/json")], DOC.as_str())
 }
 
 async fn require_api_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
@@ -112,5 +154,32 @@ pub fn parse_pool(pool: Option<String>) -> Result<Option<String>, ApiError> {
         Some(p) => gpuq_common::job::validate_pool(&p)
             .map(|()| Some(p))
             .map_err(|m| ApiError::BadRequest(format!("pool: {m}"))),
+    }
+}
+
+/// The HTTP answer to each way a job operation fails.
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid(_) | JobError::NoWorkerForPool(_) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            JobError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            JobError::AlreadyFinal { .. } | JobError::NotDeadLettered { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            JobError::NotAccepted { .. } | JobError::Coordination { .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
+            JobError::Idempotency(e) => match e {
+                IdempotencyError::BadKey => ApiError::BadRequest(e.to_string()),
+                IdempotencyError::BodyMismatch => ApiError::Unprocessable(e.to_string()),
+                IdempotencyError::InProgress => ApiError::Conflict(e.to_string()),
+                IdempotencyError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+                IdempotencyError::Corrupt => ApiError::Internal(e.into()),
+            },
+            JobError::Store(e) => e.into(),
+            JobError::Internal(e) => ApiError::Internal(e),
+        }
     }
 }

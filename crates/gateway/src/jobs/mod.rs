@@ -1,7 +1,11 @@
 //! The job operations behind the REST routes: submit (store, then publish, then 202 only after
-//! the confirm), cancel, and re-drive a dead letter. Handlers stay thin; the rules live here.
+//! the confirm), cancel, and re-drive a dead letter. Handlers stay thin; the rules live here,
+//! with no HTTP type: they fail with a `JobError` (`error.rs`), which the routes map to statuses.
 
-use gpuq_common::http::ApiError;
+mod error;
+
+pub use error::JobError;
+
 use gpuq_common::job::{
     CommandParams, FinalOutcome, JobId, JobKind, JobMessage, JobPayload, JobPlacement, JobRecord,
     JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
@@ -13,7 +17,7 @@ use tracing::{Instrument, Span, instrument};
 
 use crate::broker::PublishError;
 use crate::state::SharedState;
-use gpuq_common::coord::idempotency::{Claim, IdempotencyError, Ticket, body_hash};
+use gpuq_common::coord::idempotency::{Claim, Ticket, body_hash};
 
 /// The outcome of an accepted submission.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +34,7 @@ pub async fn submit(
     state: &SharedState,
     req: SubmitRequest,
     idempotency_key: Option<String>,
-) -> Result<Submitted, ApiError> {
+) -> Result<Submitted, JobError> {
     let (payload, placement) = req.validate().map_err(|e| invalid_job(&req, e))?;
     let mut msg = JobMessage::new(payload, placement);
     let ticket = match idempotency_key {
@@ -38,8 +42,7 @@ pub async fn submit(
         Some(key) => match state
             .idempotency
             .claim(&key, &body_hash(&msg), msg.id)
-            .await
-            .map_err(idempotency_error)?
+            .await?
         {
             Claim::Replay(id) => {
                 Span::current().record("job_id", tracing::field::display(id));
@@ -57,12 +60,12 @@ pub async fn submit(
     let state = state.clone();
     tokio::spawn(async move { enqueue(&state, msg, ticket).await }.instrument(Span::current()))
         .await
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("submit task")))?
+        .map_err(|e| JobError::Internal(anyhow::Error::new(e).context("submit task")))?
 }
 
 /// A 422 naming the field at fault. `validate` names only `params` when a parameter has the
 /// wrong type; find which one.
-fn invalid_job(req: &SubmitRequest, e: ValidationError) -> ApiError {
+fn invalid_job(req: &SubmitRequest, e: ValidationError) -> JobError {
     if e.field == "params" && req.params.is_object() {
         let typed = match req.kind {
             JobKind::Simulate => {
@@ -75,18 +78,18 @@ fn invalid_job(req: &SubmitRequest, e: ValidationError) -> ApiError {
         if let Err(pe) = typed {
             let path = pe.path().to_string();
             if !path.is_empty() && path != "." && path != "?" {
-                return ApiError::Unprocessable(format!("params.{path}: {}", pe.inner()));
+                return JobError::Invalid(format!("params.{path}: {}", pe.inner()));
             }
         }
     }
-    ApiError::Unprocessable(e.to_string())
+    JobError::Invalid(e.to_string())
 }
 
 async fn enqueue(
     state: &SharedState,
     msg: JobMessage,
     ticket: Option<Ticket>,
-) -> Result<Submitted, ApiError> {
+) -> Result<Submitted, JobError> {
     let inserted = match store_record(state, &msg, ticket.as_ref()).await {
         Ok(Stored::Inserted) => true,
         Ok(Stored::Adopted) => false,
@@ -128,7 +131,7 @@ async fn enqueue(
                 withdraw(state, msg.id, ticket.as_ref()).await;
             }
             give_up_claim(state, ticket.as_ref(), e.ambiguous()).await;
-            Err(publish_error(
+            Err(JobError::not_accepted(
                 e,
                 msg.id,
                 &msg.placement.pool,
@@ -205,7 +208,7 @@ async fn withdraw(state: &SharedState, id: JobId, ticket: Option<&Ticket>) {
     }
 }
 
-async fn replay(state: &SharedState, id: JobId, pool: &str) -> Result<Submitted, ApiError> {
+async fn replay(state: &SharedState, id: JobId, pool: &str) -> Result<Submitted, JobError> {
     let status = state
         .store
         .get(id)
@@ -283,69 +286,41 @@ fn count_publish_failure(state: &SharedState, e: &PublishError) {
         .inc();
 }
 
-/// The answer to a failed publish. After an ambiguous one the job may run: the message names
-/// it, and how to settle it.
-fn publish_error(e: PublishError, id: JobId, pool: &str, keyed: bool) -> ApiError {
-    match e {
-        PublishError::Unroutable => {
-            ApiError::Unprocessable(format!("pool: no worker serves pool {pool:?}"))
-        }
-        e if e.ambiguous() && keyed => ApiError::Unavailable(format!(
-            "{e}; job {id} may be queued: retry with the same Idempotency-Key, which keeps this job"
-        )),
-        e if e.ambiguous() => ApiError::Unavailable(format!(
-            "{e}; job {id} may be queued and stays queued: check GET /v1/jobs/{id}, or cancel it, \
-             before submitting it again"
-        )),
-        other => ApiError::Unavailable(other.to_string()),
-    }
-}
-
-pub fn idempotency_error(e: IdempotencyError) -> ApiError {
-    match e {
-        IdempotencyError::BadKey => ApiError::BadRequest(e.to_string()),
-        IdempotencyError::BodyMismatch => ApiError::Unprocessable(e.to_string()),
-        IdempotencyError::InProgress => ApiError::Conflict(e.to_string()),
-        IdempotencyError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
-        IdempotencyError::Corrupt => ApiError::Internal(e.into()),
-    }
-}
-
-fn not_found(id: JobId) -> ApiError {
-    ApiError::NotFound(format!("no job {id}"))
+fn not_found(id: JobId) -> JobError {
+    JobError::NotFound(id)
 }
 
 /// Cancels a queued or running job: its final status becomes `cancelled` (first final write
 /// wins), and a running job's worker is told through Redis to stop it.
 #[instrument(skip_all, fields(job_id = %id))]
-pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, ApiError> {
+pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, JobError> {
     let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
     if record.status.is_final() {
-        return Err(ApiError::Conflict(format!(
-            "job {id} is already {}",
-            record.status.as_str()
-        )));
+        return Err(JobError::AlreadyFinal {
+            id,
+            status: record.status,
+        });
     }
     if record.status == JobStatus::Running {
         // Without the signal the GPU would keep running a job nobody wants: refuse instead.
-        signal_cancel(state, id).await.map_err(|e| {
-            tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot signal the cancel");
-            ApiError::Unavailable("cannot reach Redis to stop the running job; retry later".into())
+        signal_cancel(state, id).await.map_err(|source| {
+            tracing::warn!(error.cause_chain = ?source, error.message = %source, "cannot signal the cancel");
+            JobError::Coordination {
+                action: "stop the running job",
+                source,
+            }
         })?;
     }
     let outcome = FinalOutcome::cancelled(None, None);
     match state.store.finish(id, &outcome).await? {
         FinishOutcome::Stored => {}
-        FinishOutcome::AlreadyFinal(s) => {
-            return Err(ApiError::Conflict(format!(
-                "job {id} is already {}",
-                s.as_str()
-            )));
+        FinishOutcome::AlreadyFinal(status) => {
+            return Err(JobError::AlreadyFinal { id, status });
         }
         FinishOutcome::NotFound => return Err(not_found(id)),
         // Only a drive-conditional write (`finish_drive`) answers this.
         FinishOutcome::Superseded => {
-            return Err(ApiError::Internal(anyhow::anyhow!(
+            return Err(JobError::Internal(anyhow::anyhow!(
                 "the store answered `superseded` to a plain final write of job {id}"
             )));
         }
@@ -376,13 +351,13 @@ async fn signal_cancel(
 /// drive in `x-gpuq-drive`) published with a confirm. When the broker refuses it, the job is
 /// dead-lettered again as it was.
 #[instrument(skip_all, fields(job_id = %id))]
-pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, ApiError> {
+pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, JobError> {
     let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
     if record.status != JobStatus::DeadLettered {
-        return Err(ApiError::Conflict(format!(
-            "job {id} is {}, not dead_lettered",
-            record.status.as_str()
-        )));
+        return Err(JobError::NotDeadLettered {
+            id,
+            status: record.status,
+        });
     }
     let msg = message_from_record(&record)?;
     // From the reset on, finish in a task of its own: a client that hangs up must not leave the
@@ -390,28 +365,34 @@ pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, 
     let state = state.clone();
     tokio::spawn(redrive(state, record, msg).instrument(Span::current()))
         .await
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("retry task")))?
+        .map_err(|e| JobError::Internal(anyhow::Error::new(e).context("retry task")))?
 }
 
 async fn redrive(
     state: SharedState,
     record: JobRecord,
     msg: JobMessage,
-) -> Result<JobId, ApiError> {
+) -> Result<JobId, JobError> {
     let id = record.id;
     // A done marker would make workers skip the re-driven job; a dead letter has no result, so
     // one left behind is stale. Needs Redis: without it the re-drive could be silently dropped.
-    state.kv.clear_done(&state.keys, id).await.map_err(|e| {
-        tracing::warn!(error.cause_chain = ?e, error.message = %e, "cannot clear the done marker");
-        ApiError::Unavailable("cannot reach Redis to re-drive the job; retry later".into())
+    state.kv.clear_done(&state.keys, id).await.map_err(|source| {
+        tracing::warn!(error.cause_chain = ?source, error.message = %source, "cannot clear the done marker");
+        JobError::Coordination {
+            action: "re-drive the job",
+            source,
+        }
     })?;
     // The store remembers the drive, so that a late copy of an earlier dead letter of this job
     // cannot undo the re-drive.
     let drive = uuid::Uuid::new_v4().to_string();
     if !state.store.reset_for_retry(id, &drive).await? {
-        return Err(ApiError::Conflict(format!(
-            "job {id} is no longer dead_lettered"
-        )));
+        let status = state
+            .store
+            .get(id)
+            .await?
+            .map_or(JobStatus::Queued, |r| r.status);
+        return Err(JobError::NotDeadLettered { id, status });
     }
     // Attempt numbers go on from where the dead letter left them; the delivery budget restarts.
     let mut headers = FieldTable::default();
@@ -435,9 +416,12 @@ async fn redrive(
             if e.ambiguous() {
                 // The message may be queued: a worker must be able to record its result, so the
                 // job stays queued (cancel it if it never runs).
-                return Err(ApiError::Unavailable(format!(
-                    "{e}; job {id} may have been re-driven: it stays queued, check it before retrying"
-                )));
+                return Err(JobError::NotAccepted {
+                    source: e,
+                    id,
+                    keyed: false,
+                    redrive: true,
+                });
             }
             // Refused for sure: dead-lettered again, as it was.
             let back = FinalOutcome {
@@ -455,15 +439,15 @@ async fn redrive(
                     "could not put the job back to dead_lettered; it stays queued without a message"
                 );
             }
-            Err(publish_error(e, id, &msg.placement.pool, false))
+            Err(JobError::not_accepted(e, id, &msg.placement.pool, false))
         }
     }
 }
 
 /// The message a stored job was made from, under its own id.
-pub fn message_from_record(record: &JobRecord) -> Result<JobMessage, ApiError> {
+pub fn message_from_record(record: &JobRecord) -> Result<JobMessage, JobError> {
     let corrupt = |e: serde_json::Error| {
-        ApiError::Internal(anyhow::Error::new(e).context(format!("params of job {}", record.id)))
+        JobError::Internal(anyhow::Error::new(e).context(format!("params of job {}", record.id)))
     };
     let payload = match record.kind {
         JobKind::Simulate => {
