@@ -20,14 +20,7 @@ fn fault_stack(workers: usize, delivery_limit: u32) -> StackOptions {
 /// Arms `count` jobs on worker 2 with `scenario`, runs 100 jobs and checks the verdict.
 async fn scenario(name: &str, count: u32) -> (Stack, f64) {
     let stack = Stack::start(fault_stack(3, 10)).await.unwrap();
-    stack
-        .worker_admin(
-            1,
-            "/admin/faults",
-            &json!({"scenario": name, "count": count}),
-        )
-        .await
-        .unwrap();
+    stack.arm_fault(1, name, count).await.unwrap();
     let body = json!({"kind": "simulate", "params": {"duration_ms": 200}});
     let ids = stack.submit_many(100, 16, &body).await.unwrap();
     let records = stack
@@ -392,11 +385,7 @@ async fn a_redelivery_of_a_job_still_running_in_the_same_worker_never_runs_it_tw
         .unwrap();
     stack.wait_running(long, Duration::from_secs(20)).await;
     stack
-        .worker_admin(
-            0,
-            "/admin/faults",
-            &json!({"scenario": "duplicate_after_complete", "count": 1}),
-        )
+        .arm_fault(0, "duplicate_after_complete", 1)
         .await
         .unwrap();
     let short = stack

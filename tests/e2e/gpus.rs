@@ -48,17 +48,14 @@ async fn healthy_stack(opts: StackOptions) -> Stack {
 
 async fn gpu_fault(stack: &Stack, engine: &str, gpu: u32, fault: &str) {
     stack
-        .manager_admin(
-            &format!("/v1/engines/{engine}/gpus/{gpu}/fault"),
-            &json!({"fault": fault}),
-        )
+        .gpu_fault(engine, gpu, fault)
         .await
         .unwrap_or_else(|e| panic!("{fault} on {engine} GPU {gpu}: {e}"));
 }
 
 async fn engine_action(stack: &Stack, engine: &str, action: &str) -> Value {
     stack
-        .manager_admin(&format!("/v1/engines/{engine}/{action}"), &json!({}))
+        .engine_action(engine, action)
         .await
         .unwrap_or_else(|e| panic!("{action} {engine}: {e}"))
 }

@@ -597,13 +597,7 @@ async fn workload(stack: &Stack) -> anyhow::Result<Workload> {
     // B: worker-2 dies in the middle of a job (restart, redelivery, lease takeover), then
     // worker-1 loses an ack (the redelivery is suppressed as a duplicate). One after the other,
     // so that no job is returned twice within the delivery limit of 2.
-    stack
-        .worker_admin(
-            1,
-            "/admin/faults",
-            &json!({"scenario": "crash_mid_task", "count": 1}),
-        )
-        .await?;
+    stack.arm_fault(1, "crash_mid_task", 1).await?;
     // Four jobs on six GPUs: round robin gives worker-2 one of them.
     let ids = stack.submit_many(4, 4, &sim(400)).await?;
     let recs = stack.wait_final(&ids, Duration::from_secs(60)).await?;
@@ -613,13 +607,7 @@ async fn workload(stack: &Stack) -> anyhow::Result<Workload> {
     if stack.workers[1].restarts() == 0 {
         bail!("worker-2 did not crash (no job reached it?)");
     }
-    stack
-        .worker_admin(
-            0,
-            "/admin/faults",
-            &json!({"scenario": "duplicate_after_complete", "count": 1}),
-        )
-        .await?;
+    stack.arm_fault(0, "duplicate_after_complete", 1).await?;
     let ids = stack.submit_many(4, 4, &sim(300)).await?;
     let recs = stack.wait_final(&ids, Duration::from_secs(60)).await?;
     if recs.iter().any(|r| r.status != JobStatus::Succeeded) {
@@ -635,19 +623,14 @@ async fn workload(stack: &Stack) -> anyhow::Result<Workload> {
         if v["status"] == "running"
             && let (Some(w), Some(g)) = (v["worker"].as_str(), v["gpus"][0].as_u64())
         {
-            break (w.to_string(), g);
+            break (w.to_string(), u32::try_from(g)?);
         }
         if Instant::now() > deadline {
             bail!("job {long} never ran: {v}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    stack
-        .manager_admin(
-            &format!("/v1/engines/{worker}/gpus/{gpu}/fault"),
-            &json!({"fault": "overheat"}),
-        )
-        .await?;
+    stack.gpu_fault(&worker, gpu, "overheat").await?;
     let r = stack
         .wait_final(&[long], Duration::from_secs(60))
         .await?
@@ -1264,14 +1247,7 @@ async fn every_field_a_logql_query_uses_is_in_the_services_json_log_lines() {
         .wait_final(&ids, Duration::from_secs(60))
         .await
         .unwrap();
-    stack
-        .worker_admin(
-            2,
-            "/admin/faults",
-            &json!({"scenario": "crash_mid_task", "count": 1}),
-        )
-        .await
-        .unwrap();
+    stack.arm_fault(2, "crash_mid_task", 1).await.unwrap();
     let crash = stack
         .submit_many(
             4,
@@ -1878,13 +1854,7 @@ async fn the_status_page_shows_every_engine_and_gpu_and_a_fault_without_reloadin
         .await
         .unwrap();
     let before = page.eval(UI_STATE_JS).await.unwrap();
-    stack
-        .manager_admin(
-            "/v1/engines/worker-2/gpus/1/fault",
-            &json!({"fault": "overheat"}),
-        )
-        .await
-        .unwrap();
+    stack.gpu_fault("worker-2", 1, "overheat").await.unwrap();
     let after = wait_ui(
         &mut page,
         "GPU 1 of worker-2 unhealthy",

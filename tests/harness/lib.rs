@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use gpuq_common::config::Secret;
 use gpuq_common::store::{self, JobStore};
 use gpuq_common::{JobRecord, JobStatus};
 use lapin::options::QueueDeclareOptions;
@@ -379,13 +380,37 @@ impl Stack {
         results.into_iter().collect()
     }
 
-    /// GET /v1/jobs/{id}.
+    /// The gateway's typed client, with this stack's API key.
+    pub fn gateway_client(&self) -> gpuq_client::Gateway {
+        gpuq_client::Gateway::new(
+            self.http.clone(),
+            &self.gateway_url,
+            Some(Secret::new(self.api_key.clone())),
+        )
+    }
+
+    /// The manager's typed client, with this stack's admin token.
+    pub fn manager_client(&self) -> gpuq_client::Manager {
+        gpuq_client::Manager::new(
+            self.http.clone(),
+            &self.manager_url,
+            Some(Secret::new(self.admin_token.clone())),
+        )
+    }
+
+    /// The typed client of worker `i` (`worker-{i+1}`)'s admin API.
+    pub fn worker_client(&self, i: usize) -> gpuq_client::Worker {
+        gpuq_client::Worker::new(
+            format!("worker-{}", i + 1),
+            self.http.clone(),
+            &self.worker_urls[i],
+            Some(Secret::new(self.admin_token.clone())),
+        )
+    }
+
+    /// GET /v1/jobs/{id}, as JSON.
     pub async fn job(&self, id: Uuid) -> anyhow::Result<Value> {
-        let r = self
-            .auth(self.http.get(format!("{}/v1/jobs/{id}", self.gateway_url)))
-            .send()
-            .await?;
-        Ok(r.json().await?)
+        Ok(serde_json::to_value(self.gateway_client().job(id).await?)?)
     }
 
     /// Waits until every job is final (read from the store); fails with the stragglers.
@@ -453,16 +478,10 @@ impl Stack {
         Ok(self.wait_final(&[id], timeout).await?.remove(0))
     }
 
-    /// GET /v1/dead-letters (the first page).
+    /// GET /v1/dead-letters (the first page), as JSON.
     pub async fn dead_letters(&self) -> anyhow::Result<Value> {
-        let r = self
-            .auth(
-                self.http
-                    .get(format!("{}/v1/dead-letters", self.gateway_url)),
-            )
-            .send()
-            .await?;
-        Ok(r.json().await?)
+        let page = self.gateway_client().dead_letters(None, None).await?;
+        Ok(serde_json::to_value(page)?)
     }
 
     /// Messages in a pool's queue (ready + unacked), read by a passive declare.
@@ -497,16 +516,12 @@ impl Stack {
         Some(sum_metric(&self.worker_metrics_text(worker).await?, name))
     }
 
-    /// A worker's `/metrics` page; `None` when it does not answer.
+    /// A worker's `/metrics` page; `None` when it does not answer within 2 s.
     pub async fn worker_metrics_text(&self, worker: usize) -> Option<String> {
-        self.http
-            .get(format!("{}/metrics", self.worker_urls[worker]))
-            .timeout(Duration::from_secs(2))
-            .send()
+        let client = self.worker_client(worker);
+        tokio::time::timeout(Duration::from_secs(2), client.metrics())
             .await
             .ok()?
-            .text()
-            .await
             .ok()
     }
 
@@ -559,26 +574,14 @@ impl Stack {
         total
     }
 
-    /// POST to a worker's admin API.
-    pub async fn worker_admin(
+    /// Arms a fault scenario on worker `i` for its next `count` jobs (`POST /admin/faults`).
+    pub async fn arm_fault(
         &self,
         worker: usize,
-        path: &str,
-        body: &Value,
-    ) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.worker_urls[worker]))
-            .bearer_auth(&self.admin_token)
-            .json(body)
-            .send()
-            .await?;
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{path} answered {status}: {v}");
-        }
-        Ok(v)
+        scenario: &str,
+        count: u32,
+    ) -> anyhow::Result<gpuq_client::worker::FaultsView> {
+        Ok(self.worker_client(worker).arm(scenario, count).await?)
     }
 
     /// Lines of a service's log (JSON lines and restart notes).
@@ -664,51 +667,30 @@ pub fn by_status(records: &[JobRecord]) -> HashMap<JobStatus, usize> {
 // ---------------------------------------------------------------------------------------------
 
 impl Stack {
-    /// GET a manager path (its reads are open); the JSON body, or an error on a non-2xx answer.
-    pub async fn manager_get(&self, path: &str) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.manager_url))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await?;
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("GET {path} answered {status}: {v}");
-        }
-        Ok(v)
+    /// Injects a GPU fault through the manager (`POST /v1/engines/{engine}/gpus/{gpu}/fault`).
+    pub async fn gpu_fault(&self, engine: &str, gpu: u32, fault: &str) -> anyhow::Result<Value> {
+        Ok(self.manager_client().gpu_fault(engine, gpu, fault).await?)
     }
 
-    /// POST to a manager path with the admin token; the JSON body, or an error on a non-2xx answer.
-    pub async fn manager_admin(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.manager_url))
-            .bearer_auth(&self.admin_token)
-            .json(body)
-            .send()
-            .await?;
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("POST {path} answered {status}: {v}");
-        }
-        Ok(v)
+    /// `cordon`, `uncordon`, `drain` or `restart` of an engine through the manager.
+    pub async fn engine_action(&self, engine: &str, action: &str) -> anyhow::Result<Value> {
+        Ok(self.manager_client().engine_action(engine, action).await?)
     }
 
-    /// `GET /v1/engines`: every engine the manager has seen.
+    /// `GET /v1/engines`: every engine the manager has seen, as JSON.
     pub async fn engines(&self) -> anyhow::Result<Vec<Value>> {
-        let v = self.manager_get("/v1/engines").await?;
-        match v {
-            Value::Array(a) => Ok(a),
-            other => bail!("/v1/engines is not a list: {other}"),
-        }
+        let engines = self.manager_client().engines().await?;
+        Ok(engines
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?)
     }
 
-    /// `GET /v1/engines/{id}`.
+    /// `GET /v1/engines/{id}`, as JSON.
     pub async fn engine(&self, id: &str) -> anyhow::Result<Value> {
-        self.manager_get(&format!("/v1/engines/{id}")).await
+        Ok(serde_json::to_value(
+            self.manager_client().engine(id).await?,
+        )?)
     }
 
     /// Polls `GET /v1/engines/{id}` until `pred` holds; returns the view that satisfied it.

@@ -12,8 +12,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::manager::Manager;
-use crate::worker::{Worker, WorkerCounters};
+use gpuq_client::manager::Manager;
+use gpuq_client::worker::{Worker, WorkerCounters};
 
 /// Each worker's counters, `None` where it could not be read.
 #[derive(Debug, Clone, Default)]

@@ -5,9 +5,9 @@ use gpuq_common::store::MAX_PAGE;
 use serde_json::Value;
 
 use crate::cli::{DeadLettersCmd, JobsCmd, ListArgs};
-use crate::gateway::{Gateway, ListParams};
 use crate::output::{Table, fmt_ms, fmt_ts, or_dash, truncate};
 use crate::{Ctx, Exit};
+use gpuq_client::gateway::{Gateway, ListParams};
 
 pub async fn run(ctx: &Ctx, cmd: &JobsCmd) -> anyhow::Result<Exit> {
     let gw = ctx.gateway();

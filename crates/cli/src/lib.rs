@@ -1,33 +1,30 @@
 //! The gpuq operator CLI: submit and watch jobs, list and steer engines and GPUs, run the fault
-//! tester and the bench. Typed clients per service (`gateway`, `manager`, `worker`), one module
-//! per command, formatting kept apart from the calls so it can be tested.
+//! tester and the bench. The typed clients per service come from `gpuq-client`; one module per
+//! command, formatting kept
+//! apart from the calls so it can be tested.
 
 pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod engines;
 pub mod fleet;
-pub mod gateway;
 pub mod jobs;
 pub mod load;
-pub mod manager;
 pub mod output;
 pub use gpuq_common::prom;
 pub mod stats;
 pub mod submit;
 pub mod tester;
 pub mod wait;
-pub mod worker;
 
 use std::process::ExitCode;
 
 use cli::{Cli, Command};
-use client::ClientError;
 use config::Config;
-use gateway::Gateway;
-use manager::Manager;
-use worker::Worker;
+use gpuq_client::ClientError;
+use gpuq_client::Gateway;
+use gpuq_client::Manager;
+use gpuq_client::Worker;
 
 /// How a command that ran to its end went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +46,7 @@ impl Ctx {
     pub fn new(cfg: Config) -> Self {
         Self {
             cfg,
-            http: client::http_client(64),
+            http: gpuq_client::http_client(64),
         }
     }
 

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::client::ClientError;
-use crate::gateway::{Gateway, SubmitBody, Submitted};
+use gpuq_client::endpoint::ClientError;
+use gpuq_client::gateway::{Gateway, SubmitBody, Submitted};
 
 #[derive(Debug, Clone)]
 pub struct LoadPlan {

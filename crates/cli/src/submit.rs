@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::cli::{KindArg, SubmitArgs};
-use crate::gateway::{Gateway, SubmitBody};
 use crate::{Ctx, Exit};
+use gpuq_client::gateway::{Gateway, SubmitBody};
 
 /// The request body the flags describe.
 pub fn build_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {

@@ -14,7 +14,7 @@ use gpuq_common::{JobRecord, JobStatus};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::gateway::{Gateway, ListParams};
+use gpuq_client::gateway::{Gateway, ListParams};
 
 pub const FINAL_STATUSES: [JobStatus; 4] = [
     JobStatus::Succeeded,
@@ -165,7 +165,7 @@ async fn get_round(
 pub async fn listing_counts(
     gw: &Gateway,
     ids: &BTreeSet<Uuid>,
-) -> Result<(HashMap<Uuid, usize>, Vec<JobRecord>), crate::client::ClientError> {
+) -> Result<(HashMap<Uuid, usize>, Vec<JobRecord>), gpuq_client::endpoint::ClientError> {
     let mut counts = HashMap::new();
     let mut ours = Vec::new();
     let Some(&oldest) = ids.first() else {

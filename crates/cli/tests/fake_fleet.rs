@@ -333,7 +333,7 @@ async fn submit_and_wait_returns_the_final_record() {
     let (_fake, ctx) = spawn(Fake::default()).await;
     let gw = ctx.gateway();
     let sub = gw
-        .submit(&gpuq_cli::gateway::SubmitBody::simulate(0), None)
+        .submit(&gpuq_client::gateway::SubmitBody::simulate(0), None)
         .await
         .unwrap();
     let rec = gpuq_cli::submit::wait_one(&gw, sub.id, Duration::from_secs(5))
@@ -351,7 +351,7 @@ async fn the_gateways_json_error_reaches_the_caller_with_a_hint() {
     cfg.api_key.value = Some(gpuq_common::config::Secret::new("wrong"));
     let gw = Ctx::new(cfg).gateway();
     let err = gw
-        .submit(&gpuq_cli::gateway::SubmitBody::simulate(0), None)
+        .submit(&gpuq_client::gateway::SubmitBody::simulate(0), None)
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(401));

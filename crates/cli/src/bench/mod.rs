@@ -14,12 +14,12 @@ use anyhow::bail;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::BenchArgs;
-use crate::client::http_client;
-use crate::gateway::SubmitBody;
 use crate::load::{LoadPlan, submit_many};
 use crate::output::{progress_bar, show_progress};
 use crate::wait::{WaitOptions, wait_all};
 use crate::{Ctx, Exit, fleet};
+use gpuq_client::endpoint::http_client;
+use gpuq_client::gateway::SubmitBody;
 
 pub use report::{BenchInput, BenchReport};
 

@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
 use crate::cli::ChaosArgs;
-use crate::gateway::SubmitBody;
 use crate::load::{LoadPlan, submit_many};
 use crate::output::{fmt_duration, progress_bar, show_progress};
 use crate::tester::events::{EventLog, watch_workers};
 use crate::tester::flow::{self, FinishOptions};
 use crate::tester::scenario::Scenario;
 use crate::tester::verdict::Verdict;
-use crate::worker::Worker;
+use gpuq_client::gateway::SubmitBody;
+use gpuq_client::worker::Worker;
 
 /// SplitMix64: small, seedable, good enough to pick faults and pauses.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::output::note;
-use crate::worker::Worker;
+use gpuq_client::worker::Worker;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {

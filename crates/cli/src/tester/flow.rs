@@ -9,13 +9,13 @@ use uuid::Uuid;
 
 use crate::Ctx;
 use crate::fleet::{self, Snapshot};
-use crate::gateway::Gateway;
 use crate::load::LoadResult;
 use crate::output::progress_bar;
 use crate::tester::events::EventLog;
 use crate::tester::verdict::{Observed, Verdict, judge};
 use crate::wait::{WaitOptions, listing_counts, wait_all};
-use crate::worker::Worker;
+use gpuq_client::gateway::Gateway;
+use gpuq_client::worker::Worker;
 
 pub struct Before {
     counters: Snapshot,

@@ -8,14 +8,14 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::Ctx;
-use crate::gateway::{Gateway, SubmitBody};
 use crate::load::{LoadPlan, LoadResult, submit_many};
 use crate::output::progress_bar;
 use crate::tester::events::{EventLog, watch_workers};
 use crate::tester::flow::{self, FinishOptions};
 use crate::tester::scenario::Scenario;
 use crate::tester::verdict::Verdict;
-use crate::worker::Worker;
+use gpuq_client::gateway::{Gateway, SubmitBody};
+use gpuq_client::worker::Worker;
 
 #[derive(Debug, Clone)]
 pub struct RunPlan {

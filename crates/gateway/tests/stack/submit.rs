@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpuq_client::gateway::ListParams;
 use gpuq_common::config::GatewayConfig;
-use gpuq_common::job::JobMessage;
+use gpuq_common::job::{JobKind, JobMessage, JobStatus};
 use gpuq_gateway::AppState;
 use gpuq_gateway::broker::Broker;
 use reqwest::StatusCode;
@@ -51,13 +52,21 @@ async fn a_submission_is_answered_202_only_once_its_message_is_in_the_queue() {
     assert_eq!(job.id.to_string(), id);
     assert_eq!(job.placement.pool, "default");
 
-    let (status, _, record) = body(app.get(&format!("/v1/jobs/{id}")).await).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(record["status"], "queued");
-    assert_eq!(record["kind"], "simulate");
-    assert_eq!(record["params"]["duration_ms"], 50);
-    let (_, _, page) = body(app.get("/v1/jobs?status=queued&pool=default").await).await;
-    assert_eq!(page["jobs"][0]["id"], id.as_str());
+    // Read back through the typed client the CLI uses.
+    let client = app.client();
+    let record = client.job(job.id).await.unwrap();
+    assert_eq!(record.status, JobStatus::Queued);
+    assert_eq!(record.kind, JobKind::Simulate);
+    assert_eq!(record.params["duration_ms"], 50);
+    let page = client
+        .list(&ListParams {
+            status: Some(JobStatus::Queued),
+            pool: Some("default".into()),
+            ..ListParams::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.jobs[0].id, job.id);
 }
 
 #[tokio::test]

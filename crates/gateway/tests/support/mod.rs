@@ -218,6 +218,11 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The typed client the CLI uses, with the test key.
+    pub fn client(&self) -> gpuq_client::Gateway {
+        gpuq_client::Gateway::new(self.http.clone(), &self.base, Some(Secret::new(API_KEY)))
+    }
+
     pub async fn submit(&self, body: &Value) -> reqwest::Response {
         self.http
             .post(self.url("/v1/jobs"))

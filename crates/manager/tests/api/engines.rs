@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::post;
-use gpuq_common::engine::GpuHealth;
+use gpuq_common::engine::{EngineState, GpuHealth};
 use serde_json::{Value, json};
 
 use crate::helpers::{ADMIN_TOKEN, eventually, gpu, heartbeat, spawn_app};
@@ -43,8 +43,12 @@ async fn heartbeats_make_an_engine_healthy_degraded_or_unhealthy_and_silence_mak
         (status, body["error"]["code"].as_str()),
         (401, Some("unauthorized"))
     );
-    let (status, _) = app.get_json("/v1/engines/w-a").await;
-    assert_eq!(status, 404, "an engine never seen is unknown");
+    let unknown = app.client().engine("w-a").await.unwrap_err();
+    assert_eq!(
+        unknown.status(),
+        Some(404),
+        "an engine never seen is unknown"
+    );
 
     let (status, ack) = app.heartbeat(&hb).await;
     assert_eq!(
@@ -52,11 +56,12 @@ async fn heartbeats_make_an_engine_healthy_degraded_or_unhealthy_and_silence_mak
         (200, Some("healthy")),
         "{ack}"
     );
-    let (_, view) = app.get_json("/v1/engines/w-a").await;
-    assert_eq!(view["state"], "healthy");
-    assert_eq!(view["restarts"], 0);
-    assert_eq!(view["admin"], Value::Null);
-    assert_eq!(view["heartbeat"]["gpus"].as_array().unwrap().len(), 2);
+    // Read through the typed client the CLI uses.
+    let view = app.client().engine("w-a").await.unwrap();
+    assert_eq!(view.state, EngineState::Healthy);
+    assert_eq!(view.restarts, 0);
+    assert_eq!(view.admin, None);
+    assert_eq!(view.heartbeat.unwrap().gpus.len(), 2);
 
     hb.gpus[1].health = GpuHealth::Degraded;
     assert_eq!(app.heartbeat(&hb).await.1["state"], "degraded");

@@ -107,6 +107,15 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The typed client the CLI uses, with the admin token.
+    pub fn client(&self) -> gpuq_client::Manager {
+        gpuq_client::Manager::new(
+            self.http.clone(),
+            &self.base,
+            Some(Secret::new(ADMIN_TOKEN)),
+        )
+    }
+
     /// The manager's SQLite file, for tests that must write what no store write makes.
     pub fn store_path(&self) -> std::path::PathBuf {
         self._dir.path().join("jobs.db")

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::client::{ClientError, Endpoint, query_string};
+use crate::endpoint::{ClientError, Endpoint, query_string};
 
 /// The body of `POST /v1/jobs`; absent fields take the gateway's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize)]

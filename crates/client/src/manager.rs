@@ -6,7 +6,7 @@ use gpuq_common::engine::EngineView;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::client::{ClientError, Endpoint};
+use crate::endpoint::{ClientError, Endpoint};
 
 #[derive(Debug, Clone)]
 pub struct Manager {
@@ -61,5 +61,5 @@ impl Manager {
 
 /// An engine id as one path segment.
 fn segment(id: &str) -> String {
-    crate::client::encode_query_value(id)
+    crate::endpoint::encode_query_value(id)
 }

@@ -8,8 +8,8 @@ use gpuq_common::engine::Heartbeat;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{ClientError, Endpoint};
-use crate::prom;
+use crate::endpoint::{ClientError, Endpoint};
+use gpuq_common::prom;
 
 /// `GET/POST /admin/faults` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
