@@ -12,5 +12,6 @@ mod deploy;
 mod disruptive;
 mod faults;
 mod gpus;
+mod monitoring;
 mod observability;
 mod pipeline;

@@ -1,6 +1,10 @@
 //! Metric names and families, once for every service. Prefix `gpuq_`, Prometheus naming rules,
 //! and never a job id in a label. Each service builds the families it exports on its own registry.
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -15,26 +19,77 @@ pub const HTTP_SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+/// The type of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric family gpuq defines: what a dashboard or an alert may query, with its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub name: String,
+    pub kind: Kind,
+    pub labels: Vec<String>,
+}
+
+/// Every family registered by this process so far, by name.
+fn registered() -> &'static Mutex<BTreeMap<String, Family>> {
+    static FAMILIES: OnceLock<Mutex<BTreeMap<String, Family>>> = OnceLock::new();
+    FAMILIES.get_or_init(Default::default)
+}
+
+/// Registers `c` and notes its family for `catalog`.
+fn register<C: Collector + Clone + 'static>(r: &Registry, c: C, kind: Kind) -> C {
+    for desc in c.desc() {
+        let family = Family {
+            name: desc.fq_name.clone(),
+            kind,
+            labels: desc.variable_labels.clone(),
+        };
+        registered()
+            .lock()
+            .expect("metric catalog")
+            .insert(family.name.clone(), family);
+    }
     r.register(Box::new(c.clone())).expect("register");
     c
 }
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+    register(r, c, Kind::Counter)
+}
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), labels).expect("metric");
-    r.register(Box::new(g.clone())).expect("register");
-    g
+    register(r, g, Kind::Gauge)
 }
 fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
-    r.register(Box::new(g.clone())).expect("register");
-    g
+    register(r, g, Kind::Gauge)
 }
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
         .expect("metric");
-    r.register(Box::new(h.clone())).expect("register");
-    h
+    register(r, h, Kind::Histogram)
+}
+
+/// Every metric family any gpuq service exports (built on a throwaway registry), sorted by name:
+/// what dashboards and alerts are checked against.
+pub fn catalog() -> Vec<Family> {
+    let r = new_registry("catalog");
+    HttpMetrics::new(&r);
+    GatewayMetrics::new(&r);
+    WorkerMetrics::new(&r);
+    ManagerMetrics::new(&r);
+    registered()
+        .lock()
+        .expect("metric catalog")
+        .values()
+        .cloned()
+        .collect()
 }
 
 /// A registry with `gpuq_build_info` and the process collector (start time, RSS, CPU).
@@ -156,15 +211,20 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new(r: &Registry) -> Self {
-        let leases_held =
-            IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.").expect("metric");
-        r.register(Box::new(leases_held.clone())).expect("register");
-        let consuming = IntGauge::new(
-            "gpuq_worker_consuming",
-            "1 while the worker holds a consumer on its queues, 0 while gated.",
-        )
-        .expect("metric");
-        r.register(Box::new(consuming.clone())).expect("register");
+        let leases_held = register(
+            r,
+            IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.").expect("metric"),
+            Kind::Gauge,
+        );
+        let consuming = register(
+            r,
+            IntGauge::new(
+                "gpuq_worker_consuming",
+                "1 while the worker holds a consumer on its queues, 0 while gated.",
+            )
+            .expect("metric"),
+            Kind::Gauge,
+        );
         Self {
             jobs_started: counter(
                 r,
@@ -282,12 +342,15 @@ pub struct ManagerMetrics {
 
 impl ManagerMetrics {
     pub fn new(r: &Registry) -> Self {
-        let broker_up = Gauge::new(
-            "gpuq_broker_management_up",
-            "1 when the RabbitMQ management API answered the last poll.",
-        )
-        .expect("metric");
-        r.register(Box::new(broker_up.clone())).expect("register");
+        let broker_up = register(
+            r,
+            Gauge::new(
+                "gpuq_broker_management_up",
+                "1 when the RabbitMQ management API answered the last poll.",
+            )
+            .expect("metric"),
+            Kind::Gauge,
+        );
         Self {
             dead_letters: counter(
                 r,
@@ -387,6 +450,20 @@ impl ManagerMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_catalog_has_every_family_with_its_labels() {
+        let families = catalog();
+        let find = |name: &str| families.iter().find(|f| f.name == name).cloned();
+        assert_eq!(
+            find("gpuq_http_requests_total").map(|f| f.kind),
+            Some(Kind::Counter)
+        );
+        let leases = find("gpuq_leases_held").expect("a plain gauge is listed");
+        assert!(leases.labels.is_empty());
+        assert!(families.iter().any(|f| f.kind == Kind::Histogram));
+        assert!(families.iter().all(|f| f.name.starts_with("gpuq_")));
+    }
 
     #[test]
     fn every_family_registers_once_and_follows_the_naming_rules() {
