@@ -11,11 +11,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use gpuq_common::Settings;
 use gpuq_common::topology::Topology;
 use lapin::types::AMQPValue;
-use serde_yaml::{Mapping, Value};
+use serde_yaml::Value;
 
 // ------------------------------------------------------------------------------------------------
 // Reading the files
@@ -98,174 +99,20 @@ fn example_env(rel: &str) -> BTreeMap<String, String> {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Compose interpolation (the subset of the compose spec that the files may use)
+// A compose project, as Docker Compose itself reads it
 
-/// A `${...}` or `$NAME` reference: the variable and whether it must be set (`:?` / `?`).
+/// A variable the compose files use, and whether they require it (`${X:?…}`).
 #[derive(Debug)]
 struct VarRef {
     name: String,
     required: bool,
 }
 
-/// Substitutes `$$`, `$NAME`, `${NAME}`, `${NAME:-default}`, `${NAME-default}`,
-/// `${NAME:?error}`, `${NAME?error}`, `${NAME:+alt}`, `${NAME+alt}`; collects the references.
-fn interpolate(
-    s: &str,
-    env: &BTreeMap<String, String>,
-    refs: &mut Vec<VarRef>,
-) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i + 1..];
-        if let Some(r) = rest.strip_prefix('$') {
-            out.push('$');
-            rest = r;
-        } else if let Some(r) = rest.strip_prefix('{') {
-            let end = r
-                .find('}')
-                .ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
-            let expr = &r[..end];
-            if expr.contains('$') {
-                return Err(format!("nested interpolation in {s:?} (keep it simple)"));
-            }
-            rest = &r[end + 1..];
-            let name_end = expr
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(expr.len());
-            let (name, op) = expr.split_at(name_end);
-            let value = env.get(name);
-            let set = value.is_some();
-            let non_empty = value.is_some_and(|v| !v.is_empty());
-            let (required, text) = match op {
-                "" => (false, value.cloned().unwrap_or_default()),
-                _ if op.starts_with(":-") => (
-                    false,
-                    if non_empty {
-                        value.cloned().unwrap()
-                    } else {
-                        op[2..].to_string()
-                    },
-                ),
-                _ if op.starts_with('-') => (
-                    false,
-                    if set {
-                        value.cloned().unwrap()
-                    } else {
-                        op[1..].to_string()
-                    },
-                ),
-                _ if op.starts_with(":?") => {
-                    if !non_empty {
-                        return Err(format!("{name} is required: {}", &op[2..]));
-                    }
-                    (true, value.cloned().unwrap())
-                }
-                _ if op.starts_with('?') => {
-                    if !set {
-                        return Err(format!("{name} is required: {}", &op[1..]));
-                    }
-                    (true, value.cloned().unwrap())
-                }
-                _ if op.starts_with(":+") => (
-                    false,
-                    if non_empty {
-                        op[2..].to_string()
-                    } else {
-                        String::new()
-                    },
-                ),
-                _ if op.starts_with('+') => (
-                    false,
-                    if set {
-                        op[1..].to_string()
-                    } else {
-                        String::new()
-                    },
-                ),
-                _ => return Err(format!("unsupported interpolation ${{{expr}}}")),
-            };
-            refs.push(VarRef {
-                name: name.to_string(),
-                required,
-            });
-            out.push_str(&text);
-        } else {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            if end == 0 {
-                out.push('$');
-                continue;
-            }
-            let name = &rest[..end];
-            refs.push(VarRef {
-                name: name.to_string(),
-                required: false,
-            });
-            out.push_str(env.get(name).map(String::as_str).unwrap_or(""));
-            rest = &rest[end..];
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-fn interpolate_value(
-    v: &mut Value,
-    env: &BTreeMap<String, String>,
-    refs: &mut Vec<VarRef>,
-) -> Result<(), String> {
-    match v {
-        Value::String(s) => *s = interpolate(s, env, refs)?,
-        Value::Sequence(seq) => {
-            for item in seq {
-                interpolate_value(item, env, refs)?;
-            }
-        }
-        Value::Mapping(m) => {
-            for (_, item) in m.iter_mut() {
-                interpolate_value(item, env, refs)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-// ------------------------------------------------------------------------------------------------
-// A compose project: one or more files merged, interpolated with an env file
-
 struct Compose {
     label: String,
     services: BTreeMap<String, Value>,
     volumes: BTreeSet<String>,
     refs: Vec<VarRef>,
-}
-
-/// `environment` as a mapping of strings (compose also accepts a list of `KEY=VALUE`).
-fn normalize_environment(service: &mut Value) {
-    let Some(env) = service.get_mut("environment") else {
-        return;
-    };
-    let mut map = Mapping::new();
-    match env {
-        Value::Sequence(items) => {
-            for item in items.iter() {
-                let s = item.as_str().unwrap_or_default();
-                let (k, v) = s.split_once('=').unwrap_or((s, ""));
-                map.insert(Value::from(k), Value::from(v));
-            }
-        }
-        Value::Mapping(m) => {
-            for (k, v) in m.iter() {
-                map.insert(k.clone(), Value::from(scalar(v)));
-            }
-        }
-        _ => {}
-    }
-    *env = Value::Mapping(map);
 }
 
 fn scalar(v: &Value) -> String {
@@ -278,58 +125,53 @@ fn scalar(v: &Value) -> String {
     }
 }
 
-/// Compose's merge of an override file: mappings merge key by key, sequences add up.
-fn merge(base: &mut Value, over: Value) {
-    match (base, over) {
-        (Value::Mapping(b), Value::Mapping(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(existing) => merge(existing, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (Value::Sequence(b), Value::Sequence(o)) => {
-            for v in o {
-                if !b.contains(&v) {
-                    b.push(v);
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
-}
-
+/// `docker compose … config --format json` (and `--variables`) of `files` with `env_file`'s
+/// values (its empty secrets filled in, as a user's `.env` would be): the files merged,
+/// interpolated and in canonical form, by Compose itself. The process environment is left out,
+/// so that nothing of the test's own shell leaks in.
 fn compose(files: &[&str], env_file: &str) -> Compose {
-    let env = example_env(env_file);
-    let mut refs = Vec::new();
-    let mut merged = Value::Mapping(Mapping::new());
-    for file in files {
-        let mut doc = yaml(file);
-        if let Some(Value::Mapping(services)) = doc.get_mut("services") {
-            for (_, service) in services.iter_mut() {
-                normalize_environment(service);
+    let dir = tempfile::tempdir().unwrap();
+    let env_path = dir.path().join("env");
+    let env: String = example_env(env_file)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
+    std::fs::write(&env_path, env).unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let (program, first) = compose_command();
+        let mut cmd = Command::new(program);
+        cmd.args(first)
+            .arg("--project-directory")
+            .arg(root())
+            .arg("--env-file")
+            .arg(&env_path);
+        for f in files {
+            cmd.arg("-f").arg(root().join(f));
+        }
+        cmd.arg("config").args(extra).args(["--format", "json"]);
+        cmd.env_clear();
+        for keep in ["PATH", "HOME", "DOCKER_CONFIG"] {
+            if let Ok(v) = std::env::var(keep) {
+                cmd.env(keep, v);
             }
         }
-        // Interpolation applies to everything but the x- extension fields (their content reaches
-        // the services through the anchors, which serde_yaml has already copied in).
-        if let Value::Mapping(m) = &mut doc {
-            m.retain(|k, _| !k.as_str().is_some_and(|k| k.starts_with("x-")));
-        }
-        interpolate_value(&mut doc, &env, &mut refs)
-            .unwrap_or_else(|e| panic!("{file} with {env_file}: {e}"));
-        merge(&mut merged, doc);
-    }
-    let services = merged
+        let out = cmd.output().expect("run docker compose config");
+        assert!(
+            out.status.success(),
+            "docker compose config of {files:?} with {env_file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("compose config prints JSON")
+    };
+    let config: Value = serde_yaml::to_value(run(&[])).expect("JSON is YAML");
+    let services = config
         .get("services")
         .and_then(Value::as_mapping)
         .unwrap_or_else(|| panic!("{files:?}: no services"))
         .iter()
         .map(|(k, v)| (k.as_str().unwrap().to_string(), v.clone()))
         .collect();
-    let volumes = merged
+    let volumes = config
         .get("volumes")
         .and_then(Value::as_mapping)
         .map(|m| {
@@ -339,12 +181,46 @@ fn compose(files: &[&str], env_file: &str) -> Compose {
                 .collect()
         })
         .unwrap_or_default();
+    let refs = run(&["--variables"])
+        .as_object()
+        .expect("variables are an object")
+        .values()
+        .map(|v| VarRef {
+            name: v["Name"].as_str().unwrap_or_default().to_string(),
+            required: v["Required"].as_bool().unwrap_or(false),
+        })
+        .collect();
     Compose {
         label: files.join(" + "),
         services,
         volumes,
         refs,
     }
+}
+
+/// Docker Compose v2 as scripts/lib.sh's find_compose finds it: the docker CLI plugin, else
+/// `docker-compose`, else the copy installed under GPUQ_TOOLS_DIR.
+fn compose_command() -> (String, Vec<String>) {
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("docker", &["compose"]) {
+        return ("docker".into(), vec!["compose".into()]);
+    }
+    if works("docker-compose", &[]) {
+        return ("docker-compose".into(), vec![]);
+    }
+    let tools = std::env::var("GPUQ_TOOLS_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/gpuq-tools",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    (format!("{tools}/bin/docker-compose"), vec![])
 }
 
 fn main_compose() -> Compose {
@@ -501,9 +377,13 @@ fn mounts(service: &Value) -> Vec<(String, String, bool)> {
     vols.iter()
         .map(|v| match v {
             Value::Mapping(_) => {
-                let src = v.get("source").map(scalar).unwrap_or_default();
+                let mut src = v.get("source").map(scalar).unwrap_or_default();
                 let tgt = v.get("target").map(scalar).unwrap_or_default();
                 let bind = v.get("type").map(scalar).as_deref() == Some("bind");
+                // Compose makes a relative bind source absolute: give back the file's `./…`.
+                if bind && let Ok(rel) = Path::new(&src).strip_prefix(root()) {
+                    src = format!("./{}", rel.display());
+                }
                 (src, tgt, bind)
             }
             _ => {
@@ -1953,19 +1833,7 @@ fn the_dockerignore_lets_in_everything_the_dockerfile_copies_and_nothing_secret(
 // The test's own helpers
 
 #[test]
-fn interpolation_follows_compose() {
-    let env = BTreeMap::from([
-        ("SET".to_string(), "v".to_string()),
-        ("EMPTY".to_string(), String::new()),
-    ]);
-    let mut refs = Vec::new();
-    let mut i = |s: &str| interpolate(s, &env, &mut refs);
-    assert_eq!(i("a${SET}b$SET-$$SET").unwrap(), "avbv-$SET");
-    assert_eq!(i("${EMPTY:-d} ${EMPTY-d} ${UNSET-d}").unwrap(), "d  d");
-    assert_eq!(i("${SET:+x}${EMPTY:+x}${EMPTY+y}").unwrap(), "xy");
-    assert!(i("${EMPTY:?need it}").unwrap_err().contains("need it"));
-    assert_eq!(i("${EMPTY?need it}").unwrap(), "");
-    assert!(i("${A:-${B}}").is_err());
+fn the_helpers_read_durations_urls_and_prefixes() {
     assert_eq!(duration_s("1m30s"), 90.0);
     assert_eq!(duration_s("500ms"), 0.5);
     assert_eq!(

@@ -243,7 +243,11 @@ fn variables(expr: &str) -> BTreeSet<String> {
 fn substitute(expr: &str) -> String {
     re(r"\$(\w+)|\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]")
         .replace_all(expr, |c: &regex::Captures| {
-            let name = c.get(1).or(c.get(2)).or(c.get(3)).map_or("", |m| m.as_str());
+            let name = c
+                .get(1)
+                .or(c.get(2))
+                .or(c.get(3))
+                .map_or("", |m| m.as_str());
             match name {
                 "__rate_interval" | "__interval" => "1m",
                 "engine" | "pool" | "worker" => ".*",
@@ -749,7 +753,10 @@ fn dashboards_alerts_and_log_configs_use_only_what_gpuq_prometheus_and_promtail_
     assert!(errors.is_empty(), "{}", errors.join("\n"));
 
     // promtool parses every dashboard PromQL expression, as a recording rule.
-    assert!(!recording.is_empty(), "no dashboard PromQL expression found");
+    assert!(
+        !recording.is_empty(),
+        "no dashboard PromQL expression found"
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboard_exprs.yml");
     let rules = json!({"groups": [{"name": "dashboard-expressions", "rules": recording}]});
@@ -781,15 +788,15 @@ fn the_promql_check_finds_unknown_metrics_labels_and_jobs() {
     assert!(errors.is_empty(), "{errors:?}");
     for (bad, why) in [
         ("rate(gpuq_jobs_startd_total[5m])", "gpuq_jobs_startd_total"),
-        ("gpuq_jobs_started_total{colour=\"red\"}", "no label \"colour\""),
+        (
+            "gpuq_jobs_started_total{colour=\"red\"}",
+            "no label \"colour\"",
+        ),
         ("up{job=\"gpuq-gateways\"}", "matches no scrape job"),
         ("node_load1", "node_load1"),
     ] {
         let mut errors = vec![];
         check_promql(&mut errors, &known, "bad", bad);
-        assert!(
-            errors.iter().any(|e| e.contains(why)),
-            "{bad}: {errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.contains(why)), "{bad}: {errors:?}");
     }
 }
