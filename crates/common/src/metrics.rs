@@ -58,6 +58,12 @@ fn register<C: Collector + Clone + 'static>(r: &Registry, c: C, kind: Kind) -> C
     c
 }
 
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help).expect("metric"), Kind::Gauge)
+}
+fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    register(r, Gauge::new(name, help).expect("metric"), Kind::Gauge)
+}
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
     register(r, c, Kind::Counter)
@@ -211,19 +217,11 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new(r: &Registry) -> Self {
-        let leases_held = register(
+        let leases_held = int_gauge(r, "gpuq_leases_held", "Job leases this worker holds now.");
+        let consuming = int_gauge(
             r,
-            IntGauge::new("gpuq_leases_held", "Job leases this worker holds now.").expect("metric"),
-            Kind::Gauge,
-        );
-        let consuming = register(
-            r,
-            IntGauge::new(
-                "gpuq_worker_consuming",
-                "1 while the worker holds a consumer on its queues, 0 while gated.",
-            )
-            .expect("metric"),
-            Kind::Gauge,
+            "gpuq_worker_consuming",
+            "1 while the worker holds a consumer on its queues, 0 while gated.",
         );
         Self {
             jobs_started: counter(
@@ -342,14 +340,10 @@ pub struct ManagerMetrics {
 
 impl ManagerMetrics {
     pub fn new(r: &Registry) -> Self {
-        let broker_up = register(
+        let broker_up = gauge(
             r,
-            Gauge::new(
-                "gpuq_broker_management_up",
-                "1 when the RabbitMQ management API answered the last poll.",
-            )
-            .expect("metric"),
-            Kind::Gauge,
+            "gpuq_broker_management_up",
+            "1 when the RabbitMQ management API answered the last poll.",
         );
         Self {
             dead_letters: counter(
