@@ -59,11 +59,18 @@ check_node_arg() {
 
 # Debian's packages start system instances (as users rabbitmq / redis) from their init
 # scripts; they would hold 5672/25672/6379. Stop and disable them.
+# host_process PID : true when PID runs in this PID namespace, not in a container (whose
+# processes the host sees too, possibly under the same user names).
+host_process() {
+  [ "$(readlink "/proc/$1/ns/pid" 2>/dev/null)" = "$(readlink /proc/self/ns/pid)" ]
+}
+
 stop_system_services() {
   local pid user found
   found=0
   for pid in $(pgrep -x beam.smp 2>/dev/null || true); do
-    user="$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"
+    host_process "$pid" || continue
+    user="$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')" || continue # it may have exited
     [ "$user" = rabbitmq ] || continue
     if [ "$found" -eq 0 ]; then
       warn "a system RabbitMQ node (user rabbitmq) is running; stopping and disabling it"
@@ -77,7 +84,8 @@ stop_system_services() {
   if [ "$found" -eq 1 ] && have update-rc.d; then update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true; fi
   found=0
   for pid in $(pgrep -x redis-server 2>/dev/null || true); do
-    user="$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')"
+    host_process "$pid" || continue
+    user="$(ps -o user= -p "$pid" 2>/dev/null | tr -d ' ')" || continue # it may have exited
     [ "$user" = redis ] || continue
     if [ "$found" -eq 0 ]; then
       warn "a system Redis (user redis) is running; stopping and disabling it"

@@ -250,6 +250,12 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_against_a_liv
         r#"gpuq_idempotent_replays_total"#,
         r#"gpuq_queue_consumers{queue=~".+\\.jobs\\.default"} > 0"#,
     ] {
+        // The RabbitMQ management API's statistics (queue consumers) lag behind under load.
+        let wait = if expr.starts_with("gpuq_queue") {
+            3 * wait
+        } else {
+            wait
+        };
         prom.wait_for(expr, wait)
             .await
             .unwrap_or_else(|e| panic!("{e}; logs in {}", stack.dir.display()));

@@ -110,7 +110,7 @@ async fn close_gateway_connections(app: &TestApp) {
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| app.settings.rabbitmq_mgmt_urls.clone());
     let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         for base in mgmt.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let url = reqwest::Url::parse(base).expect("management URL");

@@ -245,7 +245,7 @@ async fn manager_connection(app: &crate::helpers::TestApp) -> Option<(String, St
 #[tokio::test]
 async fn the_dead_letter_consumer_reconnects_after_its_connection_dies_and_resumes() {
     let app = spawn_app().await;
-    let (base, killed) = eventually(Duration::from_secs(20), "the manager's connection", || {
+    let (base, killed) = eventually(Duration::from_secs(60), "the manager's connection", || {
         manager_connection(&app)
     })
     .await;

@@ -81,7 +81,7 @@ async fn metrics_show_engine_gpu_and_queue_gauges_in_the_prometheus_text_format(
     let app = spawn_app().await;
     let dead_queue = format!("{}.dead", app.prefix);
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "queue gauges from the management API",
         || async {
             let (_, m) = app.get_text("/metrics").await;
