@@ -963,3 +963,50 @@ async fn a_job_only_an_absent_engine_can_place_waits_for_it_instead_of_being_dea
     assert_eq!(r.attempts, 1, "waiting burnt no attempt: {r:?}");
     stack.stop().await;
 }
+
+/// A job only an absent engine can place is given back again and again; its `ttl_s` still
+/// counts from its submission across every copy, and once it passes the job ends
+/// `dead_lettered` as `expired` instead of circling on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_ttl_passes_while_it_is_given_back_is_dead_lettered_expired() {
+    let stack = healthy_stack(StackOptions {
+        workers: 2,
+        worker_env: HashMap::from([(0, vec![("GPUQ_GPUS".into(), "sim:1".into())])]),
+        ..Default::default()
+    })
+    .await;
+    stack.workers[1].kill_and_hold().await;
+    stack
+        .wait_engine("worker-2", Duration::from_secs(20), "offline", |e| {
+            e["state"] == "offline"
+        })
+        .await
+        .unwrap();
+    let submitted = Instant::now();
+    let pair = stack
+        .submit_ok(&json!({
+            "kind": "simulate", "params": {"duration_ms": 10}, "gpus": 2, "ttl_s": 4
+        }))
+        .await
+        .unwrap();
+    let r = stack.wait_one(pair, Duration::from_secs(30)).await.unwrap();
+    let ended = submitted.elapsed();
+    assert_eq!(r.status, JobStatus::DeadLettered, "{r:?}");
+    let reason = r.result.as_ref().map(|v| v["reason"].clone());
+    assert_eq!(reason, Some(json!("expired")), "{r:?}");
+    assert_eq!(r.attempts, 0, "it never ran: {r:?}");
+    let given_back = stack
+        .worker_metric(0, "gpuq_deliveries_given_back_total")
+        .await
+        .unwrap();
+    assert!(
+        given_back >= 2.0,
+        "worker-1 gave it back on the way: {given_back}"
+    );
+    assert!(
+        ended >= Duration::from_secs(4) && ended < Duration::from_secs(10),
+        "expired {ended:?} after its submission, with a ttl of 4 s"
+    );
+    stack.workers[1].resume();
+    stack.stop().await;
+}

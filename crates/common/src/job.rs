@@ -18,6 +18,9 @@ pub const MAX_TTL_S: u64 = 30 * 24 * 3600;
 pub const MAX_SIM_DURATION_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_ARGS: usize = 256;
 pub const MAX_ARG_BYTES: usize = 16 * 1024;
+/// Variables a `command` job may set, and their bytes (names and values) in all.
+pub const MAX_ENV: usize = 128;
+pub const MAX_ENV_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -230,7 +233,8 @@ impl SubmitRequest {
             JobKind::Command => {
                 let p: CommandParams =
                     serde_json::from_value(params).map_err(|e| verr("params", e.to_string()))?;
-                if p.program.is_empty() || p.program.contains('/') || p.program.len() > 128 {
+                if p.program.is_empty() || p.program.contains(['/', '\0']) || p.program.len() > 128
+                {
                     return Err(verr(
                         "params.program",
                         "must name an allow-listed program, not a path",
@@ -240,6 +244,20 @@ impl SubmitRequest {
                     || p.args.iter().map(String::len).sum::<usize>() > MAX_ARG_BYTES
                 {
                     return Err(verr("params.args", "too many or too long"));
+                }
+                // A NUL cannot reach exec: refused here rather than failing every attempt.
+                if let Some(i) = p.args.iter().position(|a| a.contains('\0')) {
+                    return Err(verr(&format!("params.args[{i}]"), "contains a NUL byte"));
+                }
+                let env_bytes: usize = p.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if p.env.len() > MAX_ENV || env_bytes > MAX_ENV_BYTES {
+                    return Err(verr(
+                        "params.env",
+                        format!("at most {MAX_ENV} variables and {MAX_ENV_BYTES} bytes"),
+                    ));
+                }
+                if let Some((k, _)) = p.env.iter().find(|(_, v)| v.contains('\0')) {
+                    return Err(verr(&format!("params.env.{k}"), "contains a NUL byte"));
                 }
                 for key in p.env.keys() {
                     if key.is_empty()
@@ -474,6 +492,38 @@ mod tests {
         for b in bad {
             assert!(req(b.clone()).unwrap().validate().is_err(), "accepted {b}");
         }
+    }
+
+    #[test]
+    fn nul_bytes_and_oversized_environments_of_a_command_are_refused_naming_the_field() {
+        let field = |params: Value| {
+            req(json!({"kind": "command", "params": params}))
+                .unwrap()
+                .validate()
+                .map(drop)
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(
+            field(json!({"program": "sh", "args": ["-c", "a\0b"]})),
+            "params.args[1]"
+        );
+        assert_eq!(
+            field(json!({"program": "sh", "env": {"X": "a\0"}})),
+            "params.env.X"
+        );
+        assert_eq!(field(json!({"program": "s\0h"})), "params.program");
+        let many: serde_json::Map<String, Value> = (0..=MAX_ENV)
+            .map(|i| (format!("V{i}"), json!("1")))
+            .collect();
+        assert_eq!(field(json!({"program": "sh", "env": many})), "params.env");
+        let long = "x".repeat(MAX_ENV_BYTES);
+        assert_eq!(
+            field(json!({"program": "sh", "env": {"BIG": long}})),
+            "params.env"
+        );
+        let fine = json!({"kind": "command", "params": {"program": "sh", "args": ["-c", "true"], "env": {"A": "1"}}});
+        assert!(req(fine).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -70,6 +70,42 @@ pub fn past_delivery_limit(returns: u64, limit: u32) -> bool {
     returns > u64::from(limit)
 }
 
+/// A job's deadline (ms since the epoch): its `ttl_s` after it was made, else the queue's TTL.
+/// It is computed from the message body (`created_at_ms`, `ttl_s`), which every copy a
+/// give-back makes carries unchanged, so no give-back restarts the job's clock.
+pub fn deadline_ms(created_at_ms: i64, ttl_s: Option<u64>, queue_ttl_ms: u64) -> i64 {
+    let ttl_ms = ttl_s.map_or(queue_ttl_ms, |s| s.saturating_mul(1000));
+    created_at_ms.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+}
+
+/// What is left of a job's time at `now_ms`, as a per-message TTL for a given-back copy (so the
+/// broker expires it where it waits); `None` once the deadline passed.
+pub fn remaining_ttl_ms(deadline_ms: i64, now_ms: i64) -> Option<u64> {
+    u64::try_from(deadline_ms.saturating_sub(now_ms))
+        .ok()
+        .filter(|ms| *ms > 0)
+}
+
+/// A delivery that arrives past its job's deadline: dead-lettered `expired`, not run. (The
+/// broker expires a message only when it reaches the head of its queue.)
+pub fn arrival(deadline_ms: i64, now_ms: i64) -> Action {
+    match remaining_ttl_ms(deadline_ms, now_ms) {
+        Some(_) => Action::Proceed,
+        None => expired(),
+    }
+}
+
+/// The dead-letter reason of a job whose deadline passed.
+pub const EXPIRED: &str = "expired";
+
+/// Dead-letter `expired`: the job's `ttl_s` (or the queue's TTL) passed before it could run.
+pub fn expired() -> Action {
+    Action::DeadLetter {
+        reason: EXPIRED,
+        error: "expired: its ttl passed before it could run".into(),
+    }
+}
+
 /// What to do with a delivery (or, with `Proceed`, that the next step may run).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -560,6 +596,32 @@ mod tests {
         assert!(!given_back(3, 2).over_budget(5));
         assert!(given_back(3, 3).over_budget(5));
         assert!(given_back(6, 0).over_budget(5));
+    }
+
+    #[test]
+    fn give_back_keeps_the_jobs_deadline_and_past_it_the_job_is_expired() {
+        // ttl_s 3 from t=1000: the deadline is 4000 whatever the copy.
+        let d = deadline_ms(1000, Some(3), 86_400_000);
+        assert_eq!(d, 4000);
+        // Without ttl_s the queue's TTL applies, from the job's creation, not the copy's.
+        assert_eq!(deadline_ms(1000, None, 60_000), 61_000);
+        // A copy given back at t=2500 may wait 1500 ms more in the queue, not another 3 s.
+        assert_eq!(remaining_ttl_ms(d, 2500), Some(1500));
+        assert_eq!(remaining_ttl_ms(d, 4000), None);
+        assert_eq!(remaining_ttl_ms(d, 9000), None);
+        assert_eq!(arrival(d, 3999), Action::Proceed);
+        assert!(matches!(
+            arrival(d, 4000),
+            Action::DeadLetter {
+                reason: "expired",
+                ..
+            }
+        ));
+        assert_eq!(
+            deadline_ms(i64::MAX - 1, Some(u64::MAX), 0),
+            i64::MAX,
+            "no overflow"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuq_common::amqp::{job_properties, publish_confirmed};
-use gpuq_common::job::{FinalOutcome, JobMessage};
+use gpuq_common::job::{FinalOutcome, JobMessage, now_ms};
 use gpuq_common::store::StoreError;
 use gpuq_common::topology::{ERROR_HEADER, REASON_HEADER};
 use lapin::Channel;
@@ -15,7 +15,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use super::Outcome;
-use crate::protocol::{Action, Arrival, PRIOR_DELIVERIES_HEADER};
+use crate::protocol::{self, Action, Arrival, PRIOR_DELIVERIES_HEADER};
 use crate::state::Worker;
 
 /// The channels a delivery needs: the one it came on (for closing it in a fault) and a
@@ -32,6 +32,8 @@ pub(super) struct Job<'a> {
     pub d: &'a Delivery,
     pub msg: &'a JobMessage,
     pub arrival: Arrival,
+    /// The job's deadline (`protocol::deadline_ms`), ms since the epoch.
+    pub deadline_ms: i64,
 }
 
 impl Job<'_> {
@@ -114,10 +116,18 @@ impl Job<'_> {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        // The copy keeps the job's deadline: it may wait in the queue only what is left of it.
+        let Some(ttl_ms) = protocol::remaining_ttl_ms(self.deadline_ms, now_ms()) else {
+            let why = "expired: its ttl passed while it was given back";
+            return self.dead_letter(protocol::EXPIRED, why).await;
+        };
         let returns = AMQPValue::LongLongInt(self.arrival.returns() as i64);
         let headers = self.republish_headers(&[(PRIOR_DELIVERIES_HEADER, returns)]);
         let exchange = self.w.topology.jobs_exchange();
-        match self.publish(&exchange, self.pool(), headers).await {
+        match self
+            .publish(&exchange, self.pool(), headers, Some(ttl_ms))
+            .await
+        {
             Ok(()) => {
                 tracing::debug!(reason, "delivery given back to the queue");
                 let _ = self.d.acker.ack(BasicAckOptions::default()).await;
@@ -141,7 +151,7 @@ impl Job<'_> {
             (ERROR_HEADER, AMQPValue::LongString(LongString::from(error))),
         ]);
         let exchange = self.w.topology.dead_letter_exchange();
-        match self.publish(&exchange, "", headers).await {
+        match self.publish(&exchange, "", headers, None).await {
             Ok(()) => {
                 let _ = self.d.acker.ack(BasicAckOptions::default()).await;
                 Outcome::DeadLettered(reason)
@@ -158,8 +168,9 @@ impl Job<'_> {
         exchange: &str,
         routing_key: &str,
         headers: FieldTable,
+        expiration_ms: Option<u64>,
     ) -> Result<(), gpuq_common::amqp::AmqpError> {
-        let props = job_properties(&self.msg.id.to_string(), None, headers);
+        let props = job_properties(&self.msg.id.to_string(), expiration_ms, headers);
         let confirm = Duration::from_secs(5);
         publish_confirmed(
             &self.ch.publish,

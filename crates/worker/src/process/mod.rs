@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gpuq_common::amqp::header_u64;
-use gpuq_common::job::JobMessage;
+use gpuq_common::job::{JobMessage, now_ms};
 use gpuq_common::topology::ATTEMPT_OFFSET_HEADER;
 use lapin::message::Delivery;
 use lapin::options::BasicRejectOptions;
@@ -57,6 +57,11 @@ pub async fn process_delivery(w: Arc<Worker>, ch: Arc<Channels>, d: Delivery) ->
         d: &d,
         msg: &msg,
         arrival: arrival(&d),
+        deadline_ms: protocol::deadline_ms(
+            msg.created_at_ms,
+            msg.placement.ttl_s,
+            w.topology.queue_ttl_ms,
+        ),
     };
     process(&job).instrument(span).await
 }
@@ -83,6 +88,9 @@ async fn process(job: &Job<'_>) -> Outcome {
     if job.arrival.over_budget(w.topology.delivery_limit) {
         let stored = w.store.get(msg.id).await.ok().flatten().map(|r| r.status);
         return job.act(protocol::over_budget(stored)).await;
+    }
+    if let action @ Action::DeadLetter { .. } = protocol::arrival(job.deadline_ms, now_ms()) {
+        return job.act(action).await;
     }
     let (gpus, min_mem) = (
         msg.placement.gpus,
