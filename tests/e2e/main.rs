@@ -12,6 +12,7 @@ mod deploy;
 mod disruptive;
 mod faults;
 mod gpus;
+mod http;
 mod monitoring;
 mod observability;
 mod pipeline;

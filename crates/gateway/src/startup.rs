@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use gpuq_common::config::GatewayConfig;
+use gpuq_common::http::{Limits, serve};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,11 +87,8 @@ impl Application {
     /// finish, then closes the broker connection with `200 OK`.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "gateway listening");
-        let shutdown = self.shutdown.clone();
-        axum::serve(self.listener, router(self.state.clone()))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-            .context("serving HTTP")?;
+        let app = router(self.state.clone());
+        serve(self.listener, app, Limits::default(), self.shutdown.clone()).await;
         tracing::info!("HTTP drained; closing the broker connection");
         self.broker_stop.cancel();
         self.tracker.close();

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
 use gpuq_common::config::ManagerConfig;
 use gpuq_common::coord::keys::Keys;
-use gpuq_common::http::service_router;
+use gpuq_common::http::{Limits, serve, service_router};
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -100,6 +100,7 @@ impl Application {
             http,
             broker_connected: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
+            feed: crate::overview::Feed::default(),
             config,
         }));
         Ok(Self {
@@ -144,6 +145,10 @@ impl Application {
             registry: state.registry().clone(),
         };
         tracker.spawn(consumer.run(token.child_token()));
+        tracker.spawn(crate::overview::Feed::run(
+            state.clone(),
+            token.child_token(),
+        ));
         tracker.spawn(refresh_loop(
             state.clone(),
             intervals.fleet_refresh,
@@ -160,11 +165,7 @@ impl Application {
         tracker.close();
 
         tracing::info!(addr = %listener.local_addr()?, "manager listening");
-        let serve_token = token.clone();
-        let served = axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { serve_token.cancelled().await })
-            .await
-            .context("serving HTTP");
+        serve(listener, router(state), Limits::default(), token.clone()).await;
         token.cancel();
         if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
             .await
@@ -173,7 +174,7 @@ impl Application {
             tracing::warn!("background loops did not stop within 10 s");
         }
         tracing::info!("manager stopped");
-        served
+        Ok(())
     }
 }
 

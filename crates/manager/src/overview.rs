@@ -1,9 +1,12 @@
 //! The status page's data: one JSON overview of engines, queues, job counts, throughput and
 //! recent jobs, served whole (`GET /v1/overview`) and pushed every ~1.5 s over Server-Sent
-//! Events (`GET /v1/events`).
+//! Events (`GET /v1/events`). One feed builds the overview for every stream (`Feed`, while at
+//! least one client listens), so a thousand open pages cost one build per tick, not a thousand;
+//! the number of streams is capped (`MAX_EVENT_CLIENTS`, then 503).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -16,6 +19,8 @@ use gpuq_common::http::ApiError;
 use gpuq_common::job::{JobRecord, JobStatus, now_ms};
 use gpuq_common::store::ListQuery;
 use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::queues::QueueStats;
@@ -24,6 +29,47 @@ use crate::throughput::Throughput;
 
 /// How often the event stream sends a fresh overview.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(1500);
+/// Event streams open at once; one more is answered 503.
+pub const MAX_EVENT_CLIENTS: usize = 1000;
+
+/// One tick of the feed: the overview's JSON, or why it could not be built.
+pub type Tick = Arc<Result<String, String>>;
+
+/// The overview every event stream shares: built once per tick while a stream listens.
+pub struct Feed {
+    latest: watch::Sender<Option<Tick>>,
+    clients: Arc<Semaphore>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self {
+            latest: watch::channel(None).0,
+            clients: Arc::new(Semaphore::new(MAX_EVENT_CLIENTS)),
+        }
+    }
+}
+
+impl Feed {
+    /// Builds the overview every `EVENT_INTERVAL` while at least one stream listens, until
+    /// `stop`.
+    pub async fn run(state: AppState, stop: CancellationToken) {
+        let feed = &state.0.feed;
+        loop {
+            if feed.latest.receiver_count() > 0 {
+                let tick = match build_overview(&state).await {
+                    Ok(o) => serde_json::to_string(&o).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                feed.latest.send_replace(Some(Arc::new(tick)));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(EVENT_INTERVAL) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Overview {
@@ -87,30 +133,45 @@ pub async fn get_overview(State(state): State<AppState>) -> Result<Json<Overview
 }
 
 /// Server-Sent Events: an `overview` event every ~1.5 s (an `unavailable` event when a
-/// dependency fails), with keep-alives; the stream ends when the manager shuts down.
+/// dependency fails), with keep-alives; the stream ends when the manager shuts down. 503 when
+/// `MAX_EVENT_CLIENTS` streams are open.
 #[utoipa::path(get, path = "/v1/events", tag = "status",
-    responses((status = 200, description = "text/event-stream of `overview` events")))]
+    responses((status = 200, description = "text/event-stream of `overview` events"),
+              (status = 503, body = gpuq_common::http::ErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stop = state.shutdown_token();
-    let ticks = futures_util::stream::unfold((state, true), |(state, first)| async move {
-        if !first {
-            tokio::time::sleep(EVENT_INTERVAL).await;
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let feed = &state.0.feed;
+    let permit = feed.clients.clone().try_acquire_owned().map_err(|_| {
+        ApiError::Unavailable(format!(
+            "{MAX_EVENT_CLIENTS} event streams are open; retry later or poll /v1/overview"
+        ))
+    })?;
+    let mut rx = feed.latest.subscribe();
+    // A new stream starts with an overview of its own, not the previous tick's.
+    let first = match build_overview(&state).await {
+        Ok(o) => serde_json::to_string(&o).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    rx.mark_unchanged();
+    let first = futures_util::stream::once(async move { Arc::new(first) });
+    let next = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            let tick = rx.borrow_and_update().clone();
+            if let Some(tick) = tick {
+                return Some((tick, rx));
+            }
         }
-        let event = match build_overview(&state).await {
-            Ok(o) => Event::default()
-                .event("overview")
-                .json_data(&o)
-                .unwrap_or_else(|_| {
-                    Event::default()
-                        .event("unavailable")
-                        .data("encoding failed")
-                }),
-            Err(e) => Event::default().event("unavailable").data(e.to_string()),
-        };
-        Some((Ok(event), (state, false)))
     });
-    Sse::new(ticks.take_until(stop.cancelled_owned()))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+    let stop = state.shutdown_token();
+    let events = first.chain(next).map(move |tick: Tick| {
+        let _held = &permit;
+        Ok(match tick.as_ref() {
+            Ok(json) => Event::default().event("overview").data(json),
+            Err(why) => Event::default().event("unavailable").data(why),
+        })
+    });
+    Ok(Sse::new(events.take_until(stop.cancelled_owned()))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
 }

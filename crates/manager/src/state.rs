@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     pub(crate) broker_connected: Arc<AtomicBool>,
     pub(crate) shutdown: CancellationToken,
+    /// The overview every event stream shares.
+    pub(crate) feed: crate::overview::Feed,
 }
 
 /// Shared state of every handler and loop; cheap to clone.

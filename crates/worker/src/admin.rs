@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gpuq_common::engine::{GpuSnapshot, Heartbeat};
@@ -38,21 +39,28 @@ use crate::state::Worker;
 struct ApiDoc;
 
 pub fn router(w: Arc<Worker>) -> Router {
+    // Every /admin route checks the token before anything reads the request's body.
     let admin = Router::new()
-        .route("/readyz", get(readyz))
         .route("/admin/status", get(status))
         .route(
             "/admin/faults",
             get(get_faults).post(arm_faults).delete(clear_faults),
         )
         .route("/admin/gpus/{index}/fault", post(gpu_fault))
+        .route_layer(from_fn_with_state(w.clone(), require_admin));
+    let app = Router::new()
+        .merge(admin)
+        .route("/readyz", get(readyz))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(w.clone());
-    service_router(admin, w.registry.clone(), w.http_metrics.clone())
+    service_router(app, w.registry.clone(), w.http_metrics.clone())
 }
 
-fn admin_auth(w: &Worker, headers: &HeaderMap) -> Result<(), ApiError> {
-    check_bearer(headers, std::slice::from_ref(&w.config.admin_token))
+async fn require_admin(State(w): State<Arc<Worker>>, req: Request, next: Next) -> Response {
+    match check_bearer(req.headers(), std::slice::from_ref(&w.config.admin_token)) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Ready when the broker connection is up and Redis and the store answer.
@@ -61,10 +69,7 @@ async fn readyz(State(w): State<Arc<Worker>>) -> Result<Json<serde_json::Value>,
     if !w.broker_connected.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable("broker: not connected".into()));
     }
-    w.coord
-        .ping()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?;
+    w.coord.ping().await?;
     w.store.ping().await?;
     Ok(Json(
         serde_json::json!({"status": "ready", "consuming": w.consuming.load(Ordering::Relaxed)}),
@@ -73,20 +78,12 @@ async fn readyz(State(w): State<Arc<Worker>>) -> Result<Json<serde_json::Value>,
 
 /// The worker's state as its next heartbeat would report it.
 #[utoipa::path(get, path = "/admin/status", responses((status = 200, body = Heartbeat), (status = 401, body = ErrorBody)))]
-async fn status(
-    State(w): State<Arc<Worker>>,
-    headers: HeaderMap,
-) -> Result<Json<Heartbeat>, ApiError> {
-    admin_auth(&w, &headers)?;
+async fn status(State(w): State<Arc<Worker>>) -> Result<Json<Heartbeat>, ApiError> {
     Ok(Json(crate::monitor::current(&w)))
 }
 
 #[utoipa::path(get, path = "/admin/faults", responses((status = 200, body = FaultsView)))]
-async fn get_faults(
-    State(w): State<Arc<Worker>>,
-    headers: HeaderMap,
-) -> Result<Json<FaultsView>, ApiError> {
-    admin_auth(&w, &headers)?;
+async fn get_faults(State(w): State<Arc<Worker>>) -> Result<Json<FaultsView>, ApiError> {
     Ok(Json(w.faults.view()))
 }
 
@@ -95,10 +92,8 @@ async fn get_faults(
     responses((status = 200, body = FaultsView), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn arm_faults(
     State(w): State<Arc<Worker>>,
-    headers: HeaderMap,
     ApiJson(req): ApiJson<ArmRequest>,
 ) -> Result<Json<FaultsView>, ApiError> {
-    admin_auth(&w, &headers)?;
     if !w.faults.enabled() {
         return Err(ApiError::Forbidden(
             "fault injection is off on this worker (GPUQ_FAULT_INJECTION=true enables it)".into(),
@@ -120,11 +115,7 @@ async fn arm_faults(
 }
 
 #[utoipa::path(delete, path = "/admin/faults", responses((status = 200, body = FaultsView)))]
-async fn clear_faults(
-    State(w): State<Arc<Worker>>,
-    headers: HeaderMap,
-) -> Result<Json<FaultsView>, ApiError> {
-    admin_auth(&w, &headers)?;
+async fn clear_faults(State(w): State<Arc<Worker>>) -> Result<Json<FaultsView>, ApiError> {
     w.faults.clear();
     Ok(Json(w.faults.view()))
 }
@@ -141,11 +132,9 @@ struct GpuFaultRequest {
     responses((status = 200, body = GpuSnapshot), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn gpu_fault(
     State(w): State<Arc<Worker>>,
-    headers: HeaderMap,
     Path(index): Path<u32>,
     ApiJson(req): ApiJson<GpuFaultRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    admin_auth(&w, &headers)?;
     let fault = GpuFault::parse(&req.fault)
         .ok_or_else(|| ApiError::Unprocessable(format!("unknown GPU fault {:?}", req.fault)))?;
     match w.gpus.inject(index, fault) {

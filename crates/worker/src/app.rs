@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gpuq_common::config::WorkerConfig;
 use gpuq_common::coord::keys::Keys;
+use gpuq_common::http::{Limits, serve};
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -134,14 +135,7 @@ impl Application {
         let consumer = tracker.spawn(crate::consumer::run(w.clone()));
         let router = crate::admin::router(w.clone());
         let http_stop = w.shutdown.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(self.listener, router)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error.message = %e, "admin server failed");
-            }
-        });
+        tracker.spawn(serve(self.listener, router, Limits::default(), http_stop));
         tracing::info!(worker_id = %w.engine_id, instance = %w.instance_id, port = self.port, "worker running");
         let why = tokio::select! {
             _ = stop.cancelled() => Stopped::Requested,

@@ -1,6 +1,10 @@
 //! HTTP pieces every gpuq service shares: the JSON error shape, a JSON extractor that answers
 //! bad bodies in that shape, bearer-token checks, request metrics by matched route, and
-//! `/healthz` + `/metrics`.
+//! `/healthz` + `/metrics`; `serve` is the server they all run.
+
+mod serve;
+
+pub use serve::{Limits, serve};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,8 +136,10 @@ impl IntoResponse for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
+            // The cause (a host name, a driver's message) goes to the log, not to the client.
             crate::store::StoreError::Unavailable(m) => {
-                ApiError::Unavailable(format!("store: {m}"))
+                tracing::warn!(error.message = %m, "the job store is unavailable");
+                ApiError::Unavailable("the job store is unavailable; retry later".into())
             }
             crate::store::StoreError::Conflict(id) => {
                 ApiError::Conflict(format!("job {id} exists"))
@@ -146,7 +152,8 @@ impl From<crate::store::StoreError> for ApiError {
 /// Redis away or too slow: the request may be retried.
 impl From<crate::coord::CoordError> for ApiError {
     fn from(e: crate::coord::CoordError) -> Self {
-        ApiError::Unavailable(e.to_string())
+        tracing::warn!(error.message = %e, "Redis is unavailable");
+        ApiError::Unavailable("Redis is unavailable; retry later".into())
     }
 }
 

@@ -35,13 +35,23 @@ pub async fn readyz(State(state): State<SharedState>) -> (StatusCode, Json<Readi
             _ => Err("no open connection to any broker node".to_string()),
         }
     };
+    // The answer names no host and no driver message: those go to the log.
     let store = async {
         match tokio::time::timeout(CHECK_TIMEOUT, state.store.ping()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error.message = %e, "readiness: the store failed");
+                Err("unavailable".to_string())
+            }
             Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
         }
     };
-    let redis = async { state.kv.ping().await.map_err(|e| e.to_string()) };
+    let redis = async {
+        state.kv.ping().await.map_err(|e| {
+            tracing::warn!(error.message = %e, "readiness: Redis failed");
+            "unavailable".to_string()
+        })
+    };
     let (broker, store, redis) = tokio::join!(broker, store, redis);
     let mut checks = BTreeMap::new();
     let mut ready = true;

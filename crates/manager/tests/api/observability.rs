@@ -230,7 +230,23 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
     let data: serde_json::Value =
         serde_json::from_str(event.split_once("data: ").unwrap().1).unwrap();
     assert_eq!(data["engines"][0]["heartbeat"]["gpus"][1]["index"], 1);
-    drop(r);
+    // Then the shared feed's ticks, to this stream and to a second one alike.
+    let mut other = app.http.get(app.url("/v1/events")).send().await.unwrap();
+    for stream in [&mut r, &mut other] {
+        let mut seen = String::new();
+        let ticks = tokio::time::timeout(Duration::from_secs(8), async {
+            while let Some(chunk) = stream.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+                if seen.matches("event: overview\n").count() >= 2 {
+                    return;
+                }
+            }
+            panic!("the stream ended: {seen}");
+        })
+        .await;
+        assert!(ticks.is_ok(), "no second overview within 8 s: {seen}");
+    }
+    drop((r, other));
 
     let (status, doc) = app.get_json("/openapi.json").await;
     assert_eq!(status, 200);
