@@ -137,7 +137,11 @@ pub fn exit_for(status: JobStatus) -> Exit {
     }
 }
 
-/// Polls one job (20 ms at first, growing to 250 ms) until it is final; `None` on timeout.
+/// The longest single `?wait=` read: under the HTTP client's 30 s timeout.
+const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// Reads one job with `?wait=` (the gateway answers once it is final) until it is final;
+/// `None` on timeout. Falls back to polling (20 ms, growing to 250 ms) when answers come early.
 pub async fn wait_one(
     gw: &Gateway,
     id: Uuid,
@@ -147,7 +151,10 @@ pub async fn wait_one(
     let mut interval = Duration::from_millis(20);
     let mut transient = 0u32;
     loop {
-        match gw.job(id).await {
+        // The gateway holds the read until the job is final (`?wait=`), up to 20 s a call.
+        let asked = Instant::now();
+        let wait = deadline.saturating_duration_since(asked).min(LONG_POLL);
+        match gw.job_wait(id, wait).await {
             Ok(rec) if rec.status.is_final() => return Ok(Some(rec)),
             Ok(_) => transient = 0,
             Err(e) if e.is_transient() && transient < 10 => transient += 1,
@@ -157,8 +164,12 @@ pub async fn wait_one(
         if now >= deadline {
             return Ok(None);
         }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-        interval = (interval * 3 / 2).min(Duration::from_millis(250));
+        // An answer well before the wait was over (an error, a gateway that does not hold
+        // reads): back off instead of spinning.
+        if now - asked < wait / 2 {
+            tokio::time::sleep(interval.min(deadline - now)).await;
+            interval = (interval * 3 / 2).min(Duration::from_millis(250));
+        }
     }
 }
 

@@ -103,6 +103,20 @@ impl Gateway {
             .await
     }
 
+    /// `GET /v1/jobs/{id}?wait=…`: answers as soon as the job is final, or after `wait` (the
+    /// gateway allows up to 55 s; keep it under the HTTP client's own timeout) with its status
+    /// then.
+    pub async fn job_wait(
+        &self,
+        id: Uuid,
+        wait: std::time::Duration,
+    ) -> Result<JobRecord, ClientError> {
+        let path = format!("/v1/jobs/{id}?wait={}ms", wait.as_millis());
+        self.ep
+            .json(self.ep.request(Method::GET, &path), &path)
+            .await
+    }
+
     pub async fn list(&self, p: &ListParams) -> Result<JobPage, ClientError> {
         let path = format!(
             "/v1/jobs{}",

@@ -6,6 +6,8 @@ mod error;
 
 pub use error::JobError;
 
+use std::time::Duration;
+
 use gpuq_common::job::{
     CommandParams, FinalOutcome, JobId, JobKind, JobMessage, JobPayload, JobPlacement, JobRecord,
     JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
@@ -288,6 +290,22 @@ fn count_publish_failure(state: &SharedState, e: &PublishError) {
 
 fn not_found(id: JobId) -> JobError {
     JobError::NotFound(id)
+}
+
+/// How often a waiting read looks at the record: a final status is answered within this.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+/// A job's record; with a `wait`, not before it is final or the wait is over.
+pub async fn read(state: &SharedState, id: JobId, wait: Duration) -> Result<JobRecord, JobError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if record.status.is_final() || left.is_zero() {
+            return Ok(record);
+        }
+        tokio::time::sleep(WAIT_POLL.min(left)).await;
+    }
 }
 
 /// Cancels a queued or running job: its final status becomes `cancelled` (first final write

@@ -41,6 +41,16 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
+/// Query of `GET /v1/jobs/{id}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct GetParams {
+    /// Answer as soon as the job is final, or after this long with its status then: `30s`,
+    /// `500ms`, or seconds; at most 55 s.
+    pub wait: Option<String>,
+}
+
 /// Submits a job. Answers 202 only once the broker has confirmed it to a replicated queue.
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
@@ -96,10 +106,10 @@ pub async fn submit_job(
 /// A job's status, attempts, placement and result.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "Job id (UUID)")),
+    params(("id" = String, Path, description = "Job id (UUID)"), GetParams),
     responses(
         (status = 200, body = JobRecord),
-        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 400, description = "Not a UUID, or a bad `wait`", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -109,14 +119,56 @@ pub async fn submit_job(
 pub async fn get_job(
     State(state): State<SharedState>,
     Path(id): Path<String>,
+    ApiQuery(p): ApiQuery<GetParams>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let id = parse_id(&id)?;
-    state
-        .store
-        .get(id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+    let wait = p.wait.as_deref().map(parse_wait).transpose()?;
+    Ok(Json(ops::read(&state, id, wait.unwrap_or_default()).await?))
+}
+
+/// The longest `?wait=`: under the servers' idle timeout, which a silent wait would reach.
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(55);
+
+/// `30s`, `500ms`, `2m`, or plain seconds, up to `MAX_WAIT`.
+pub fn parse_wait(raw: &str) -> Result<std::time::Duration, ApiError> {
+    use std::time::Duration;
+    let raw = raw.trim();
+    let bad = || ApiError::BadRequest(format!("wait: {raw:?} is not a duration like 30s or 500ms"));
+    let (number, unit) = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((raw, ""), |i| raw.split_at(i));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let wait = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    if wait > MAX_WAIT {
+        return Err(ApiError::BadRequest(format!(
+            "wait: at most {}s",
+            MAX_WAIT.as_secs()
+        )));
+    }
+    Ok(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn waits_read_as_durations_up_to_the_limit() {
+        assert_eq!(parse_wait("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_wait("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_wait("12").unwrap(), Duration::from_secs(12));
+        assert_eq!(parse_wait("0").unwrap(), Duration::ZERO);
+        for bad in ["", "s", "1h", "-1s", "1.5s", "56s", "1m"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 /// Jobs, newest first, by status and pool; page with `next_cursor`.
