@@ -148,6 +148,25 @@ struct Known {
 }
 
 impl Known {
+    /// The families every gpuq service registers (`metrics::catalog`), with these Promtail
+    /// labels and Grafana datasources.
+    fn of_catalog(stream_labels: BTreeSet<String>, datasources: BTreeMap<String, String>) -> Self {
+        let families = catalog();
+        Self {
+            labels_of: families
+                .iter()
+                .map(|f| (f.name.clone(), f.labels.iter().cloned().collect()))
+                .collect(),
+            histograms: families
+                .iter()
+                .filter(|f| f.kind == Kind::Histogram)
+                .map(|f| f.name.clone())
+                .collect(),
+            stream_labels,
+            datasources,
+        }
+    }
+
     fn defined(&self, name: &str) -> bool {
         self.labels_of.contains_key(name)
     }
@@ -729,20 +748,9 @@ fn promtool_accepts_the_prometheus_configs_the_alert_rules_and_their_unit_tests(
 #[test]
 fn dashboards_alerts_and_log_configs_use_only_what_gpuq_prometheus_and_promtail_provide() {
     let mut errors = vec![];
-    let families = catalog();
-    let known = Known {
-        labels_of: families
-            .iter()
-            .map(|f| (f.name.clone(), f.labels.iter().cloned().collect()))
-            .collect(),
-        histograms: families
-            .iter()
-            .filter(|f| f.kind == Kind::Histogram)
-            .map(|f| f.name.clone())
-            .collect(),
-        stream_labels: check_loki_and_promtail(&mut errors),
-        datasources: check_grafana_provisioning(&mut errors),
-    };
+    let stream_labels = check_loki_and_promtail(&mut errors);
+    let datasources = check_grafana_provisioning(&mut errors);
+    let known = Known::of_catalog(stream_labels, datasources);
     assert!(
         !known.histograms.is_empty(),
         "the metric catalog lists no histogram"
@@ -768,20 +776,7 @@ fn dashboards_alerts_and_log_configs_use_only_what_gpuq_prometheus_and_promtail_
 
 #[test]
 fn the_promql_check_finds_unknown_metrics_labels_and_jobs() {
-    let families = catalog();
-    let known = Known {
-        labels_of: families
-            .iter()
-            .map(|f| (f.name.clone(), f.labels.iter().cloned().collect()))
-            .collect(),
-        histograms: families
-            .iter()
-            .filter(|f| f.kind == Kind::Histogram)
-            .map(|f| f.name.clone())
-            .collect(),
-        stream_labels: BTreeSet::new(),
-        datasources: BTreeMap::new(),
-    };
+    let known = Known::of_catalog(BTreeSet::new(), BTreeMap::new());
     let mut errors = vec![];
     let good = r#"sum by (pool) (rate(gpuq_jobs_started_total{pool=~"$pool", job="gpuq-worker"}[5m])) > 0.5e1"#;
     check_promql(&mut errors, &known, "good", good);
