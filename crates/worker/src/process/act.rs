@@ -18,6 +18,9 @@ use super::Outcome;
 use crate::protocol::{self, Action, Arrival, PRIOR_DELIVERIES_HEADER};
 use crate::state::Worker;
 
+/// How long a give-back or dead-lettering waits for the broker's confirm.
+const REPUBLISH_CONFIRM: Duration = Duration::from_secs(30);
+
 /// The channels a delivery needs: the one it came on (for closing it in a fault) and a
 /// confirm-mode one for republishing.
 pub struct Channels {
@@ -171,7 +174,10 @@ impl Job<'_> {
         expiration_ms: Option<u64>,
     ) -> Result<(), gpuq_common::amqp::AmqpError> {
         let props = job_properties(&self.msg.id.to_string(), expiration_ms, headers);
-        let confirm = Duration::from_secs(5);
+        // Waiting is cheap here (only this delivery waits), and a give-back that gives up is
+        // requeued, which burns a delivery of the job's budget: a broker slow to confirm (a
+        // quorum queue's fsync on a loaded host) gets long before that happens.
+        let confirm = REPUBLISH_CONFIRM;
         publish_confirmed(
             &self.ch.publish,
             exchange,
