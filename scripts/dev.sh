@@ -195,7 +195,8 @@ start_service() { # "LINE" BIN_DIR
     export GPUQ_AMQP_URLS="$AMQP_URLS"
     export GPUQ_REDIS_URL="$REDIS_URL"
     export GPUQ_STORE_URL="$STORE_URL"
-    export GPUQ_API_KEYS="$API_KEY"
+    # Two tenants: `dev` (an admin key: every tenant's jobs) and `team-b` (a submit key: its own).
+    export GPUQ_API_KEYS="dev:admin:$API_KEY,team-b:submit:$API_KEY_2"
     export GPUQ_ADMIN_TOKEN="$ADMIN_TOKEN"
     export GPUQ_MANAGER_URL="$MANAGER_URL"
     export GPUQ_LOG_FORMAT=json
@@ -255,16 +256,18 @@ wait_healthy() {
 load_or_make_secrets() {
   if [ -s "$DEV_DIR/secrets" ]; then
     API_KEY="$(sed -n 's/^GPUQ_API_KEY=//p' "$DEV_DIR/secrets")"
+    API_KEY_2="$(sed -n 's/^GPUQ_API_KEY_2=//p' "$DEV_DIR/secrets")"
     ADMIN_TOKEN="$(sed -n 's/^GPUQ_ADMIN_TOKEN=//p' "$DEV_DIR/secrets")"
   fi
-  if [ -z "${API_KEY:-}" ] || [ -z "${ADMIN_TOKEN:-}" ]; then
+  if [ -z "${API_KEY:-}" ] || [ -z "${API_KEY_2:-}" ] || [ -z "${ADMIN_TOKEN:-}" ]; then
     API_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+    API_KEY_2="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
     ADMIN_TOKEN="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
     (
       umask 077
-      printf 'GPUQ_API_KEY=%s\nGPUQ_ADMIN_TOKEN=%s\n' "$API_KEY" "$ADMIN_TOKEN" >"$DEV_DIR/secrets"
+      printf 'GPUQ_API_KEY=%s\nGPUQ_API_KEY_2=%s\nGPUQ_ADMIN_TOKEN=%s\n' "$API_KEY" "$API_KEY_2" "$ADMIN_TOKEN" >"$DEV_DIR/secrets"
     )
-    log "generated a new API key and admin token in .dev/secrets"
+    log "generated new API keys (tenants dev and team-b) and an admin token in .dev/secrets"
   fi
 }
 
@@ -275,6 +278,7 @@ write_env_file() {
 GPUQ_GATEWAY_URL=$GATEWAY_URL
 GPUQ_MANAGER_URL=$MANAGER_URL
 GPUQ_API_KEY=$API_KEY
+GPUQ_API_KEY_2=$API_KEY_2
 GPUQ_ADMIN_TOKEN=$ADMIN_TOKEN
 GPUQ_WORKER_URLS=$WORKER_URLS
 EOF
@@ -410,7 +414,7 @@ cmd_up() {
   log "dev stack is up in $(elapsed "$t0")s"
   cat <<EOF
 
-  gateway      $GATEWAY_URL        (API key in .dev/env: GPUQ_API_KEY)
+  gateway      $GATEWAY_URL        (API keys in .dev/env: GPUQ_API_KEY, tenant dev, admin; GPUQ_API_KEY_2, tenant team-b)
   manager UI   $MANAGER_URL/ui
   workers      http://127.0.0.1:9001  http://127.0.0.1:9002  http://127.0.0.1:9003
   RabbitMQ     http://127.0.0.1:15672  (guest / guest)

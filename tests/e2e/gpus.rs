@@ -37,13 +37,7 @@ fn slow_print_gpus_job(gpus: u32) -> Value {
 
 /// Starts a stack and waits until every worker's engine is healthy and consuming.
 async fn healthy_stack(opts: StackOptions) -> Stack {
-    let workers = opts.workers;
-    let stack = Stack::start(opts).await.unwrap();
-    stack
-        .wait_engines_healthy(workers, Duration::from_secs(30))
-        .await
-        .unwrap();
-    stack
+    Stack::start_healthy(opts).await
 }
 
 async fn gpu_fault(stack: &Stack, engine: &str, gpu: u32, fault: &str) {

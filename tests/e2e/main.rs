@@ -16,3 +16,4 @@ mod http;
 mod monitoring;
 mod observability;
 mod pipeline;
+mod tenancy;

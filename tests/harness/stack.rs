@@ -20,6 +20,9 @@ use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
 
+/// Tenants every stack has a `submit` key for, next to the admin key.
+pub const TENANTS: [&str; 3] = ["team-a", "team-b", "team-c"];
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -53,7 +56,10 @@ pub struct Stack {
     pub dir: PathBuf,
     /// The `GPUQ_STORE_URL` every service got (see `TEST_STORE_ENV`).
     pub store_url: String,
+    /// The `default` tenant's admin key (sees every tenant's jobs).
     pub api_key: String,
+    /// `submit` keys of the tenants `TENANTS` names, in that order.
+    pub tenant_keys: Vec<(String, String)>,
     pub admin_token: String,
     pub gateway_url: String,
     pub manager_url: String,
@@ -106,6 +112,14 @@ impl Stack {
         let dir = repo_root().join("target/e2e").join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let api_key = Uuid::new_v4().simple().to_string();
+        let tenant_keys: Vec<(String, String)> = TENANTS
+            .iter()
+            .map(|t| (t.to_string(), Uuid::new_v4().simple().to_string()))
+            .collect();
+        let keys = std::iter::once(api_key.clone())
+            .chain(tenant_keys.iter().map(|(t, k)| format!("{t}:submit:{k}")))
+            .collect::<Vec<_>>()
+            .join(",");
         let admin_token = Uuid::new_v4().simple().to_string();
         let store_url = test_store_url(&prefix, &dir);
         // Shown with the output of a test that fails: which store, where the logs are.
@@ -122,7 +136,7 @@ impl Stack {
             ("GPUQ_REDIS_URL".into(), test_env("GPUQ_TEST_REDIS_URL")),
             ("GPUQ_QUEUE_PREFIX".into(), prefix.clone()),
             ("GPUQ_STORE_URL".into(), store_url.clone()),
-            ("GPUQ_API_KEYS".into(), api_key.clone()),
+            ("GPUQ_API_KEYS".into(), keys),
             ("GPUQ_ADMIN_TOKEN".into(), admin_token.clone()),
             ("GPUQ_LOG_FORMAT".into(), "json".into()),
             ("GPUQ_LOG".into(), "info".into()),
@@ -166,6 +180,7 @@ impl Stack {
             dir,
             store_url,
             api_key,
+            tenant_keys,
             admin_token,
             gateway_url,
             manager_url,
@@ -187,6 +202,17 @@ impl Stack {
     /// The environment every service got (for running the CLI against this stack).
     pub fn env(&self) -> &[(String, String)] {
         &self.base_env
+    }
+
+    /// `start`, then waits until every worker's engine is healthy in the manager.
+    pub async fn start_healthy(opts: StackOptions) -> Stack {
+        let workers = opts.workers;
+        let stack = Stack::start(opts).await.unwrap();
+        stack
+            .wait_engines_healthy(workers, Duration::from_secs(30))
+            .await
+            .unwrap();
+        stack
     }
 
     /// Waits until every service answers `/readyz` and every worker consumes.
@@ -221,6 +247,15 @@ impl Stack {
 
     pub fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb.bearer_auth(&self.api_key)
+    }
+
+    /// The `submit` key of one of `TENANTS`.
+    pub fn key_of(&self, tenant: &str) -> &str {
+        self.tenant_keys
+            .iter()
+            .find(|(t, _)| t == tenant)
+            .map(|(_, k)| k.as_str())
+            .unwrap_or_else(|| panic!("no key for tenant {tenant}"))
     }
 
     /// POST /v1/jobs; returns the status and the JSON body.

@@ -209,6 +209,7 @@ pub(crate) mod tests {
     ) -> JobRecord {
         JobRecord {
             id: Uuid::now_v7(),
+            tenant: "default".into(),
             kind: JobKind::Simulate,
             params: serde_json::json!({"duration_ms": 100}),
             pool: "default".into(),

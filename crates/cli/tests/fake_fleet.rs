@@ -52,6 +52,7 @@ fn record(id: Uuid, created: i64, never_finishes: bool) -> JobRecord {
     let done = !never_finishes && now_ms() - created >= 30;
     JobRecord {
         id,
+        tenant: "default".into(),
         kind: JobKind::Simulate,
         params: json!({"duration_ms": 0}),
         pool: "default".into(),

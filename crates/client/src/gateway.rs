@@ -96,6 +96,12 @@ impl Gateway {
         Ok(s)
     }
 
+    /// The gateway's `/metrics` page (Prometheus text).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let path = "/metrics";
+        self.ep.text(self.ep.request(Method::GET, path), path).await
+    }
+
     pub async fn job(&self, id: Uuid) -> Result<JobRecord, ClientError> {
         let path = format!("/v1/jobs/{id}");
         self.ep

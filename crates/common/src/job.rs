@@ -313,6 +313,17 @@ pub struct JobMessage {
     pub placement: JobPlacement,
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: i64,
+    /// The tenant that submitted it.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// The tenant's GPU quota when it was submitted: workers keep the GPUs running the tenant's
+    /// jobs at or under it (`coord::quota`); absent, no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_max_gpus: Option<u32>,
+}
+
+fn default_tenant() -> String {
+    crate::tenancy::DEFAULT_TENANT.to_string()
 }
 
 impl JobMessage {
@@ -323,7 +334,16 @@ impl JobMessage {
             payload,
             placement,
             created_at_ms: now_ms(),
+            tenant: default_tenant(),
+            tenant_max_gpus: None,
         }
+    }
+
+    /// The same job, submitted by `tenant` under its GPU quota.
+    pub fn for_tenant(mut self, tenant: &str, max_gpus: Option<u32>) -> Self {
+        self.tenant = tenant.to_string();
+        self.tenant_max_gpus = max_gpus;
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -344,6 +364,9 @@ impl JobMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobRecord {
     pub id: Uuid,
+    /// The tenant that submitted it: only its keys (and admin keys) see the job.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     pub kind: JobKind,
     #[schema(value_type = Object)]
     pub params: Value,
@@ -374,6 +397,7 @@ impl JobRecord {
         .expect("params serialize");
         Self {
             id: msg.id,
+            tenant: msg.tenant.clone(),
             kind: msg.payload.kind(),
             params,
             pool: msg.placement.pool.clone(),
@@ -438,6 +462,8 @@ pub fn now_ms() -> i64 {
 /// `GET /v1/jobs` filters. Newest first; `cursor` is the last id of the previous page.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ListQuery {
+    /// Only this tenant's jobs (`None`: every tenant's, for admin keys).
+    pub tenant: Option<String>,
     pub status: Option<JobStatus>,
     pub pool: Option<String>,
     pub limit: u32,

@@ -14,6 +14,7 @@ pub mod prom;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 pub mod topology;
 
 pub use config::Settings;

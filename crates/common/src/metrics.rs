@@ -160,6 +160,7 @@ pub struct GatewayMetrics {
     pub publish_failures: IntCounterVec,
     pub confirm_seconds: HistogramVec,
     pub idempotent_replays: IntCounterVec,
+    pub tenant_submissions: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -190,6 +191,12 @@ impl GatewayMetrics {
                 "Submissions answered with an existing job because of their Idempotency-Key.",
                 &["pool"],
             ),
+            tenant_submissions: counter(
+                r,
+                "gpuq_tenant_submissions_total",
+                "Submissions per tenant: accepted, or refused by its rate limit (rate) or its cap on unfinished jobs (max_queued).",
+                &["tenant", "outcome"],
+            ),
         }
     }
 }
@@ -213,6 +220,12 @@ pub struct WorkerMetrics {
     pub consuming: IntGauge,
     pub store_retries: IntCounterVec,
     pub redis_errors: IntCounterVec,
+    pub tenant_quota_waits: IntCounterVec,
+}
+
+/// A counter by pool: most of the worker's are.
+fn per_pool(r: &Registry, name: &str, help: &str) -> IntCounterVec {
+    counter(r, name, help, &["pool"])
 }
 
 impl WorkerMetrics {
@@ -257,23 +270,20 @@ impl WorkerMetrics {
                 &["pool"],
                 JOB_SECONDS_BUCKETS,
             ),
-            redeliveries: counter(
+            redeliveries: per_pool(
                 r,
                 "gpuq_redeliveries_total",
                 "Deliveries the broker marked as redelivered.",
-                &["pool"],
             ),
-            duplicates_suppressed: counter(
+            duplicates_suppressed: per_pool(
                 r,
                 "gpuq_duplicates_suppressed_total",
                 "Deliveries of already finished jobs, acked without running.",
-                &["pool"],
             ),
-            results_discarded: counter(
+            results_discarded: per_pool(
                 r,
                 "gpuq_results_discarded_total",
                 "Runs that finished after another final result was stored: work done twice, recorded once.",
-                &["pool"],
             ),
             given_back: counter(
                 r,
@@ -281,17 +291,15 @@ impl WorkerMetrics {
                 "Deliveries put back on the queue without burning their delivery budget, by reason.",
                 &["pool", "reason"],
             ),
-            lease_contended: counter(
+            lease_contended: per_pool(
                 r,
                 "gpuq_lease_contended_total",
                 "Deliveries whose job lease a live worker held; put back without burning the delivery budget.",
-                &["pool"],
             ),
-            lease_takeovers: counter(
+            lease_takeovers: per_pool(
                 r,
                 "gpuq_lease_takeovers_total",
                 "Leases taken over from a worker whose heartbeat was gone.",
-                &["pool"],
             ),
             leases_held,
             slots: int_gauge_vec(
@@ -312,6 +320,12 @@ impl WorkerMetrics {
                 "gpuq_redis_errors_total",
                 "Redis commands that failed, by operation.",
                 &["op"],
+            ),
+            tenant_quota_waits: counter(
+                r,
+                "gpuq_tenant_quota_waits_total",
+                "Deliveries given back because their tenant ran its GPU quota, by tenant.",
+                &["tenant"],
             ),
         }
     }

@@ -314,6 +314,7 @@ async fn contract(store: Arc<dyn JobStore>) {
                 pool: Some(pool.clone()),
                 limit: 7,
                 cursor,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -335,6 +336,47 @@ async fn contract(store: Arc<dyn JobStore>) {
     let counts = store.count_by_status().await.unwrap();
     assert!(counts[&JobStatus::Queued] >= 26);
     assert!(counts[&JobStatus::Succeeded] >= 1);
+    tenants(&store, &pool).await;
+}
+
+/// Every record keeps its tenant; a tenant's listing shows its jobs only; the counts of
+/// unfinished jobs are per tenant.
+async fn tenants(store: &Arc<dyn JobStore>, pool: &str) {
+    let (a, b) = (
+        format!("a{}", uuid::Uuid::new_v4().simple()),
+        format!("b{}", uuid::Uuid::new_v4().simple()),
+    );
+    let mut of_a = vec![];
+    for i in 0..5 {
+        let mut j = new_job(pool);
+        j.tenant = if i < 3 { a.clone() } else { b.clone() };
+        store.insert(&j).await.unwrap();
+        assert_eq!(store.get(j.id).await.unwrap().unwrap().tenant, j.tenant);
+        if i < 3 {
+            of_a.push(j.id);
+        }
+    }
+    store
+        .finish(of_a[0], &outcome(JobStatus::Succeeded, "w"))
+        .await
+        .unwrap();
+    let page = store
+        .list(&ListQuery {
+            tenant: Some(a.clone()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut listed: Vec<_> = page.jobs.iter().map(|j| j.id).collect();
+    listed.sort();
+    assert_eq!(listed, of_a);
+    assert!(page.jobs.iter().all(|j| j.tenant == a));
+    let active = store.count_active_by_tenant().await.unwrap();
+    assert_eq!(active.get(&a), Some(&2), "{active:?}");
+    assert_eq!(active.get(&b), Some(&2), "{active:?}");
+    // Jobs made before tenants (and every job of a single user) are the default tenant's.
+    assert!(new_job(pool).tenant == "default");
 }
 
 #[tokio::test]

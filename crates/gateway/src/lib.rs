@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod jobs;
 pub mod openapi;
+pub mod quota;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -45,7 +45,7 @@ impl Application {
             broker_stop.clone(),
             &tracker,
         );
-        if config.api_keys.iter().all(|k| k.is_empty()) {
+        if config.tenants.is_empty() {
             tracing::warn!("GPUQ_API_KEYS is empty: every /v1 request will be refused with 401");
         }
         let listener = TcpListener::bind(&config.bind)
@@ -59,6 +59,12 @@ impl Application {
             tracing::warn!("no broker node answered yet; serving anyway, /readyz reports it");
         }
         let state = Arc::new(AppState::new(&config, store, broker, kv));
+        tracker.spawn(
+            state
+                .quotas
+                .clone()
+                .refresh_loop(state.store.clone(), broker_stop.clone()),
+        );
         Ok(Self {
             port,
             listener,

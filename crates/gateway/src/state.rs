@@ -1,14 +1,16 @@
-//! What every handler shares: the store, the broker link, Redis, the accepted keys, metrics.
+//! What every handler shares: the store, the broker link, Redis, the tenants' keys and quotas,
+//! metrics.
 
 use std::sync::Arc;
 
-use gpuq_common::config::{GatewayConfig, Secret};
+use gpuq_common::config::GatewayConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::metrics::{GatewayMetrics, HttpMetrics};
 use gpuq_common::store::JobStore;
 use prometheus::Registry;
 
 use crate::broker::Broker;
+use crate::quota::Quotas;
 use gpuq_common::coord::idempotency::Idempotency;
 use gpuq_common::coord::kv::Kv;
 
@@ -20,7 +22,8 @@ pub struct AppState {
     pub kv: Kv,
     pub idempotency: Idempotency,
     pub keys: Keys,
-    pub api_keys: Vec<Secret>,
+    /// The tenants' keys, rate limits and quotas.
+    pub quotas: Arc<Quotas>,
     pub max_body_bytes: usize,
     /// How long a cancel signal stays in Redis: the longest a job may run.
     pub cancel_ttl_s: u64,
@@ -48,7 +51,7 @@ impl AppState {
             kv,
             idempotency,
             keys,
-            api_keys: config.api_keys.clone(),
+            quotas: Arc::new(Quotas::new(config.tenants.clone())),
             max_body_bytes: config.max_body_bytes,
             cancel_ttl_s: config.job_timeout_s.saturating_add(300),
             registry,

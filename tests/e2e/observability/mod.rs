@@ -516,17 +516,12 @@ async fn every_field_a_logql_query_uses_is_in_the_services_json_log_lines() {
     assert!(!loki.is_empty(), "no LogQL query in the dashboards");
     let pt = promtail();
 
-    let stack = Stack::start(StackOptions {
+    let stack = Stack::start_healthy(StackOptions {
         fault_injection: true,
         env: vec![("GPUQ_DELIVERY_LIMIT".into(), "2".into())],
         ..Default::default()
     })
-    .await
-    .unwrap();
-    stack
-        .wait_engines_healthy(3, Duration::from_secs(30))
-        .await
-        .unwrap();
+    .await;
     // Successes, then a retried job and a dead letter, then a worker crash (an error line).
     // One batch at a time, on free GPUs (see `workload`).
     let mut ids = stack

@@ -23,6 +23,7 @@ pub const CLIENT_ENV_KEYS: &[&str] = &[
     "GPUQ_CONFIG",
     "GPUQ_GATEWAY_URL",
     "GPUQ_API_KEY",
+    "GPUQ_API_KEY_2",
     "GPUQ_WORKER_URLS",
     "GPUQ_BIN_DIR",
     "GPUQ_TEST_AMQP_URLS",
@@ -99,8 +100,12 @@ pub struct Settings {
     pub queue_ttl_s: u64,
     /// Queue length past which publishes are refused (`x-overflow: reject-publish`).
     pub max_queue_length: u64,
-    /// Bearer keys accepted by the gateway's /v1 API, comma separated.
+    /// The gateway's /v1 keys, comma separated: `TENANT:ROLE:KEY`, `TENANT:ROLE:sha256:HEX`, or a
+    /// bare `KEY` (the `default` tenant's admin key); see `tenancy`.
     pub api_keys: Secret,
+    /// Per-tenant rate limits and quotas: `TENANT:rate=R:burst=B:max_queued=Q:max_gpus=G`, comma
+    /// separated, `*` for every tenant's defaults; see `tenancy`.
+    pub tenant_limits: String,
     /// Token for admin endpoints (worker faults, engine cordon/drain).
     pub admin_token: Secret,
     /// `json` (Loki) or `pretty` (a terminal).
@@ -172,6 +177,7 @@ impl Default for Settings {
             queue_ttl_s: 24 * 3600,
             max_queue_length: 1_000_000,
             api_keys: Secret::default(),
+            tenant_limits: String::new(),
             admin_token: Secret::default(),
             log_format: "json".into(),
             log: "info".into(),

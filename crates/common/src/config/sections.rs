@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{ConfigError, Secret, Settings};
+use crate::tenancy::Tenants;
 use crate::topology::Topology;
 
 /// How a service logs.
@@ -53,8 +54,8 @@ impl Common {
 pub struct GatewayConfig {
     pub common: Common,
     pub bind: String,
-    /// Accepted bearer keys of the `/v1` API.
-    pub api_keys: Vec<Secret>,
+    /// The `/v1` API's keys, each a tenant's, and every tenant's limits.
+    pub tenants: Tenants,
     pub max_body_bytes: usize,
     /// How long a submit waits for the broker's confirm before it answers 503.
     pub confirm_timeout: Duration,
@@ -188,7 +189,8 @@ impl GatewayConfig {
         Ok(Self {
             common: Common::from_settings(s)?,
             bind: s.gateway_bind.clone(),
-            api_keys: s.api_key_list(),
+            tenants: Tenants::parse(s.api_keys.expose(), &s.tenant_limits)
+                .map_err(|m| ConfigError::invalid("api_keys/tenant_limits", &m))?,
             max_body_bytes: s.max_body_bytes,
             confirm_timeout: Duration::from_millis(s.confirm_timeout_ms.max(1)),
             idempotency_ttl_s: s.idempotency_ttl_s,

@@ -50,7 +50,7 @@ impl From<CoordError> for IdempotencyError {
     }
 }
 
-/// What Redis keeps under `Keys::idempotency(key)`.
+/// What Redis keeps under `Keys::idempotency(tenant, key)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Entry {
     id: JobId,
@@ -122,15 +122,17 @@ impl Idempotency {
         }
     }
 
-    /// Claims `key` for a request whose job would be `id`, or finds the job a previous request
-    /// with the same key made. Waits while another request holds the claim.
+    /// Claims `tenant`'s `key` for a request whose job would be `id`, or finds the job a previous
+    /// request of the tenant with the same key made. Waits while another request holds the
+    /// claim. Keys are per tenant: two tenants using the same key never meet.
     pub async fn claim(
         &self,
+        tenant: &str,
         key: &str,
         body_hash: &str,
         id: JobId,
     ) -> Result<Claim, IdempotencyError> {
-        let redis_key = self.keys.idempotency(key);
+        let redis_key = self.keys.idempotency(tenant, key);
         let mine = Entry {
             id,
             body_hash: body_hash.to_string(),

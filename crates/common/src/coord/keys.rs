@@ -21,9 +21,10 @@ impl Keys {
     pub fn done(&self, job: Uuid) -> String {
         format!("{}:done:{job}", self.prefix)
     }
-    /// Maps a client's `Idempotency-Key` to the job id it created.
-    pub fn idempotency(&self, key: &str) -> String {
-        format!("{}:idem:{key}", self.prefix)
+    /// Maps a tenant's `Idempotency-Key` to the job id it created (keys are per tenant; a tenant
+    /// name has no `/`).
+    pub fn idempotency(&self, tenant: &str, key: &str) -> String {
+        format!("{}:idem:{tenant}/{key}", self.prefix)
     }
     /// Liveness of one worker process (instance), with a TTL of a few heartbeats.
     pub fn instance_alive(&self, instance: &str) -> String {
@@ -64,6 +65,10 @@ impl Keys {
     pub fn engine_info(&self, engine: &str) -> String {
         format!("{}:engine-info:{engine}", self.prefix)
     }
+    /// The GPUs running a tenant's jobs (a hash: job id → `GPUS OWNER`), for its GPU quota.
+    pub fn tenant_gpus(&self, tenant: &str) -> String {
+        format!("{}:tenant-gpus:{tenant}", self.prefix)
+    }
 }
 
 /// Deletes the key only if it still holds the expected value: KEYS[1] = key, ARGV[1] = expected.
@@ -84,5 +89,7 @@ mod tests {
         let id = Uuid::nil();
         assert_eq!(k.lease(id), format!("t9:lease:{id}"));
         assert_eq!(k.instance_alive("w-1"), "t9:alive:w-1");
+        assert_eq!(k.idempotency("team-a", "order-1"), "t9:idem:team-a/order-1");
+        assert_eq!(k.tenant_gpus("team-a"), "t9:tenant-gpus:team-a");
     }
 }

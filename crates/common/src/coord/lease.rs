@@ -63,9 +63,9 @@ return 0
 
 #[derive(Clone)]
 pub struct Coordinator {
-    conn: ConnectionManager,
-    keys: Keys,
-    owner: String,
+    pub(super) conn: ConnectionManager,
+    pub(super) keys: Keys,
+    pub(super) owner: String,
     lease_ttl_ms: u64,
     acquire: Script,
     renew: Script,

@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod keys;
 pub mod kv;
 pub mod lease;
+pub mod quota;
 pub mod registry;
 
 /// What a coordination round trip fails with: Redis answered with an error, or not in time.

@@ -55,8 +55,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("{0}")]
     Unprocessable(String),
-    #[error("{0}")]
-    TooManyRequests(String),
+    /// A tenant's rate limit or quota; `retry_after_s` goes into `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_s: u64 },
     /// A dependency (broker, store, Redis) cannot serve the request now; safe to retry.
     #[error("{0}")]
     Unavailable(String),
@@ -75,7 +76,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,7 +91,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unprocessable(_) => "invalid_job",
-            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -122,12 +123,13 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
         }
-        if matches!(
-            self,
-            ApiError::Unavailable(_) | ApiError::TooManyRequests(_)
-        ) {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, "1".parse().expect("header"));
+        let retry_after = match &self {
+            ApiError::Unavailable(_) => Some(1),
+            ApiError::TooManyRequests { retry_after_s, .. } => Some((*retry_after_s).max(1)),
+            _ => None,
+        };
+        if let Some(s) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, s.into());
         }
         resp
     }
@@ -187,13 +189,17 @@ where
     }
 }
 
-/// Constant-time comparison of a bearer token against the accepted ones.
-pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
-    let token = headers
+/// The token of an `Authorization: Bearer` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+}
+
+/// Constant-time comparison of a bearer token against the accepted ones.
+pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
+    let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     let ok = accepted
         .iter()
         .filter(|k| !k.is_empty())

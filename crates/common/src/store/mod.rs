@@ -154,6 +154,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError>;
     /// Jobs by status (for status pages and benchmarks).
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError>;
+    /// Jobs not final yet (queued or running) per tenant: the gateway's `max_queued` quota.
+    async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;
 }
 

@@ -1,6 +1,7 @@
 //! MongoDB backend (the compose default). Conditional writes are single-document updates
 //! filtered on a non-final status, which MongoDB applies atomically: the first final result wins.
 
+use crate::tenancy::DEFAULT_TENANT;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -23,6 +24,24 @@ fn unavailable(e: mongodb::error::Error) -> StoreError {
 
 fn not_final() -> Document {
     doc! { "$in": ["queued", "running"] }
+}
+
+/// Matches a tenant's jobs; documents stored before tenants have none and are the default
+/// tenant's.
+fn tenant_filter(tenant: &str) -> Bson {
+    if tenant == DEFAULT_TENANT {
+        Bson::Document(doc! { "$in": [DEFAULT_TENANT, Bson::Null] })
+    } else {
+        Bson::String(tenant.to_string())
+    }
+}
+
+fn count_of(n: Option<&Bson>) -> u64 {
+    match n {
+        Some(Bson::Int32(n)) => *n as u64,
+        Some(Bson::Int64(n)) => *n as u64,
+        _ => 0,
+    }
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
@@ -82,6 +101,22 @@ impl MongoStore {
                 .options(
                     IndexOptions::builder()
                         .name("status_id".to_string())
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "tenant": 1, "_id": -1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("tenant_id".to_string())
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "status": 1, "tenant": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("status_tenant".to_string())
                         .build(),
                 )
                 .build(),
@@ -221,6 +256,9 @@ impl JobStore for MongoStore {
     async fn list(&self, q: &ListQuery) -> Result<JobPage, StoreError> {
         let limit = page_limit(q.limit);
         let mut filter = Document::new();
+        if let Some(t) = &q.tenant {
+            filter.insert("tenant", tenant_filter(t));
+        }
         if let Some(s) = q.status {
             filter.insert("status", s.as_str());
         }
@@ -339,18 +377,32 @@ impl JobStore for MongoStore {
         let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
         let mut out = BTreeMap::new();
         for d in docs {
-            if let (Ok(s), Some(n)) = (d.get_str("_id"), d.get("n")) {
-                let n = match n {
-                    Bson::Int32(n) => *n as u64,
-                    Bson::Int64(n) => *n as u64,
-                    _ => 0,
-                };
-                if let Some(s) = JobStatus::parse(s) {
-                    out.insert(s, n);
-                }
+            if let Ok(s) = d.get_str("_id")
+                && let Some(s) = JobStatus::parse(s)
+            {
+                out.insert(s, count_of(d.get("n")));
             }
         }
         Ok(out)
+    }
+
+    async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let cursor = self
+            .jobs
+            .aggregate([
+                doc! { "$match": { "status": not_final() } },
+                doc! { "$group": {
+                    "_id": { "$ifNull": ["$tenant", DEFAULT_TENANT] },
+                    "n": { "$sum": 1 },
+                } },
+            ])
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| Some((d.get_str("_id").ok()?.to_string(), count_of(d.get("n")))))
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

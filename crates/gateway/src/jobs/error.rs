@@ -22,6 +22,9 @@ pub enum JobError {
     /// Re-drive of a job that is not (or no longer) dead-lettered.
     #[error("job {id} is {}, not dead_lettered", status.as_str())]
     NotDeadLettered { id: JobId, status: JobStatus },
+    /// The tenant is over its rate limit or its cap on unfinished jobs.
+    #[error("{message}")]
+    Throttled { message: String, retry_after_s: u64 },
     /// No queue is bound for the pool: no worker serves it.
     #[error("pool: no worker serves pool {0:?}")]
     NoWorkerForPool(String),

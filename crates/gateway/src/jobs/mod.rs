@@ -13,6 +13,7 @@ use gpuq_common::job::{
     JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
 };
 use gpuq_common::store::{FinishOutcome, StoreError};
+use gpuq_common::tenancy::Principal;
 use gpuq_common::topology::{ATTEMPT_OFFSET_HEADER, DRIVE_HEADER};
 use lapin::types::{AMQPValue, FieldTable};
 use tracing::{Instrument, Span, instrument};
@@ -30,20 +31,61 @@ pub enum Submitted {
     Replayed { id: JobId, status: JobStatus },
 }
 
-/// Validates, deduplicates by `Idempotency-Key`, stores and publishes one job.
-#[instrument(skip_all, fields(job_id = tracing::field::Empty, pool = %req.pool, kind = req.kind.as_str()))]
+/// Validates, admits under the tenant's limits, deduplicates by `Idempotency-Key` (per
+/// tenant), stores and publishes one job of `who`'s tenant.
+#[instrument(skip_all, fields(job_id = tracing::field::Empty, tenant = %who.tenant, pool = %req.pool, kind = req.kind.as_str()))]
 pub async fn submit(
     state: &SharedState,
+    who: &Principal,
     req: SubmitRequest,
     idempotency_key: Option<String>,
 ) -> Result<Submitted, JobError> {
     let (payload, placement) = req.validate().map_err(|e| invalid_job(&req, e))?;
-    let mut msg = JobMessage::new(payload, placement);
+    let tenant = who.tenant.as_str();
+    let limits = state.quotas.limits(tenant);
+    if let Some(max) = limits.max_gpus
+        && placement.gpus > max
+    {
+        // It could never run: refused now rather than waiting in the queue until it expires.
+        return Err(JobError::Invalid(format!(
+            "gpus: {} is more than tenant {tenant}'s GPU quota of {max}",
+            placement.gpus
+        )));
+    }
+    let msg = JobMessage::new(payload, placement).for_tenant(tenant, limits.max_gpus);
+    let counted = |outcome: &str| {
+        state
+            .metrics
+            .tenant_submissions
+            .with_label_values(&[tenant, outcome])
+            .inc();
+    };
+    if let Err(refusal) = state.quotas.admit(tenant) {
+        counted(refusal.reason());
+        return Err(JobError::Throttled {
+            message: refusal.message(tenant),
+            retry_after_s: refusal.retry_after_s(),
+        });
+    }
+    let outcome = admitted(state, msg, idempotency_key).await;
+    match &outcome {
+        Ok(Submitted::Accepted(_)) => counted("accepted"),
+        // Nothing new was enqueued: it does not count against the tenant's unfinished jobs.
+        Ok(Submitted::Replayed { .. }) | Err(_) => state.quotas.forget(tenant),
+    }
+    outcome
+}
+
+async fn admitted(
+    state: &SharedState,
+    mut msg: JobMessage,
+    idempotency_key: Option<String>,
+) -> Result<Submitted, JobError> {
     let ticket = match idempotency_key {
         None => None,
         Some(key) => match state
             .idempotency
-            .claim(&key, &body_hash(&msg), msg.id)
+            .claim(&msg.tenant, &key, &body_hash(&msg), msg.id)
             .await?
         {
             Claim::Replay(id) => {
@@ -292,14 +334,28 @@ fn not_found(id: JobId) -> JobError {
     JobError::NotFound(id)
 }
 
+/// The job's record if `who` may see it. Another tenant's job is "not found", exactly like a
+/// job that does not exist, so its existence does not leak.
+async fn visible(state: &SharedState, who: &Principal, id: JobId) -> Result<JobRecord, JobError> {
+    match state.store.get(id).await? {
+        Some(r) if who.sees(&r.tenant) => Ok(r),
+        _ => Err(not_found(id)),
+    }
+}
+
 /// How often a waiting read looks at the record: a final status is answered within this.
 const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// A job's record; with a `wait`, not before it is final or the wait is over.
-pub async fn read(state: &SharedState, id: JobId, wait: Duration) -> Result<JobRecord, JobError> {
+pub async fn read(
+    state: &SharedState,
+    who: &Principal,
+    id: JobId,
+    wait: Duration,
+) -> Result<JobRecord, JobError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+        let record = visible(state, who, id).await?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if record.status.is_final() || left.is_zero() {
             return Ok(record);
@@ -310,9 +366,13 @@ pub async fn read(state: &SharedState, id: JobId, wait: Duration) -> Result<JobR
 
 /// Cancels a queued or running job: its final status becomes `cancelled` (first final write
 /// wins), and a running job's worker is told through Redis to stop it.
-#[instrument(skip_all, fields(job_id = %id))]
-pub async fn cancel(state: &SharedState, id: JobId) -> Result<JobRecord, JobError> {
-    let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+#[instrument(skip_all, fields(job_id = %id, tenant = %who.tenant))]
+pub async fn cancel(
+    state: &SharedState,
+    who: &Principal,
+    id: JobId,
+) -> Result<JobRecord, JobError> {
+    let record = visible(state, who, id).await?;
     if record.status.is_final() {
         return Err(JobError::AlreadyFinal {
             id,
@@ -368,16 +428,21 @@ async fn signal_cancel(
 /// message rebuilt from the record (same id, its attempts so far in `x-gpuq-attempt-offset`, the
 /// drive in `x-gpuq-drive`) published with a confirm. When the broker refuses it, the job is
 /// dead-lettered again as it was.
-#[instrument(skip_all, fields(job_id = %id))]
-pub async fn retry_dead_letter(state: &SharedState, id: JobId) -> Result<JobId, JobError> {
-    let record = state.store.get(id).await?.ok_or_else(|| not_found(id))?;
+#[instrument(skip_all, fields(job_id = %id, tenant = %who.tenant))]
+pub async fn retry_dead_letter(
+    state: &SharedState,
+    who: &Principal,
+    id: JobId,
+) -> Result<JobId, JobError> {
+    let record = visible(state, who, id).await?;
     if record.status != JobStatus::DeadLettered {
         return Err(JobError::NotDeadLettered {
             id,
             status: record.status,
         });
     }
-    let msg = message_from_record(&record)?;
+    let max_gpus = state.quotas.limits(&record.tenant).max_gpus;
+    let msg = message_from_record(&record)?.for_tenant(&record.tenant, max_gpus);
     // From the reset on, finish in a task of its own: a client that hangs up must not leave the
     // job queued without a message.
     let state = state.clone();

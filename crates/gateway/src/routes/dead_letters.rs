@@ -1,11 +1,12 @@
 //! `/v1/dead-letters`: jobs the broker gave up on, and their re-drive.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use gpuq_common::http::{ApiError, ErrorBody};
 use gpuq_common::job::JobStatus;
 use gpuq_common::store::{JobPage, ListQuery};
+use gpuq_common::tenancy::Principal;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -39,9 +40,11 @@ pub struct DeadLetterParams {
 )]
 pub async fn list_dead_letters(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     ApiQuery(p): ApiQuery<DeadLetterParams>,
 ) -> Result<Json<JobPage>, ApiError> {
     let query = ListQuery {
+        tenant: who.scope().map(str::to_string),
         status: Some(JobStatus::DeadLettered),
         pool: parse_pool(p.pool)?,
         limit: parse_limit(p.limit)?,
@@ -67,10 +70,11 @@ pub async fn list_dead_letters(
 )]
 pub async fn retry_dead_letter(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
     let id = parse_id(&id)?;
-    let id = crate::jobs::retry_dead_letter(&state, id).await?;
+    let id = crate::jobs::retry_dead_letter(&state, &who, id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(SubmitResponse {

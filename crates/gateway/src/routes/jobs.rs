@@ -1,12 +1,13 @@
 //! `/v1/jobs`: submit, read, list, cancel.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gpuq_common::http::{ApiError, ApiJson, ErrorBody};
 use gpuq_common::job::{JobRecord, JobStatus, SubmitRequest};
 use gpuq_common::store::{JobPage, ListQuery};
+use gpuq_common::tenancy::Principal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -68,12 +69,14 @@ pub struct GetParams {
         (status = 409, description = "A request with this Idempotency-Key is still in progress", body = ErrorBody),
         (status = 413, description = "Body larger than max_body_bytes", body = ErrorBody),
         (status = 422, description = "Invalid job (the message names the field), unknown pool, or Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 429, description = "The tenant is over its rate limit or its cap on unfinished jobs; `Retry-After` says when to try again", body = ErrorBody),
         (status = 503, description = "Broker, store or Redis unavailable. Nothing was enqueued, unless the broker's confirm never came: then the message names the job, which stays queued (retry with the same Idempotency-Key)", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn submit_job(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<SubmitRequest>,
 ) -> Result<Response, ApiError> {
@@ -82,7 +85,7 @@ pub async fn submit_job(
         .map(|v| Idempotency::validate_key(v.as_bytes()))
         .transpose()
         .map_err(JobError::from)?;
-    Ok(match ops::submit(&state, req, key).await? {
+    Ok(match ops::submit(&state, &who, req, key).await? {
         Submitted::Accepted(id) => (
             StatusCode::ACCEPTED,
             Json(SubmitResponse {
@@ -103,7 +106,7 @@ pub async fn submit_job(
     })
 }
 
-/// A job's status, attempts, placement and result.
+/// A job's status, attempts, placement and result. Another tenant's job is a 404.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id (UUID)"), GetParams),
@@ -118,12 +121,15 @@ pub async fn submit_job(
 )]
 pub async fn get_job(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<GetParams>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let id = parse_id(&id)?;
     let wait = p.wait.as_deref().map(parse_wait).transpose()?;
-    Ok(Json(ops::read(&state, id, wait.unwrap_or_default()).await?))
+    Ok(Json(
+        ops::read(&state, &who, id, wait.unwrap_or_default()).await?,
+    ))
 }
 
 /// The longest `?wait=`: under the servers' idle timeout, which a silent wait would reach.
@@ -171,7 +177,8 @@ mod tests {
     }
 }
 
-/// Jobs, newest first, by status and pool; page with `next_cursor`.
+/// Jobs, newest first, by status and pool; page with `next_cursor`. A `submit` key lists its
+/// tenant's jobs only; an `admin` key every tenant's.
 #[utoipa::path(
     get, path = "/v1/jobs", tag = "jobs",
     params(ListParams),
@@ -185,6 +192,7 @@ mod tests {
 )]
 pub async fn list_jobs(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<Json<JobPage>, ApiError> {
     let status = match p.status.as_deref().filter(|s| !s.is_empty()) {
@@ -198,6 +206,7 @@ pub async fn list_jobs(
         })?),
     };
     let query = ListQuery {
+        tenant: who.scope().map(str::to_string),
         status,
         pool: parse_pool(p.pool)?,
         limit: parse_limit(p.limit)?,
@@ -222,8 +231,9 @@ pub async fn list_jobs(
 )]
 pub async fn cancel_job(
     State(state): State<SharedState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(ops::cancel(&state, id).await?))
+    Ok(Json(ops::cancel(&state, &who, id).await?))
 }

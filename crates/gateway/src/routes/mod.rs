@@ -13,7 +13,7 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use gpuq_common::coord::idempotency::IdempotencyError;
-use gpuq_common::http::{ApiError, check_bearer, service_router};
+use gpuq_common::http::{ApiError, bearer, service_router};
 
 use crate::jobs::JobError;
 use gpuq_common::job::JobId;
@@ -92,10 +92,20 @@ async fn openapi_json() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], DOC.as_str())
 }
 
-async fn require_api_key(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    match check_bearer(req.headers(), &state.api_keys) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+/// Finds whom the bearer key speaks for and hands it to the handler as a `Principal`
+/// extension; no key, or an unknown one, is a 401 before anything else is read.
+async fn require_api_key(
+    State(state): State<SharedState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let principal = bearer(req.headers()).and_then(|t| state.quotas.tenants().authenticate(t));
+    match principal {
+        Some(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        None => ApiError::Unauthorized.into_response(),
     }
 }
 
@@ -165,6 +175,13 @@ impl From<JobError> for ApiError {
                 ApiError::Unprocessable(e.to_string())
             }
             JobError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            JobError::Throttled {
+                message,
+                retry_after_s,
+            } => ApiError::TooManyRequests {
+                message,
+                retry_after_s,
+            },
             JobError::AlreadyFinal { .. } | JobError::NotDeadLettered { .. } => {
                 ApiError::Conflict(e.to_string())
             }

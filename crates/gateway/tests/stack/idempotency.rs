@@ -31,7 +31,9 @@ async fn leave_expired_claim(
         "state": "pending",
         "until_ms": now_ms() - 1,
     });
-    let redis_key = format!("{}:idem:{key}", app.settings.queue_prefix);
+    // The test app's key is a bare one: the `default` tenant's.
+    let redis_key = gpuq_common::coord::keys::Keys::new(&app.settings.queue_prefix)
+        .idempotency(gpuq_common::tenancy::DEFAULT_TENANT, key);
     let _: () = redis::cmd("SET")
         .arg(&redis_key)
         .arg(entry.to_string())

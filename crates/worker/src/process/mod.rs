@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 pub use self::act::Channels;
 use self::act::Job;
-use crate::protocol::{self, Acquire, Action, Arrival, PRIOR_DELIVERIES_HEADER, Placement};
+use crate::protocol::{self, Acquire, Action, Arrival, PRIOR_DELIVERIES_HEADER, Placement, Quota};
 use crate::slots::NoPlacement;
 use crate::state::Worker;
 
@@ -152,8 +152,36 @@ async fn with_lease(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> Outcome
             }
         }
     }
+    let msg = job.msg;
+    if let Some(max) = msg.tenant_max_gpus {
+        let answer = w
+            .coord
+            .take_tenant_gpus(&msg.tenant, msg.id, msg.placement.gpus, max)
+            .await;
+        if let Ok(Quota::Full { running }) = answer {
+            w.metrics
+                .tenant_quota_waits
+                .with_label_values(&[msg.tenant.as_str()])
+                .inc();
+            tracing::debug!(tenant = %msg.tenant, running, max, "tenant at its GPU quota: given back");
+        }
+        match protocol::tenant_quota(answer.ok()) {
+            Action::Proceed => {}
+            other => {
+                // Its GPUs go to other jobs at once, not after the give-back's pause.
+                w.slots.release(msg.id);
+                return job.act(other).await;
+            }
+        }
+    }
     w.metrics.leases_held.inc();
     let out = run::leased(job, received, gpus).await;
     w.metrics.leases_held.dec();
+    if msg.tenant_max_gpus.is_some()
+        && let Err(e) = w.coord.give_tenant_gpus(&msg.tenant, msg.id).await
+    {
+        // The entry is dropped anyway once this process is gone; until then it counts.
+        tracing::warn!(error.message = %e, "could not return the job's GPUs to its tenant's quota");
+    }
     out
 }

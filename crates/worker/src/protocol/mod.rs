@@ -12,6 +12,7 @@ use gpuq_common::JobStatus;
 pub const PRIOR_DELIVERIES_HEADER: &str = "x-gpuq-prior-deliveries";
 
 pub use gpuq_common::coord::lease::{ALIVE_TTL, Acquire};
+pub use gpuq_common::coord::quota::Quota;
 
 /// How long a delivery waits on a lease held by a live owner before it gives the job back.
 pub const LEASE_WAIT: Duration = Duration::from_secs(4);
@@ -199,6 +200,20 @@ pub fn lease(answer: Option<Acquire>, waited: Duration, stopping: bool) -> Actio
         Some(Acquire::Held) if waited < LEASE_WAIT => Action::Wait(LEASE_POLL),
         Some(Acquire::Held) => give_back("lease_held", Duration::ZERO, false),
         Some(Acquire::Taken | Acquire::TakenOver) => Action::Proceed,
+    }
+}
+
+/// How long a job over its tenant's GPU quota is held before it goes back to its queue.
+pub const QUOTA_RETRY: Duration = Duration::from_secs(1);
+
+/// Step 4b, under the lease, for a job whose tenant has a GPU quota: `answer` is `None` when
+/// Redis did not answer. A job over the quota waits in its queue, its budget intact.
+pub fn tenant_quota(answer: Option<Quota>) -> Action {
+    match answer {
+        Some(Quota::Granted) => Action::Proceed,
+        Some(Quota::Full { .. }) => give_back("tenant_gpu_quota", QUOTA_RETRY, true),
+        // The quota cannot be checked: not the job's fault, and no reason to pass it.
+        None => give_back("tenant_gpu_quota_unknown", QUOTA_RETRY, true),
     }
 }
 

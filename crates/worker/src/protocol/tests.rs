@@ -350,3 +350,26 @@ fn give_back_contention_capacity_and_shutdown_never_requeue() {
         AfterRun::Then(Action::GiveBack { .. })
     ));
 }
+
+#[test]
+fn a_job_over_its_tenants_gpu_quota_waits_in_its_queue_budget_intact() {
+    assert_eq!(tenant_quota(Some(Quota::Granted)), Action::Proceed);
+    for answer in [Some(Quota::Full { running: 4 }), None] {
+        let a = tenant_quota(answer);
+        match a {
+            Action::GiveBack {
+                delay,
+                release_lease,
+                ..
+            } => {
+                assert_eq!(delay, QUOTA_RETRY);
+                assert!(release_lease, "{a:?}");
+            }
+            other => panic!("{answer:?}: {other:?}"),
+        }
+    }
+    assert!(is_give_back(
+        &tenant_quota(Some(Quota::Full { running: 1 })),
+        "tenant_gpu_quota"
+    ));
+}

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at INTEGER,
     finished_at INTEGER,
     drive TEXT,
-    owner TEXT
+    owner TEXT,
+    tenant TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
@@ -87,8 +88,9 @@ pub(super) fn open_conn(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Databases made before re-drives were named lack the `drive` column, and those made before
-/// submissions owned their records lack `owner`: add the one missing.
+/// Databases made before re-drives were named lack the `drive` column, those made before
+/// submissions owned their records lack `owner`, and those made before tenants lack `tenant`:
+/// add the one missing.
 pub(super) fn add_text_column(conn: &Connection, name: &str) -> Result<(), StoreError> {
     let has_it = || {
         conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")

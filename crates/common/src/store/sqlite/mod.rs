@@ -7,7 +7,7 @@
 /// prepared once per connection).
 macro_rules! columns {
     () => {
-        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at"
+        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at, tenant"
     };
 }
 macro_rules! not_final {
@@ -28,10 +28,18 @@ use tokio::sync::oneshot;
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+use crate::tenancy::DEFAULT_TENANT;
 use conn::{SCHEMA, add_text_column, open_conn, unavailable};
 use writer::{GET_SQL, Op, row_to_record, writer_loop};
 
 const COLUMNS: &str = columns!();
+
+/// A tenant's listing walks its own jobs by id; the per-tenant counts of unfinished jobs read
+/// only the entries of queued and running ones. (Made after `tenant` is added to old files.)
+const TENANT_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS jobs_tenant_id ON jobs(tenant, id);
+CREATE INDEX IF NOT EXISTS jobs_status_tenant ON jobs(status, tenant);
+";
 
 pub struct SqliteStore {
     writer: mpsc::Sender<Op>,
@@ -44,6 +52,10 @@ impl SqliteStore {
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
         add_text_column(&write_conn, "drive")?;
         add_text_column(&write_conn, "owner")?;
+        add_text_column(&write_conn, "tenant")?;
+        write_conn
+            .execute_batch(TENANT_INDEXES)
+            .map_err(unavailable)?;
         let reader = open_conn(path)?;
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
@@ -125,6 +137,13 @@ impl JobStore for SqliteStore {
             let limit = page_limit(q.limit);
             let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1=1");
             let mut args: Vec<String> = vec![];
+            if let Some(t) = &q.tenant {
+                args.push(t.clone());
+                sql.push_str(&format!(
+                    " AND coalesce(tenant, '{DEFAULT_TENANT}') = ?{}",
+                    args.len()
+                ));
+            }
             if let Some(s) = q.status {
                 args.push(s.as_str().into());
                 sql.push_str(&format!(" AND status = ?{}", args.len()));
@@ -205,6 +224,27 @@ impl JobStore for SqliteStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(concat!(
+                    "SELECT coalesce(tenant, '",
+                    "default",
+                    "'), count(*) FROM jobs WHERE status IN ",
+                    not_final!(),
+                    " GROUP BY 1"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(unavailable)?;
+            rows.map(|row| row.map_err(unavailable)).collect()
         })
         .await
     }

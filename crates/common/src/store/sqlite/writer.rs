@@ -15,7 +15,7 @@ use crate::topology::FIRST_DRIVE;
 const INSERT_SQL: &str = concat!(
     "INSERT OR IGNORE INTO jobs (",
     columns!(),
-    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)"
+    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"
 );
 pub(super) const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
 const MAX_BATCH: usize = 512;
@@ -205,6 +205,7 @@ fn insert_row(
                 job.created_at,
                 job.started_at,
                 job.finished_at,
+                job.tenant,
                 owner,
             ])
         })
@@ -338,6 +339,11 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, S
             created_at: r.get(12).map_err(|_| corrupt("created_at"))?,
             started_at: r.get(13).map_err(|_| corrupt("started_at"))?,
             finished_at: r.get(14).map_err(|_| corrupt("finished_at"))?,
+            // Jobs stored before tenants have none: they are the default tenant's.
+            tenant: r
+                .get::<_, Option<String>>(15)
+                .map_err(|_| corrupt("tenant"))?
+                .unwrap_or_else(|| crate::tenancy::DEFAULT_TENANT.to_string()),
         })
     };
     Ok(build())
