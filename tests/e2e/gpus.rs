@@ -673,6 +673,8 @@ fn job_processes(id: Uuid) -> Vec<(u32, String)> {
 async fn a_hung_engine_is_killed_and_its_job_requeued_and_finished_elsewhere() {
     let stack = healthy_stack(StackOptions {
         workers: 2,
+        // `hang_attempts` is refused on a pool without fault injection.
+        fault_injection: true,
         env: vec![("GPUQ_PROGRESS_TIMEOUT_S".into(), "2".into())],
         ..Default::default()
     })

@@ -498,3 +498,47 @@ async fn a_read_with_wait_answers_once_the_job_is_final() {
     eprintln!("?wait= answered {late} ms after the job's final record");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn knobs_that_crash_or_hang_workers_are_refused_unless_the_pools_workers_inject_faults() {
+    // worker-1 serves `default` as production does; worker-2 serves `chaos` with fault injection.
+    let stack = Stack::start_healthy(StackOptions {
+        workers: 2,
+        worker_env: [(
+            1,
+            vec![
+                ("GPUQ_WORKER_POOLS".to_string(), "chaos".to_string()),
+                ("GPUQ_FAULT_INJECTION".to_string(), "true".to_string()),
+            ],
+        )]
+        .into(),
+        ..Default::default()
+    })
+    .await;
+    for (knob, value) in [
+        ("crash_probability", json!(0.5)),
+        ("hang_attempts", json!(1)),
+    ] {
+        for pool in ["default", "nobody-serves-this"] {
+            let (status, v) = stack
+                .submit(&json!({"kind": "simulate", "pool": pool, "params": {knob: value}}))
+                .await
+                .unwrap();
+            assert_eq!(status, 422, "{knob} on {pool}: {v}");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&format!("params.{knob}")), "{message}");
+        }
+    }
+    // The fault-injection pool takes them (a crash chance too small to hit, so the job succeeds).
+    let id = stack
+        .submit_ok(&json!({"kind": "simulate", "pool": "chaos",
+            "params": {"duration_ms": 10, "crash_probability": 1e-12}}))
+        .await
+        .unwrap();
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
+    assert_eq!(r.worker.as_deref(), Some("worker-2"));
+    // Nothing refused was enqueued.
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    stack.stop().await;
+}

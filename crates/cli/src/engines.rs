@@ -210,6 +210,7 @@ mod tests {
                 started_at_ms: 0,
                 sent_at_ms: 9_000,
                 heartbeat_interval_ms: 2_000,
+                fault_injection: false,
             }),
         }
     }

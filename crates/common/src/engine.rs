@@ -126,6 +126,9 @@ pub struct Heartbeat {
     pub started_at_ms: i64,
     pub sent_at_ms: i64,
     pub heartbeat_interval_ms: u64,
+    /// The worker takes `simulate` knobs that crash or hang it (`GPUQ_FAULT_INJECTION`).
+    #[serde(default)]
+    pub fault_injection: bool,
 }
 
 /// An engine's state as the manager derives it.

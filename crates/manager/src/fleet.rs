@@ -149,6 +149,7 @@ mod tests {
                 started_at_ms: 0,
                 sent_at_ms: 0,
                 heartbeat_interval_ms: 1000,
+                fault_injection: false,
             }),
         }
     }

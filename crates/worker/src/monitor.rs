@@ -140,6 +140,7 @@ pub fn current(w: &Worker) -> Heartbeat {
         started_at_ms: w.started_at_ms,
         sent_at_ms: now_ms(),
         heartbeat_interval_ms: w.config.heartbeat_interval.as_millis() as u64,
+        fault_injection: w.config.fault_injection,
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::CoordError;
 use super::conn as redis_conn;
 use super::keys::Keys;
+use super::pools::pool_view;
 use crate::job::{JobId, now_ms};
 use redis::aio::ConnectionManager;
 
@@ -75,6 +76,20 @@ impl Kv {
     }
 
     /// Drops a job's done marker (a re-drive: workers would otherwise skip the job).
+    /// Whether every live worker of `pool` runs with fault injection (`None`: no live worker),
+    /// so a job whose knobs crash or hang workers may be sent there.
+    pub async fn pool_fault_injection(
+        &self,
+        keys: &Keys,
+        pool: &str,
+    ) -> Result<Option<bool>, CoordError> {
+        let mut c = self.conn.clone();
+        let view = tokio::time::timeout(REDIS_TIMEOUT, pool_view(&mut c, keys, pool))
+            .await
+            .map_err(|_| CoordError::Timeout(REDIS_TIMEOUT))??;
+        Ok((!view.live.is_empty()).then(|| view.live.iter().all(|hb| hb.fault_injection)))
+    }
+
     pub async fn clear_done(&self, keys: &Keys, id: JobId) -> Result<(), CoordError> {
         let key = keys.done(id);
         self.run(

@@ -6,7 +6,8 @@ use super::CoordResult;
 use std::time::Duration;
 
 use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
-use crate::engine::{AdminState, Heartbeat};
+use super::pools::{PoolView, pool_view};
+use crate::engine::AdminState;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
@@ -233,24 +234,10 @@ impl Coordinator {
         min_memory_mb: u64,
     ) -> CoordResult<Option<bool>> {
         let mut c = self.conn.clone();
-        let engines: Vec<String> = c.smembers(self.keys.engines()).await?;
-        if engines.is_empty() {
-            return Ok(None);
-        }
-        let keys: Vec<String> = engines.iter().map(|e| self.keys.engine(e)).collect();
-        let beats: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
-        let away: Vec<&String> = engines
-            .iter()
-            .zip(&beats)
-            .filter(|(_, b)| b.is_none())
-            .map(|(e, _)| e)
-            .collect();
-        let in_pool: Vec<Heartbeat> = beats
-            .into_iter()
-            .flatten()
-            .filter_map(|s| serde_json::from_str::<Heartbeat>(&s).ok())
-            .filter(|hb| hb.pools.iter().any(|p| p == pool))
-            .collect();
+        let PoolView {
+            live: in_pool,
+            away,
+        } = pool_view(&mut c, &self.keys, pool).await?;
         if in_pool.is_empty() {
             return Ok(None);
         }

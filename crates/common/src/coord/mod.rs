@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod keys;
 pub mod kv;
 pub mod lease;
+pub mod pools;
 pub mod quota;
 pub mod registry;
 

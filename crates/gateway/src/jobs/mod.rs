@@ -41,6 +41,9 @@ pub async fn submit(
     idempotency_key: Option<String>,
 ) -> Result<Submitted, JobError> {
     let (payload, placement) = req.validate().map_err(|e| invalid_job(&req, e))?;
+    if let Some(knob) = worker_breaking_knob(&payload) {
+        require_fault_injection(state, &placement.pool, knob).await?;
+    }
     let tenant = who.tenant.as_str();
     let limits = state.quotas.limits(tenant);
     if let Some(max) = limits.max_gpus
@@ -105,6 +108,34 @@ async fn admitted(
     tokio::spawn(async move { enqueue(&state, msg, ticket).await }.instrument(Span::current()))
         .await
         .map_err(|e| JobError::Internal(anyhow::Error::new(e).context("submit task")))?
+}
+
+/// The `simulate` knob, if any, that crashes or hangs the worker running the job.
+fn worker_breaking_knob(payload: &JobPayload) -> Option<&'static str> {
+    match payload {
+        JobPayload::Simulate(p) if p.crash_probability > 0.0 => Some("crash_probability"),
+        JobPayload::Simulate(p) if p.hang_attempts > 0 => Some("hang_attempts"),
+        _ => None,
+    }
+}
+
+/// Knobs that crash or hang workers are for fault-injection fleets only (the tester, demos): a
+/// pool of production workers refuses them with a 422 instead of losing engines to them.
+async fn require_fault_injection(
+    state: &SharedState,
+    pool: &str,
+    knob: &str,
+) -> Result<(), JobError> {
+    match state.kv.pool_fault_injection(&state.keys, pool).await {
+        Ok(Some(true)) => Ok(()),
+        Ok(_) => Err(JobError::Invalid(format!(
+            "params.{knob}: crashes or hangs workers; only for a pool whose live workers all run with fault injection (GPUQ_FAULT_INJECTION=true), which pool {pool} has not"
+        ))),
+        Err(source) => Err(JobError::Coordination {
+            action: "check that the pool's workers run with fault injection",
+            source,
+        }),
+    }
 }
 
 /// A 422 naming the field at fault. `validate` names only `params` when a parameter has the

@@ -283,6 +283,7 @@ pub fn heartbeat(engine: &str, instance: &str, gpus: Vec<GpuSnapshot>) -> Heartb
         started_at_ms: gpuq_common::job::now_ms(),
         sent_at_ms: gpuq_common::job::now_ms(),
         heartbeat_interval_ms: 300,
+        fault_injection: false,
     }
 }
 
