@@ -220,6 +220,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The longest a request may take until its answer's head, body upload included: above the
+/// longest `?wait=` (55 s), under the servers' idle timeout. A stream (SSE) answers its head at
+/// once and is not limited by it.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Answers 503 (JSON, `Retry-After`) for a request whose handler is not done within `limit`,
+/// dropping the handler's work: a dependency that hangs costs a client a bounded wait.
+pub async fn request_timeout(
+    State(limit): State<std::time::Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request took longer than {}s",
+            limit.as_secs_f64()
+        ))
+        .into_response(),
+    }
+}
+
 /// Middleware recording `gpuq_http_requests_total` and latency by matched route.
 pub async fn track_metrics(
     State(m): State<Arc<HttpMetrics>>,
@@ -251,6 +273,7 @@ pub fn service_router(app: Router, registry: Registry, http_metrics: Arc<HttpMet
     app.merge(ops_routes(registry))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(REQUEST_TIMEOUT, request_timeout))
         .layer(from_fn_with_state(http_metrics, track_metrics))
         .layer(
             TraceLayer::new_for_http()
@@ -323,6 +346,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_over_the_time_limit_gets_a_503_json_error() {
+        use tower::ServiceExt;
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }))
+            .layer(from_fn_with_state(
+                std::time::Duration::from_millis(100),
+                request_timeout,
+            ));
+        let call = |path: &'static str| {
+            app.clone()
+                .oneshot(Request::get(path).body(axum::body::Body::empty()).unwrap())
+        };
+        let started = Instant::now();
+        let slow = call("/slow").await.unwrap();
+        assert_eq!(slow.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(slow.headers().contains_key(header::RETRY_AFTER));
+        let body = axum::body::to_bytes(slow.into_body(), 4096).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "unavailable", "{v}");
+        assert_eq!(call("/fast").await.unwrap().status(), StatusCode::OK);
+    }
 
     #[test]
     fn bearer_tokens_are_checked() {
