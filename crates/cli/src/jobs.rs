@@ -224,6 +224,7 @@ pub(crate) mod tests {
             created_at: created,
             started_at: started,
             finished_at: finished,
+            progress: None,
         }
     }
 

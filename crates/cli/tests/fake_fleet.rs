@@ -71,6 +71,7 @@ fn record(id: Uuid, created: i64, never_finishes: bool) -> JobRecord {
         created_at: created,
         started_at: Some(created + 5),
         finished_at: done.then_some(created + 30),
+        progress: None,
     }
 }
 

@@ -386,6 +386,9 @@ pub struct JobRecord {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The latest progress the job reported (its `progress` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::events::Progress>,
 }
 
 impl JobRecord {
@@ -412,6 +415,7 @@ impl JobRecord {
             created_at: msg.created_at_ms,
             started_at: None,
             finished_at: None,
+            progress: None,
         }
     }
 }
@@ -427,6 +431,9 @@ pub struct FinalOutcome {
     /// The attempt that produced it, recorded with the outcome. A worker sends it because a
     /// short job's `running` record is never written (see the worker's `running_record_delay_ms`).
     pub attempt: Option<AttemptInfo>,
+    /// Events of the run not yet in the job's log: appended with the outcome, before its
+    /// `final` event (which every stored outcome appends).
+    pub events: Vec<crate::events::NewEvent>,
 }
 
 impl FinalOutcome {
@@ -440,6 +447,7 @@ impl FinalOutcome {
             worker,
             finished_at: now_ms(),
             attempt,
+            events: vec![],
         }
     }
 }

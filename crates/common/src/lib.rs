@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod config;
 pub mod coord;
 pub mod engine;
+pub mod events;
 pub mod faults;
 pub mod http;
 pub mod job;

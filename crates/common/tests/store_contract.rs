@@ -40,6 +40,7 @@ fn outcome(status: JobStatus, worker: &str) -> FinalOutcome {
         worker: Some(worker.into()),
         finished_at: now_ms(),
         attempt: None,
+        events: vec![],
     }
 }
 
@@ -337,6 +338,70 @@ async fn contract(store: Arc<dyn JobStore>) {
     assert!(counts[&JobStatus::Queued] >= 26);
     assert!(counts[&JobStatus::Succeeded] >= 1);
     tenants(&store, &pool).await;
+    event_log(&store, &pool).await;
+}
+
+/// Events get strictly increasing offsets per job, read back in order after any offset; the
+/// last progress is on the record; a stored outcome appends its events and a `final` event.
+async fn event_log(store: &Arc<dyn JobStore>, pool: &str) {
+    use gpuq_common::events::{EventKind, attempt_event, from_line};
+    let job = new_job(pool);
+    store.insert(&job).await.unwrap();
+    let other = new_job(pool);
+    store.insert(&other).await.unwrap();
+    let first = vec![
+        attempt_event(1, "w1", &[0], 1),
+        from_line("stdout", "hello", 2),
+        from_line(
+            "stdout",
+            r#"##gpuq:progress {"fraction": 0.25, "metrics": {"loss": 0.5}}"#,
+            3,
+        ),
+    ];
+    assert_eq!(store.append_events(job.id, &first).await.unwrap(), 3);
+    assert_eq!(store.append_events(other.id, &first[..1]).await.unwrap(), 1);
+    let second = vec![from_line("stderr", "warn", 4)];
+    assert_eq!(store.append_events(job.id, &second).await.unwrap(), 4);
+    assert_eq!(
+        store
+            .append_events(uuid::Uuid::now_v7(), &second)
+            .await
+            .unwrap(),
+        0
+    );
+    let r = store.get(job.id).await.unwrap().unwrap();
+    let p = r.progress.expect("progress on the record");
+    assert_eq!((p.fraction, p.metrics["loss"]), (Some(0.25), 0.5));
+    let mut o = outcome(JobStatus::Succeeded, "w1");
+    o.events = vec![from_line("stdout", "bye", 5)];
+    assert_eq!(
+        store.finish(job.id, &o).await.unwrap(),
+        FinishOutcome::Stored
+    );
+    // A late final write appends nothing.
+    let late = outcome(JobStatus::Failed, "w2");
+    assert!(matches!(
+        store.finish(job.id, &late).await.unwrap(),
+        FinishOutcome::AlreadyFinal(_)
+    ));
+    let all = store.events(job.id, 0, 100).await.unwrap();
+    let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, vec![1, 2, 3, 4, 5, 6]);
+    let kinds: Vec<EventKind> = all.iter().map(|e| e.kind).collect();
+    use EventKind::*;
+    assert_eq!(
+        kinds,
+        vec![Attempt, Output, Progress, Output, Output, Final]
+    );
+    assert_eq!(all[1].data["line"], "hello");
+    assert_eq!(all[5].data["status"], "succeeded");
+    let page = store.events(job.id, 2, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert!(store.events(job.id, 6, 100).await.unwrap().is_empty());
+    assert_eq!(store.events(other.id, 0, 100).await.unwrap().len(), 1);
 }
 
 /// Every record keeps its tenant; a tenant's listing shows its jobs only; the counts of

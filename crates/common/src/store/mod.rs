@@ -5,6 +5,7 @@
 mod mongo;
 mod sqlite;
 
+use crate::events::{JobEvent, NewEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -154,6 +155,12 @@ pub trait JobStore: Send + Sync + 'static {
     async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError>;
     /// Jobs by status (for status pages and benchmarks).
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError>;
+    /// Appends events to the job's log, each under the next offset of the job, and sets the
+    /// record's `progress` to the last `progress` event among them. Answers the last offset
+    /// (0 when the job has no record: nothing is appended).
+    async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError>;
+    /// The job's events with offsets above `after`, oldest first, at most `limit`.
+    async fn events(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<JobEvent>, StoreError>;
     /// Jobs not final yet (queued or running) per tenant: the gateway's `max_queued` quota.
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;

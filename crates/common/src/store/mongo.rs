@@ -1,21 +1,31 @@
 //! MongoDB backend (the compose default). Conditional writes are single-document updates
 //! filtered on a non-final status, which MongoDB applies atomically: the first final result wins.
 
-use crate::tenancy::DEFAULT_TENANT;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::options::{CollectionOptions, IndexOptions, WriteConcern};
+use mongodb::options::{CollectionOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use crate::events::{EventKind, JobEvent, NewEvent, final_event};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
+use crate::tenancy::DEFAULT_TENANT;
 use crate::topology::FIRST_DRIVE;
 
 pub struct MongoStore {
     jobs: Collection<Document>,
+    /// Every job's event log: one document per event, `{job, offset}` unique.
+    events: Collection<Document>,
+}
+
+fn index(keys: Document, name: &str) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_string()).build())
+        .build()
 }
 
 fn unavailable(e: mongodb::error::Error) -> StoreError {
@@ -96,42 +106,24 @@ impl MongoStore {
                 .build(),
         );
         jobs.create_indexes([
-            IndexModel::builder()
-                .keys(doc! { "status": 1, "_id": -1 })
-                .options(
-                    IndexOptions::builder()
-                        .name("status_id".to_string())
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! { "tenant": 1, "_id": -1 })
-                .options(
-                    IndexOptions::builder()
-                        .name("tenant_id".to_string())
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! { "status": 1, "tenant": 1 })
-                .options(
-                    IndexOptions::builder()
-                        .name("status_tenant".to_string())
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! { "created_at": -1 })
-                .options(
-                    IndexOptions::builder()
-                        .name("created_at".to_string())
-                        .build(),
-                )
-                .build(),
+            index(doc! { "status": 1, "_id": -1 }, "status_id"),
+            index(doc! { "tenant": 1, "_id": -1 }, "tenant_id"),
+            index(doc! { "status": 1, "tenant": 1 }, "status_tenant"),
+            index(doc! { "created_at": -1 }, "created_at"),
         ])
         .await
         .map_err(unavailable)?;
-        Ok(Self { jobs })
+        let events = db.collection_with_options::<Document>(
+            "job_events",
+            CollectionOptions::builder()
+                .write_concern(durable(db.write_concern()))
+                .build(),
+        );
+        events
+            .create_index(index(doc! { "job": 1, "offset": 1 }, "job_offset"))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { jobs, events })
     }
 
     async fn insert_doc(&self, id: JobId, d: Document) -> Result<(), StoreError> {
@@ -196,6 +188,12 @@ impl MongoStore {
             .await
             .map_err(unavailable)?;
         if r.matched_count == 1 {
+            // Not one transaction with the outcome (a standalone server has none): a crash in
+            // between leaves the log without its `final` event, which readers of the log
+            // make up for from the record (see the gateway's event stream).
+            let mut events = o.events.clone();
+            events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
+            self.append_events(id, &events).await?;
             return Ok(FinishOutcome::Stored);
         }
         Ok(match self.status_of(id).await? {
@@ -384,6 +382,76 @@ impl JobStore for MongoStore {
             }
         }
         Ok(out)
+    }
+
+    async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let n = events.len() as i64;
+        let mut update = doc! { "$inc": { "event_seq": n } };
+        if let Some(p) = events.iter().rev().find(|e| e.kind == EventKind::Progress) {
+            update.insert("$set", doc! { "progress": json_to_bson(&p.data)? });
+        }
+        let Some(job) = self
+            .jobs
+            .find_one_and_update(doc! { "_id": id.to_string() }, update)
+            .return_document(ReturnDocument::After)
+            .projection(doc! { "event_seq": 1 })
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(0);
+        };
+        let last = match job.get("event_seq") {
+            Some(Bson::Int64(v)) => *v,
+            Some(Bson::Int32(v)) => i64::from(*v),
+            _ => return Err(StoreError::Corrupt(format!("event_seq of job {id}").into())),
+        };
+        let docs = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Ok(doc! {
+                    "job": id.to_string(),
+                    "offset": last - n + 1 + i as i64,
+                    "kind": e.kind.as_str(),
+                    "at_ms": e.at_ms,
+                    "data": json_to_bson(&e.data)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.events.insert_many(docs).await.map_err(unavailable)?;
+        Ok(last as u64)
+    }
+
+    async fn events(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<JobEvent>, StoreError> {
+        let cursor = self
+            .events
+            .find(doc! { "job": id.to_string(), "offset": { "$gt": after as i64 } })
+            .sort(doc! { "offset": 1 })
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
+        docs.into_iter()
+            .map(|d| {
+                let corrupt = || StoreError::Corrupt(format!("an event of job {id}").into());
+                Ok(JobEvent {
+                    offset: d.get_i64("offset").map_err(|_| corrupt())? as u64,
+                    kind: d
+                        .get_str("kind")
+                        .ok()
+                        .and_then(EventKind::parse)
+                        .ok_or_else(corrupt)?,
+                    at_ms: d.get_i64("at_ms").map_err(|_| corrupt())?,
+                    data: d
+                        .get("data")
+                        .map(|b| b.clone().into_relaxed_extjson())
+                        .ok_or_else(corrupt)?,
+                })
+            })
+            .collect()
     }
 
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {

@@ -545,6 +545,7 @@ async fn redrive(
                 worker: record.worker.clone(),
                 finished_at: record.finished_at.unwrap_or_else(now_ms),
                 attempt: None,
+                events: vec![],
             };
             if let Err(se) = state.store.finish_drive(id, &drive, &back).await {
                 tracing::error!(

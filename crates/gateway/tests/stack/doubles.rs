@@ -155,6 +155,21 @@ impl JobStore for SlowFirstInsert {
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.inner.count_active_by_tenant().await
     }
+    async fn append_events(
+        &self,
+        id: JobId,
+        events: &[gpuq_common::events::NewEvent],
+    ) -> Result<u64, StoreError> {
+        self.inner.append_events(id, events).await
+    }
+    async fn events(
+        &self,
+        id: JobId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<gpuq_common::events::JobEvent>, StoreError> {
+        self.inner.events(id, after, limit).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

@@ -58,6 +58,7 @@ async fn retrying_a_dead_letter_republishes_it_under_the_same_id() {
         worker: Some("worker-1".into()),
         finished_at: now_ms(),
         attempt: None,
+        events: vec![],
     };
     let mut running = app
         .state
@@ -127,6 +128,7 @@ async fn a_re_drive_names_its_drive_and_one_the_broker_refuses_leaves_the_dead_l
         worker: None,
         finished_at: 1_700_000_000_000,
         attempt: None,
+        events: vec![],
     };
     store.finish(msg.id, &dead).await.unwrap();
     let before = store.get(msg.id).await.unwrap().unwrap();

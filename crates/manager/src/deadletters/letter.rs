@@ -171,6 +171,7 @@ async fn record_job(
         worker: None,
         finished_at: now_ms(),
         attempt: None,
+        events: vec![],
     };
     // Conditional on the drive: after a re-drive, a late copy of an earlier drive's dead letter
     // (mark of it lost with Redis, or never made) finds the job on another drive and is dropped.

@@ -70,6 +70,7 @@ async fn a_dead_letter_becomes_a_dead_lettered_record_with_its_reason_and_a_seco
         worker: Some("worker-1".into()),
         finished_at: now_ms(),
         attempt: None,
+        events: vec![],
     };
     store.finish(c.id, &done).await.unwrap();
     // B: unknown to the store, refused by every worker as unschedulable.

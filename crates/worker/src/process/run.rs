@@ -89,6 +89,7 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
             worker: Some(w.engine_id.clone()),
             finished_at: now_ms(),
             attempt: Some(ran),
+            events: vec![],
         }
     };
     finish(job, &record, &fin, scenario, elapsed, ran_at).await

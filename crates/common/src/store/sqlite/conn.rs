@@ -26,7 +26,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at INTEGER,
     drive TEXT,
     owner TEXT,
-    tenant TEXT
+    tenant TEXT,
+    progress TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_events (
+    job TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job, offset)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);

@@ -7,7 +7,7 @@
 /// prepared once per connection).
 macro_rules! columns {
     () => {
-        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at, tenant"
+        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at, tenant, progress"
     };
 }
 macro_rules! not_final {
@@ -27,6 +27,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use crate::events::{EventKind, JobEvent, NewEvent};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
 use crate::tenancy::DEFAULT_TENANT;
 use conn::{SCHEMA, add_text_column, open_conn, unavailable};
@@ -53,6 +54,7 @@ impl SqliteStore {
         add_text_column(&write_conn, "drive")?;
         add_text_column(&write_conn, "owner")?;
         add_text_column(&write_conn, "tenant")?;
+        add_text_column(&write_conn, "progress")?;
         write_conn
             .execute_batch(TENANT_INDEXES)
             .map_err(unavailable)?;
@@ -228,6 +230,44 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError> {
+        let events = events.to_vec();
+        self.send(|r| Op::Events(id, events, r)).await
+    }
+
+    async fn events(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<JobEvent>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT offset, kind, at, data FROM job_events WHERE job = ?1 AND offset > ?2 ORDER BY offset LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![id.to_string(), after as i64, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            let mut out = vec![];
+            for row in rows {
+                let (offset, kind, at_ms, data) = row.map_err(unavailable)?;
+                let corrupt = || StoreError::Corrupt(format!("event {offset} of job {id}").into());
+                out.push(JobEvent {
+                    offset: offset as u64,
+                    kind: EventKind::parse(&kind).ok_or_else(corrupt)?,
+                    at_ms,
+                    data: serde_json::from_str(&data).map_err(|_| corrupt())?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.read(|c| {
             let mut stmt = c
@@ -324,6 +364,7 @@ mod tests {
             worker: None,
             finished_at: 2,
             attempt: None,
+            events: vec![],
         };
         assert_eq!(
             store.finish_drive(id, FIRST_DRIVE, &dead).await.unwrap(),

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::conn::unavailable;
+use crate::events::{EventKind, NewEvent, final_event};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
 use crate::store::{FinishOutcome, StartOutcome, StoreError};
 use crate::topology::FIRST_DRIVE;
@@ -15,7 +16,7 @@ use crate::topology::FIRST_DRIVE;
 const INSERT_SQL: &str = concat!(
     "INSERT OR IGNORE INTO jobs (",
     columns!(),
-    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"
+    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"
 );
 pub(super) const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
 const MAX_BATCH: usize = 512;
@@ -47,6 +48,12 @@ pub(super) enum Op {
         oneshot::Sender<Result<FinishOutcome, StoreError>>,
     ),
     Reset(JobId, String, oneshot::Sender<Result<bool, StoreError>>),
+    /// Events for the job's log.
+    Events(
+        JobId,
+        Vec<NewEvent>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
 }
 
 pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
@@ -102,6 +109,9 @@ fn fail(op: Op, e: StoreError) {
             let _ = r.send(Err(err()));
         }
         Op::Reset(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
+        Op::Events(_, _, r) => {
             let _ = r.send(Err(err()));
         }
     }
@@ -169,6 +179,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
             reply(r, v)
         }
         Op::Finish(id, outcome, drive, r) => reply(r, finish(tx, id, &outcome, drive.as_deref())),
+        Op::Events(id, events, r) => reply(r, append_events(tx, id, &events)),
         Op::Reset(id, drive, r) => {
             let v = tx
                 .execute(
@@ -206,6 +217,9 @@ fn insert_row(
                 job.started_at,
                 job.finished_at,
                 job.tenant,
+                job.progress
+                    .as_ref()
+                    .map(|p| serde_json::to_string(p).expect("progress serializes")),
                 owner,
             ])
         })
@@ -288,6 +302,9 @@ fn finish(
         })
         .map_err(unavailable)?;
     if n == 1 {
+        let mut events = o.events.clone();
+        events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
+        append_events(tx, id, &events)?;
         return Ok(FinishOutcome::Stored);
     }
     Ok(match status_of(tx, id)? {
@@ -295,6 +312,45 @@ fn finish(
         Some(_) => FinishOutcome::Superseded,
         None => FinishOutcome::NotFound,
     })
+}
+
+/// Appends `events` under the job's next offsets (the write lock of the batch's transaction
+/// serializes every process's appends), and keeps the last progress on the record.
+fn append_events(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    events: &[NewEvent],
+) -> Result<u64, StoreError> {
+    let job = id.to_string();
+    if events.is_empty() || status_of(tx, id)?.is_none() {
+        return Ok(0);
+    }
+    let last: i64 = tx
+        .prepare_cached("SELECT coalesce(max(offset), 0) FROM job_events WHERE job = ?1")
+        .and_then(|mut st| st.query_row(params![job], |r| r.get(0)))
+        .map_err(unavailable)?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO job_events (job, offset, kind, at, data) VALUES (?1,?2,?3,?4,?5)",
+        )
+        .map_err(unavailable)?;
+    for (i, e) in events.iter().enumerate() {
+        insert
+            .execute(params![
+                job,
+                last + 1 + i as i64,
+                e.kind.as_str(),
+                e.at_ms,
+                e.data.to_string()
+            ])
+            .map_err(unavailable)?;
+    }
+    if let Some(p) = events.iter().rev().find(|e| e.kind == EventKind::Progress) {
+        tx.prepare_cached("UPDATE jobs SET progress = ?2 WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![job, p.data.to_string()]))
+            .map_err(unavailable)?;
+    }
+    Ok((last + events.len() as i64) as u64)
 }
 
 /// Decodes a row. Whatever a column holds that does not decode (a wrong type included) is
@@ -344,6 +400,12 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, S
                 .get::<_, Option<String>>(15)
                 .map_err(|_| corrupt("tenant"))?
                 .unwrap_or_else(|| crate::tenancy::DEFAULT_TENANT.to_string()),
+            progress: r
+                .get::<_, Option<String>>(16)
+                .map_err(|_| corrupt("progress"))?
+                .map(|s| serde_json::from_str(&s))
+                .transpose()
+                .map_err(|_| corrupt("progress"))?,
         })
     };
     Ok(build())
