@@ -83,6 +83,17 @@ pub struct JobEvent {
     pub data: Value,
 }
 
+/// A page of a job's events (`GET /v1/jobs/{id}/events?format=json`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<JobEvent>,
+    /// Pass as `from` for the next page.
+    pub next_from: u64,
+    /// The job's status now: once it is final and `events` ends with the `final` event, the log
+    /// is complete.
+    pub status: JobStatus,
+}
+
 /// A job's latest progress, as its record carries it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {

@@ -6,8 +6,8 @@ use std::sync::{Mutex, OnceLock};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 1 ms to 1 h: queue waits and GPU jobs span that range.
@@ -63,6 +63,13 @@ fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 }
 fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
     register(r, Gauge::new(name, help).expect("metric"), Kind::Gauge)
+}
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        r,
+        IntCounter::new(name, help).expect("metric"),
+        Kind::Counter,
+    )
 }
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
@@ -161,6 +168,8 @@ pub struct GatewayMetrics {
     pub confirm_seconds: HistogramVec,
     pub idempotent_replays: IntCounterVec,
     pub tenant_submissions: IntCounterVec,
+    pub job_events_streamed: IntCounter,
+    pub event_streams_open: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -197,6 +206,16 @@ impl GatewayMetrics {
                 "Submissions per tenant: accepted, or refused by its rate limit (rate) or its cap on unfinished jobs (max_queued).",
                 &["tenant", "outcome"],
             ),
+            job_events_streamed: int_counter(
+                r,
+                "gpuq_job_events_streamed_total",
+                "Job events sent to clients over event streams.",
+            ),
+            event_streams_open: int_gauge(
+                r,
+                "gpuq_job_event_streams_open",
+                "Job event streams (SSE) open now.",
+            ),
         }
     }
 }
@@ -221,6 +240,31 @@ pub struct WorkerMetrics {
     pub store_retries: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub tenant_quota_waits: IntCounterVec,
+    pub events: WorkerEventMetrics,
+}
+
+/// Worker: the jobs' event logs.
+#[derive(Clone)]
+pub struct WorkerEventMetrics {
+    pub written: IntCounter,
+    pub dropped: IntCounter,
+}
+
+impl WorkerEventMetrics {
+    fn new(r: &Registry) -> Self {
+        Self {
+            written: int_counter(
+                r,
+                "gpuq_job_events_written_total",
+                "Job events (progress, output, attempts, notices) written to the jobs' logs.",
+            ),
+            dropped: int_counter(
+                r,
+                "gpuq_job_events_dropped_total",
+                "Job events dropped for being over a job's bounds (rate, burst, per attempt).",
+            ),
+        }
+    }
 }
 
 /// A counter by pool: most of the worker's are.
@@ -327,6 +371,7 @@ impl WorkerMetrics {
                 "Deliveries given back because their tenant ran its GPU quota, by tenant.",
                 &["tenant"],
             ),
+            events: WorkerEventMetrics::new(r),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The OpenAPI document served at `/openapi.json`: every route, its bodies and the error shape.
 
+use gpuq_common::events::{EventKind, EventPage, JobEvent, Progress};
 use gpuq_common::http::{ErrorBody, ErrorDetail};
 use gpuq_common::job::{JobKind, JobPlacement, JobRecord, JobStatus, SubmitRequest};
 use gpuq_common::store::JobPage;
@@ -20,6 +21,7 @@ use crate::routes::{Readiness, SubmitResponse};
         crate::routes::jobs::list_jobs,
         crate::routes::jobs::get_job,
         crate::routes::jobs::cancel_job,
+        crate::routes::events::job_events,
         crate::routes::dead_letters::list_dead_letters,
         crate::routes::dead_letters::retry_dead_letter,
         crate::routes::health::readyz,
@@ -29,7 +31,7 @@ use crate::routes::{Readiness, SubmitResponse};
     ),
     components(schemas(
         SubmitRequest, SubmitResponse, JobRecord, JobPage, JobStatus, JobKind, JobPlacement,
-        ErrorBody, ErrorDetail, Readiness
+        ErrorBody, ErrorDetail, Readiness, EventPage, JobEvent, EventKind, Progress
     )),
     modifiers(&BearerAuth),
     tags(

@@ -29,6 +29,8 @@ pub struct AppState {
     pub cancel_ttl_s: u64,
     pub registry: Registry,
     pub metrics: GatewayMetrics,
+    /// Job event streams open now (`routes::events`).
+    pub open_streams: std::sync::atomic::AtomicUsize,
     pub http_metrics: Arc<HttpMetrics>,
 }
 
@@ -56,6 +58,7 @@ impl AppState {
             cancel_ttl_s: config.job_timeout_s.saturating_add(300),
             registry,
             metrics,
+            open_streams: std::sync::atomic::AtomicUsize::new(0),
             http_metrics,
         }
     }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod consumer;
+pub mod events;
 pub mod faults;
 pub mod gpu;
 pub mod monitor;

@@ -15,6 +15,9 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
 
+use crate::events::EventSink;
+use gpuq_common::events::{EventKind, MAX_LINE_BYTES, NewEvent, from_line};
+
 /// Why the worker stops a running engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -48,6 +51,8 @@ pub struct RunContext {
     pub progress_timeout: Option<Duration>,
     pub output_tail_bytes: usize,
     pub stop: watch::Receiver<Option<StopReason>>,
+    /// Where the engine's progress and output lines go (the job's event log).
+    pub events: EventSink,
 }
 
 pub async fn run(payload: &JobPayload, ctx: RunContext) -> RunOutcome {
@@ -89,7 +94,7 @@ async fn simulate(p: &SimulateParams, mut ctx: RunContext) -> RunOutcome {
     let steps = p.progress_steps.max(1);
     let step = Duration::from_millis(p.duration_ms) / steps;
     let deadline = tokio::time::Instant::now() + ctx.job_timeout;
-    for _ in 0..steps {
+    for i in 1..=steps {
         if !step.is_zero() {
             tokio::select! {
                 r = stopped(&mut ctx.stop) => return RunOutcome::Stopped(r),
@@ -98,6 +103,16 @@ async fn simulate(p: &SimulateParams, mut ctx: RunContext) -> RunOutcome {
                 }
                 _ = tokio::time::sleep(step) => {}
             }
+        }
+        if p.progress_steps > 0 {
+            ctx.events.push(NewEvent {
+                kind: EventKind::Progress,
+                at_ms: now_ms(),
+                data: json!({
+                    "fraction": f64::from(i) / f64::from(steps),
+                    "message": format!("step {i}/{steps}"),
+                }),
+            });
         }
     }
     let fail = p.always_fail
@@ -136,10 +151,46 @@ impl Tail {
     }
 }
 
+/// Splits a stream into lines, each an event of the job's log; a line longer than
+/// `MAX_LINE_BYTES` is cut there (the rest is its own line), so memory stays bounded.
+struct Lines {
+    stream: &'static str,
+    partial: Vec<u8>,
+    sink: EventSink,
+}
+
+impl Lines {
+    fn push(&mut self, mut chunk: &[u8]) {
+        while let Some(i) = chunk.iter().position(|&b| b == b'\n') {
+            self.partial.extend_from_slice(&chunk[..i]);
+            self.emit();
+            chunk = &chunk[i + 1..];
+        }
+        self.partial.extend_from_slice(chunk);
+        if self.partial.len() > MAX_LINE_BYTES {
+            self.emit();
+        }
+    }
+
+    fn emit(&mut self) {
+        let line = String::from_utf8_lossy(&self.partial);
+        let line = line.strip_suffix('\r').unwrap_or(&line);
+        self.sink.push(from_line(self.stream, line, now_ms()));
+        self.partial.clear();
+    }
+
+    fn end(&mut self) {
+        if !self.partial.is_empty() {
+            self.emit();
+        }
+    }
+}
+
 fn spawn_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     mut r: R,
     tail: Arc<Mutex<Tail>>,
     last_output: Arc<AtomicI64>,
+    mut lines: Lines,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 8192];
@@ -149,9 +200,11 @@ fn spawn_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
                 Ok(n) => {
                     last_output.store(now_ms(), Ordering::Relaxed);
                     tail.lock().await.push(&buf[..n]);
+                    lines.push(&buf[..n]);
                 }
             }
         }
+        lines.end();
     })
 }
 
@@ -164,6 +217,48 @@ fn kill_group(pgid: u32) {
 
 /// Exit code that asks for a retry (BSD `EX_TEMPFAIL`).
 pub const EXIT_RETRY: i32 = 75;
+
+/// Readers of the engine's stdout and stderr: each keeps its tail for the result and turns
+/// its lines into events.
+#[allow(clippy::type_complexity)]
+fn spawn_readers(
+    child: &mut tokio::process::Child,
+    ctx: &RunContext,
+    last_output: &Arc<AtomicI64>,
+) -> (
+    [tokio::task::JoinHandle<()>; 2],
+    Arc<Mutex<Tail>>,
+    Arc<Mutex<Tail>>,
+) {
+    let new_tail = || {
+        Arc::new(Mutex::new(Tail {
+            cap: ctx.output_tail_bytes,
+            buf: Vec::new(),
+            total: 0,
+        }))
+    };
+    let (out_tail, err_tail) = (new_tail(), new_tail());
+    let lines = |stream| Lines {
+        stream,
+        partial: Vec::new(),
+        sink: ctx.events.clone(),
+    };
+    let readers = [
+        spawn_reader(
+            child.stdout.take().expect("piped"),
+            out_tail.clone(),
+            last_output.clone(),
+            lines("stdout"),
+        ),
+        spawn_reader(
+            child.stderr.take().expect("piped"),
+            err_tail.clone(),
+            last_output.clone(),
+            lines("stderr"),
+        ),
+    ];
+    (readers, out_tail, err_tail)
+}
 
 async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     let Some(path) = ctx.programs.get(&p.program) else {
@@ -188,26 +283,7 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     };
     let pgid = child.id().unwrap_or_default();
     let last_output = Arc::new(AtomicI64::new(now_ms()));
-    let new_tail = || {
-        Arc::new(Mutex::new(Tail {
-            cap: ctx.output_tail_bytes,
-            buf: Vec::new(),
-            total: 0,
-        }))
-    };
-    let (out_tail, err_tail) = (new_tail(), new_tail());
-    let readers = [
-        spawn_reader(
-            child.stdout.take().expect("piped"),
-            out_tail.clone(),
-            last_output.clone(),
-        ),
-        spawn_reader(
-            child.stderr.take().expect("piped"),
-            err_tail.clone(),
-            last_output.clone(),
-        ),
-    ];
+    let (readers, out_tail, err_tail) = spawn_readers(&mut child, &ctx, &last_output);
     let timeout = p
         .timeout_s
         .map(Duration::from_secs)
@@ -329,26 +405,123 @@ mod tests {
         attempt: u32,
         programs: &[(&str, &str)],
     ) -> (RunContext, watch::Sender<Option<StopReason>>) {
+        ctx_with_events(attempt, programs).0
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn ctx_with_events(
+        attempt: u32,
+        programs: &[(&str, &str)],
+    ) -> (
+        (RunContext, watch::Sender<Option<StopReason>>),
+        tokio::sync::mpsc::Receiver<NewEvent>,
+    ) {
         let (tx, rx) = watch::channel(None);
+        let (sink, events) = EventSink::channel();
         (
-            RunContext {
-                job: Uuid::now_v7(),
-                attempt,
-                gpus: vec![1, 3],
-                worker: "w".into(),
-                programs: Arc::new(
-                    programs
-                        .iter()
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .collect(),
-                ),
-                job_timeout: Duration::from_secs(20),
-                progress_timeout: Some(Duration::from_secs(1)),
-                output_tail_bytes: 16,
-                stop: rx,
-            },
-            tx,
+            (
+                RunContext {
+                    job: Uuid::now_v7(),
+                    attempt,
+                    gpus: vec![1, 3],
+                    worker: "w".into(),
+                    programs: Arc::new(
+                        programs
+                            .iter()
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .collect(),
+                    ),
+                    job_timeout: Duration::from_secs(20),
+                    progress_timeout: Some(Duration::from_secs(1)),
+                    output_tail_bytes: 16,
+                    stop: rx,
+                    events: sink,
+                },
+                tx,
+            ),
+            events,
         )
+    }
+
+    fn drain(rx: &mut tokio::sync::mpsc::Receiver<NewEvent>) -> Vec<NewEvent> {
+        let mut out = vec![];
+        while let Ok(e) = rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_commands_lines_are_output_and_progress_events_in_order() {
+        let ((c, _stop), mut rx) = ctx_with_events(1, &[("sh", "/bin/sh")]);
+        let script = r#"printf 'one\ntw'; sleep 0.1; printf 'o\n'; echo '##gpuq:progress {"fraction": 0.5, "metrics": {"loss": 0.25}}'; echo err >&2; printf 'no newline'"#;
+        let out = run(&sh(script), c).await;
+        assert!(matches!(out, RunOutcome::Succeeded(_)), "{out:?}");
+        let events = drain(&mut rx);
+        let stdout: Vec<(EventKind, String)> = events
+            .iter()
+            .filter(|e| e.data["stream"] != "stderr")
+            .map(|e| {
+                (
+                    e.kind,
+                    e.data["line"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            stdout,
+            vec![
+                (EventKind::Output, "one".into()),
+                (EventKind::Output, "two".into()),
+                (EventKind::Progress, String::new()),
+                (EventKind::Output, "no newline".into()),
+            ]
+        );
+        let progress = events
+            .iter()
+            .find(|e| e.kind == EventKind::Progress)
+            .unwrap();
+        assert_eq!(progress.data["metrics"]["loss"], 0.25);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.data["stream"] == "stderr" && e.data["line"] == "err")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_lines_never_blocks_the_job_and_the_excess_is_counted() {
+        let ((c, _stop), mut rx) = ctx_with_events(1, &[("sh", "/bin/sh")]);
+        let sink = c.events.clone();
+        let started = std::time::Instant::now();
+        // 20,000 lines at once: far over the burst.
+        let out = run(
+            &sh("i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done"),
+            c,
+        )
+        .await;
+        assert!(matches!(out, RunOutcome::Succeeded(_)), "{out:?}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+        let kept = drain(&mut rx).len() as u64;
+        assert!(kept >= crate::events::BURST as u64, "{kept}");
+        assert_eq!(kept + sink.dropped(), 20_000, "every line kept or counted");
+        assert!(sink.dropped() > 0);
+    }
+
+    #[tokio::test]
+    async fn simulate_reports_each_progress_step() {
+        let ((c, _stop), mut rx) = ctx_with_events(1, &[]);
+        let p = JobPayload::Simulate(SimulateParams {
+            duration_ms: 40,
+            progress_steps: 4,
+            ..Default::default()
+        });
+        assert!(matches!(run(&p, c).await, RunOutcome::Succeeded(_)));
+        let fractions: Vec<f64> = drain(&mut rx)
+            .iter()
+            .map(|e| e.data["fraction"].as_f64().unwrap())
+            .collect();
+        assert_eq!(fractions, vec![0.25, 0.5, 0.75, 1.0]);
     }
 
     fn sh(script: &str) -> JobPayload {

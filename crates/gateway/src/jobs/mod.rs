@@ -367,7 +367,11 @@ fn not_found(id: JobId) -> JobError {
 
 /// The job's record if `who` may see it. Another tenant's job is "not found", exactly like a
 /// job that does not exist, so its existence does not leak.
-async fn visible(state: &SharedState, who: &Principal, id: JobId) -> Result<JobRecord, JobError> {
+pub async fn visible(
+    state: &SharedState,
+    who: &Principal,
+    id: JobId,
+) -> Result<JobRecord, JobError> {
     match state.store.get(id).await? {
         Some(r) if who.sees(&r.tenant) => Ok(r),
         _ => Err(not_found(id)),

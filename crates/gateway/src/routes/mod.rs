@@ -2,6 +2,7 @@
 //! answers for everything else (unknown route 404, wrong method 405, bad query 400).
 
 pub mod dead_letters;
+pub mod events;
 pub mod health;
 pub mod jobs;
 
@@ -38,6 +39,7 @@ fn routes() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
         ("get", "/v1/jobs", get(jobs::list_jobs)),
         ("get", "/v1/jobs/{id}", get(jobs::get_job)),
         ("post", "/v1/jobs/{id}/cancel", post(jobs::cancel_job)),
+        ("get", "/v1/jobs/{id}/events", get(events::job_events)),
         (
             "get",
             "/v1/dead-letters",

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gpuq_common::events::{NewEvent, attempt_event};
 use gpuq_common::job::{AttemptInfo, FinalOutcome, JobPayload, now_ms};
 use gpuq_common::store::{FinishOutcome, StartOutcome};
 use gpuq_common::{JobRecord, JobStatus};
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 
 use super::Outcome;
 use super::act::{Job, store_retry};
+use crate::events::AttemptEvents;
 use crate::faults::Scenario;
 use crate::protocol::{self, Action, AfterRun, Finish, RunEnd, Stored};
 use crate::runner::{self, RunContext, RunOutcome, StopReason};
@@ -48,7 +50,7 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
     count_start(w, job, received);
     tracing::info!(attempt, gpus = ?gpus, "job started");
 
-    let (scenario, outcome, elapsed) = run_attempt(job, &record, &gpus).await;
+    let (scenario, outcome, elapsed, events) = run_attempt(job, &record, &gpus).await;
     let ran_at = Instant::now();
     let kind = msg.payload.kind().as_str();
     let (end, result, error) = match outcome {
@@ -65,12 +67,14 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
             let err = error.unwrap_or_default();
             tracing::warn!(attempt, error.message = %err, "attempt failed; requeued for a retry");
             let note = format!("attempt {attempt}: {err}");
+            append_left(w, job, events).await;
             let _ = w.store.record_error(msg.id, attempt, &note).await;
             return job.requeue().await;
         }
         AfterRun::Then(action) => {
             count_completed(w, job, kind, "interrupted");
             tracing::warn!(reason = ?error, "job stopped by the worker; giving it back to the queue");
+            append_left(w, job, events).await;
             return job.act(action).await;
         }
     };
@@ -79,7 +83,7 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
         gpus,
         started_at: record.started_at.unwrap_or_else(now_ms),
     };
-    let fin = if status == JobStatus::Cancelled {
+    let mut fin = if status == JobStatus::Cancelled {
         FinalOutcome::cancelled(Some(w.engine_id.clone()), Some(ran))
     } else {
         FinalOutcome {
@@ -92,7 +96,22 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
             events: vec![],
         }
     };
+    // The attempt's events not written yet go with its outcome, before its `final` event.
+    w.metrics.events.written.inc_by(events.len() as u64);
+    fin.events = events;
     finish(job, &record, &fin, scenario, elapsed, ran_at).await
+}
+
+/// The events of an attempt that ends without a final outcome (retried, given back): written
+/// now, so the log shows what the attempt did before the next one's.
+async fn append_left(w: &Worker, job: &Job<'_>, events: Vec<NewEvent>) {
+    match w.store.append_events(job.msg.id, &events).await {
+        Ok(_) => w.metrics.events.written.inc_by(events.len() as u64),
+        Err(e) => {
+            w.metrics.events.dropped.inc_by(events.len() as u64);
+            tracing::warn!(error.message = %e, "the attempt's last events could not be written");
+        }
+    }
 }
 
 /// The record a run starts from: `running`, this attempt, this worker, these GPUs.
@@ -151,8 +170,14 @@ async fn run_attempt(
     job: &Job<'_>,
     record: &JobRecord,
     gpus: &[u32],
-) -> (Scenario, RunOutcome, Duration) {
+) -> (Scenario, RunOutcome, Duration, Vec<NewEvent>) {
     let (w, msg) = (job.w, job.msg);
+    let events = AttemptEvents::start(
+        w.store.clone(),
+        w.metrics.clone(),
+        msg.id,
+        attempt_event(record.attempts, &w.engine_id, gpus, now_ms()),
+    );
     let scenario = scenario_for(w, &msg.payload);
     let (stop_tx, stop_rx) = watch::channel(None);
     let running = Running {
@@ -177,6 +202,7 @@ async fn run_attempt(
             .then(|| Duration::from_secs(w.config.progress_timeout_s)),
         output_tail_bytes: w.config.output_tail_bytes,
         stop: stop_rx,
+        events: events.sink(),
     };
     let started = Instant::now();
     let run = runner::run(&msg.payload, ctx);
@@ -214,7 +240,7 @@ async fn run_attempt(
     };
     let failed = !matches!(outcome, RunOutcome::Succeeded(_));
     record_run(w, elapsed.as_millis() as u64, failed);
-    (scenario, outcome, elapsed)
+    (scenario, outcome, elapsed, events.finish().await)
 }
 
 /// Step 7: the conditional final write (retried while the store is down), then the done
