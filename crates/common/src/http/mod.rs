@@ -187,13 +187,17 @@ where
     }
 }
 
-/// Constant-time comparison of a bearer token against the accepted ones.
-pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
-    let token = headers
+/// The token of an `Authorization: Bearer …` header, if the request has one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+}
+
+/// Constant-time comparison of a bearer token against the accepted ones.
+pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
+    let token = bearer_token(headers).ok_or(ApiError::Unauthorized)?;
     let ok = accepted
         .iter()
         .filter(|k| !k.is_empty())
