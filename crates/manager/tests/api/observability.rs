@@ -206,14 +206,14 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
     assert!(o["throughput"]["finished_per_s"].is_number());
     assert_eq!(o["broker_connected"], true);
 
-    // The event stream sends an overview right away.
-    let mut r = app
-        .http
-        .get(app.url("/v1/events"))
-        .bearer_auth(READ_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    // The event stream (read token or admin token) sends an overview right away.
+    let events = |token: &'static str| {
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(token)
+            .send()
+    };
+    let mut r = events(READ_TOKEN).await.unwrap();
     assert!(
         r.headers()["content-type"]
             .to_str()
@@ -237,13 +237,7 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
         serde_json::from_str(event.split_once("data: ").unwrap().1).unwrap();
     assert_eq!(data["engines"][0]["heartbeat"]["gpus"][1]["index"], 1);
     // Then the shared feed's ticks, to this stream and to a second one alike.
-    let mut other = app
-        .http
-        .get(app.url("/v1/events"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let mut other = events(ADMIN_TOKEN).await.unwrap();
     for stream in [&mut r, &mut other] {
         let mut seen = String::new();
         let ticks = tokio::time::timeout(Duration::from_secs(8), async {
