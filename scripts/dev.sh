@@ -429,7 +429,7 @@ cmd_up() {
   cat <<EOF
 
   gateway      $GATEWAY_URL        (API key in .dev/env: GPUQ_API_KEY)
-  manager UI   $MANAGER_URL/ui
+  manager UI   $MANAGER_URL/ui   (token in .dev/env: GPUQ_READ_TOKEN, or GPUQ_ADMIN_TOKEN to act)
   workers      http://127.0.0.1:9001  http://127.0.0.1:9002  http://127.0.0.1:9003
   RabbitMQ     http://127.0.0.1:15672  (guest / guest)
   Redis        $REDIS_URL
