@@ -75,8 +75,14 @@ cmd_init() {
   tmp="$(mktemp "$ENV_FILE.XXXXXX")"
   chmod 600 "$tmp"
   cp .env.example "$tmp"
-  for key in $(grep -oE '^[A-Z0-9_]+(PASSWORD|COOKIE|TOKEN|KEYS)=$' .env.example | tr -d =); do
+  for key in $(grep -oE '^[A-Z0-9_]+(PASSWORD|COOKIE|TOKEN|KEYS|SECRET)=$' .env.example | tr -d =); do
     sed -i "s/^$key=\$/$key=$(secret)/" "$tmp"
+  done
+  # Each worker's credential derives from the fleet secret (not random like the others).
+  local fleet n
+  fleet="$(sed -n 's/^GPUQ_WORKER_SECRET=//p' "$tmp")"
+  for n in 1 2 3; do
+    sed -i "s/^WORKER${n}_TOKEN=.*/WORKER${n}_TOKEN=$(worker_token "$fleet" "worker-$n")/" "$tmp"
   done
   mv "$tmp" "$ENV_FILE"
   if find_compose >/dev/null 2>&1; then
@@ -91,7 +97,7 @@ cmd_init() {
 wrote $ENV_FILE with generated secrets (mode 600; keep it: the volumes' data needs them).
 Next: docker compose up -d      (or scripts/compose.sh up --local-images where nothing can be pulled)
   gateway API     http://$addr:8080     key: GPUQ_API_KEYS in $ENV_FILE
-  status page     http://$addr:8090/ui
+  status page     http://$addr:8090/ui  token: GPUQ_READ_TOKEN (or GPUQ_ADMIN_TOKEN) in $ENV_FILE
   Grafana         http://$addr:3000     user admin, GRAFANA_ADMIN_PASSWORD
   Prometheus      http://$addr:9090
   RabbitMQ        http://$addr:15672    user admin, RABBITMQ_ADMIN_PASSWORD
@@ -387,6 +393,7 @@ GPUQ_GATEWAY_URL=$gateway
 GPUQ_MANAGER_URL=$manager
 GPUQ_API_KEY=$(env_value GPUQ_API_KEYS | cut -d, -f1)
 GPUQ_ADMIN_TOKEN=$(env_value GPUQ_ADMIN_TOKEN)
+GPUQ_READ_TOKEN=$(env_value GPUQ_READ_TOKEN)
 GPUQ_WORKER_URLS=$w1,$w2,$w3
 GPUQ_COMPOSE_PROJECT=gpuq
 GPUQ_COMPOSE_MONGODB_URL=$mongo_url

@@ -18,8 +18,8 @@
 #   GPUQ_DEV_HEALTH_TIMEOUT   seconds to wait for every /healthz (default 30)
 #
 # Files: .dev/logs/<name>.log, .dev/pids/<name>.pid (restart loop = process group),
-# .dev/secrets (API key and admin token, reused by later runs), .dev/env (URLs and secrets as
-# KEY=value lines), .dev/gpuq.db (SQLite store), .dev/prometheus (with --with-prometheus),
+# .dev/secrets (API key, admin token, read token and the workers' fleet secret, reused by later
+# runs), .dev/env (URLs and the client secrets as KEY=value lines), .dev/gpuq.db (SQLite store), .dev/prometheus (with --with-prometheus),
 # .dev/store (the store of the last `up`), .dev/mongodb and .dev/pids/secantusd.pid and
 # .dev/logs/secantusd.log (with --store mongodb).
 set -euo pipefail
@@ -199,14 +199,22 @@ start_service() { # "LINE" BIN_DIR
     export GPUQ_API_KEYS="dev:admin:$API_KEY,team-b:submit:$API_KEY_2"
     export GPUQ_ADMIN_TOKEN="$ADMIN_TOKEN"
     export GPUQ_MANAGER_URL="$MANAGER_URL"
+    unset GPUQ_READ_TOKEN GPUQ_WORKER_SECRET GPUQ_WORKER_TOKEN
     export GPUQ_LOG_FORMAT=json
     export GPUQDEV_MARKER="$DEV_DIR"
     export GPUQDEV_SERVICE="$name"
     case "$name" in
       gateway) export GPUQ_GATEWAY_BIND="127.0.0.1:$port" ;;
-      manager) export GPUQ_MANAGER_BIND="127.0.0.1:$port" ;;
+      manager)
+        export GPUQ_MANAGER_BIND="127.0.0.1:$port"
+        # Only the manager holds the fleet secret; each worker gets its own credential.
+        export GPUQ_READ_TOKEN="$READ_TOKEN"
+        export GPUQ_WORKER_SECRET="$WORKER_SECRET"
+        ;;
       worker-*)
         export GPUQ_WORKER_ID="$name"
+        GPUQ_WORKER_TOKEN="$(worker_token "$WORKER_SECRET" "$name")"
+        export GPUQ_WORKER_TOKEN
         export GPUQ_WORKER_BIND="127.0.0.1:$port"
         export GPUQ_GPUS=sim:2
         export GPUQ_FAULT_INJECTION=true
@@ -258,16 +266,25 @@ load_or_make_secrets() {
     API_KEY="$(sed -n 's/^GPUQ_API_KEY=//p' "$DEV_DIR/secrets")"
     API_KEY_2="$(sed -n 's/^GPUQ_API_KEY_2=//p' "$DEV_DIR/secrets")"
     ADMIN_TOKEN="$(sed -n 's/^GPUQ_ADMIN_TOKEN=//p' "$DEV_DIR/secrets")"
+    READ_TOKEN="$(sed -n 's/^GPUQ_READ_TOKEN=//p' "$DEV_DIR/secrets")"
+    WORKER_SECRET="$(sed -n 's/^GPUQ_WORKER_SECRET=//p' "$DEV_DIR/secrets")"
   fi
-  if [ -z "${API_KEY:-}" ] || [ -z "${API_KEY_2:-}" ] || [ -z "${ADMIN_TOKEN:-}" ]; then
-    API_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
-    API_KEY_2="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
-    ADMIN_TOKEN="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+  # Each missing one is made (a .dev/secrets of an older dev.sh keeps the ones it has).
+  local made=()
+  [ -n "${API_KEY:-}" ] || { API_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"; made+=("API key"); }
+  [ -n "${API_KEY_2:-}" ] || { API_KEY_2="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"; made+=("API key of tenant team-b"); }
+  [ -n "${ADMIN_TOKEN:-}" ] || { ADMIN_TOKEN="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"; made+=("admin token"); }
+  [ -n "${READ_TOKEN:-}" ] || { READ_TOKEN="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"; made+=("read token"); }
+  [ -n "${WORKER_SECRET:-}" ] || { WORKER_SECRET="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"; made+=("worker secret"); }
+  if [ "${#made[@]}" -gt 0 ]; then
     (
       umask 077
-      printf 'GPUQ_API_KEY=%s\nGPUQ_API_KEY_2=%s\nGPUQ_ADMIN_TOKEN=%s\n' "$API_KEY" "$API_KEY_2" "$ADMIN_TOKEN" >"$DEV_DIR/secrets"
+      printf 'GPUQ_API_KEY=%s\nGPUQ_API_KEY_2=%s\nGPUQ_ADMIN_TOKEN=%s\nGPUQ_READ_TOKEN=%s\nGPUQ_WORKER_SECRET=%s\n' \
+        "$API_KEY" "$API_KEY_2" "$ADMIN_TOKEN" "$READ_TOKEN" "$WORKER_SECRET" >"$DEV_DIR/secrets"
     )
-    log "generated new API keys (tenants dev and team-b) and an admin token in .dev/secrets"
+    local list
+    list="$(printf '%s, ' "${made[@]}")"
+    log "generated in .dev/secrets: ${list%, }"
   fi
 }
 
@@ -280,6 +297,7 @@ GPUQ_MANAGER_URL=$MANAGER_URL
 GPUQ_API_KEY=$API_KEY
 GPUQ_API_KEY_2=$API_KEY_2
 GPUQ_ADMIN_TOKEN=$ADMIN_TOKEN
+GPUQ_READ_TOKEN=$READ_TOKEN
 GPUQ_WORKER_URLS=$WORKER_URLS
 EOF
     mv "$DEV_DIR/env.tmp" "$DEV_DIR/env"
@@ -415,7 +433,7 @@ cmd_up() {
   cat <<EOF
 
   gateway      $GATEWAY_URL        (API keys in .dev/env: GPUQ_API_KEY, tenant dev, admin; GPUQ_API_KEY_2, tenant team-b)
-  manager UI   $MANAGER_URL/ui
+  manager UI   $MANAGER_URL/ui   (token in .dev/env: GPUQ_READ_TOKEN, or GPUQ_ADMIN_TOKEN to act)
   workers      http://127.0.0.1:9001  http://127.0.0.1:9002  http://127.0.0.1:9003
   RabbitMQ     http://127.0.0.1:15672  (guest / guest)
   Redis        $REDIS_URL

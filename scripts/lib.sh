@@ -24,6 +24,14 @@ elapsed() {
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
+# worker_token SECRET ENGINE_ID: the engine's GPUQ_WORKER_TOKEN, hex(HMAC-SHA256(SECRET, ENGINE_ID)),
+# as the manager checks it (crates/common/src/credentials.rs; `gpuq admin worker-token` prints
+# the same). The secret is passed to openssl as an argument, visible to local `ps` for a moment.
+worker_token() {
+  have openssl || die "openssl is needed to derive the workers' tokens (apt-get install openssl)"
+  printf '%s' "$2" | openssl dgst -sha256 -hmac "$1" -r | cut -d' ' -f1
+}
+
 # True when the Debian package is installed.
 pkg_installed() {
   local st

@@ -92,7 +92,7 @@ skip() { # NAME REASON
 # filled_env EXAMPLE OUT : the example with every empty secret set to a placeholder (compose
 # refuses empty secrets: ${VAR:?}).
 filled_env() {
-  sed -E 's/^([A-Z0-9_]+(PASSWORD|COOKIE|TOKEN|KEYS))=$/\1=check0placeholder0secret/' "$1" >"$2"
+  sed -E 's/^([A-Z0-9_]+(PASSWORD|COOKIE|TOKEN|KEYS|SECRET))=$/\1=check0placeholder0secret/' "$1" >"$2"
 }
 
 compose_config() { # ENV_FILE FILE...

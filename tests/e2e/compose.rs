@@ -194,6 +194,7 @@ impl ComposeStack {
         let Ok(r) = self
             .http
             .get(format!("{}/v1/engines", self.get("GPUQ_MANAGER_URL")))
+            .bearer_auth(self.get("GPUQ_READ_TOKEN"))
             .send()
             .await
         else {
@@ -542,6 +543,8 @@ fn init_writes_every_secret_and_never_overwrites_an_env_file() {
         "MONGO_GPUQ_PASSWORD",
         "GPUQ_API_KEYS",
         "GPUQ_ADMIN_TOKEN",
+        "GPUQ_READ_TOKEN",
+        "GPUQ_WORKER_SECRET",
         "GRAFANA_ADMIN_PASSWORD",
     ] {
         let value = text
@@ -551,6 +554,21 @@ fn init_writes_every_secret_and_never_overwrites_an_env_file() {
         assert!(
             value.len() >= 32 && value.chars().all(|c| c.is_ascii_hexdigit()),
             "{key}={value:?} is not a generated secret"
+        );
+    }
+    // Each worker's credential is derived from the fleet secret, as the manager checks it.
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .to_string()
+    };
+    let fleet = gpuq_common::config::Secret::new(value("GPUQ_WORKER_SECRET"));
+    for n in 1..=3 {
+        let token = value(&format!("WORKER{n}_TOKEN"));
+        assert!(
+            gpuq_common::credentials::verify_worker_token(&fleet, &format!("worker-{n}"), &token),
+            "WORKER{n}_TOKEN={token:?} is not worker-{n}'s credential"
         );
     }
     let before = text.clone();

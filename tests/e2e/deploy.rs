@@ -78,7 +78,7 @@ fn dotenv(rel: &str) -> BTreeMap<String, String> {
 
 /// Secrets are left empty in the examples (compose refuses to start until they are set).
 fn is_secret_name(name: &str) -> bool {
-    ["PASSWORD", "COOKIE", "TOKEN", "KEYS"]
+    ["PASSWORD", "COOKIE", "TOKEN", "KEYS", "SECRET"]
         .iter()
         .any(|s| name.ends_with(s))
 }

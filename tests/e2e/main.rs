@@ -13,6 +13,7 @@ mod disruptive;
 mod faults;
 mod gpus;
 mod http;
+mod manager_auth;
 mod monitoring;
 mod observability;
 mod pipeline;

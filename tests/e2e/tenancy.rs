@@ -168,6 +168,16 @@ async fn tenant_b_cannot_get_list_cancel_wait_redrive_or_collide_with_tenant_a_j
                 "/v1/jobs/{id}/cancel",
             ),
             (
+                "get",
+                format!("/v1/jobs/{id}/events"),
+                "/v1/jobs/{id}/events",
+            ),
+            (
+                "get",
+                format!("/v1/jobs/{id}/events?format=json"),
+                "/v1/jobs/{id}/events",
+            ),
+            (
                 "post",
                 format!("/v1/dead-letters/{id}/retry"),
                 "/v1/dead-letters/{id}/retry",
@@ -222,6 +232,14 @@ async fn tenant_b_cannot_get_list_cancel_wait_redrive_or_collide_with_tenant_a_j
     let a_sees = a.listed("/v1/jobs?limit=1000").await;
     assert!(a_sees.contains(&running) && a_sees.contains(&dead) && !a_sees.contains(&b_job));
     assert_eq!(a.listed("/v1/dead-letters").await, HashSet::from([dead]));
+    let log = a
+        .call("get", &format!("/v1/jobs/{dead}/events?format=json"), None)
+        .await;
+    assert_eq!(log.status, 200, "{}", log.body);
+    assert_eq!(
+        log.body["events"].as_array().unwrap().last().unwrap()["kind"],
+        "final"
+    );
     let mine = a.call("get", &format!("/v1/jobs/{running}"), None).await;
     assert_eq!(mine.status, 200);
     assert_eq!(mine.body["tenant"], "team-a");

@@ -62,6 +62,44 @@ impl Stack {
         }
     }
 
+    /// The manager's `/metrics` page (open, like every service's).
+    pub async fn manager_metrics_text(&self) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.manager_url))
+            .send()
+            .await?;
+        Ok(r.error_for_status()?.text().await?)
+    }
+
+    /// The first `overview` event of `GET /v1/events` sent with `token`, as JSON (10 s at most).
+    pub async fn first_overview_event(&self, token: &str) -> anyhow::Result<Value> {
+        let mut events = self
+            .http
+            .get(format!("{}/v1/events", self.manager_url))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut buf = String::new();
+        let read = async {
+            while let Some(chunk) = events.chunk().await? {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                if let Some(end) = buf.find("\n\n") {
+                    let event = &buf[..end];
+                    let Some(data) = event.strip_prefix("event: overview\ndata: ") else {
+                        bail!("not an overview event: {event}");
+                    };
+                    return Ok(serde_json::from_str(data)?);
+                }
+            }
+            bail!("the stream ended: {buf}")
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .map_err(|_| anyhow::anyhow!("no event within 10 s"))?
+    }
+
     /// Waits until the manager lists engines `worker-1..=worker-n` as healthy and consuming.
     pub async fn wait_engines_healthy(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         for i in 1..=n {

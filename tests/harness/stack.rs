@@ -61,6 +61,11 @@ pub struct Stack {
     /// `submit` keys of the tenants `TENANTS` names, in that order.
     pub tenant_keys: Vec<(String, String)>,
     pub admin_token: String,
+    /// The manager's read-only token (`GPUQ_READ_TOKEN`).
+    pub read_token: String,
+    /// The manager's fleet secret (`GPUQ_WORKER_SECRET`); worker i gets
+    /// `worker_token(worker_secret, "worker-{i+1}")` as its `GPUQ_WORKER_TOKEN`.
+    pub worker_secret: String,
     pub gateway_url: String,
     pub manager_url: String,
     pub worker_urls: Vec<String>,
@@ -76,6 +81,7 @@ pub struct Stack {
 fn spawn_workers(
     opts: &StackOptions,
     base_env: &[(String, String)],
+    worker_secret: &str,
     dir: &Path,
 ) -> anyhow::Result<(Vec<Supervised>, Vec<String>)> {
     let mut workers = vec![];
@@ -83,8 +89,13 @@ fn spawn_workers(
     for i in 0..opts.workers {
         let port = free_port();
         let mut env = base_env.to_vec();
+        let id = format!("worker-{}", i + 1);
         env.extend([
-            ("GPUQ_WORKER_ID".into(), format!("worker-{}", i + 1)),
+            (
+                "GPUQ_WORKER_TOKEN".into(),
+                worker_token(worker_secret, &id).expose().to_string(),
+            ),
+            ("GPUQ_WORKER_ID".into(), id),
             ("GPUQ_WORKER_BIND".into(), format!("127.0.0.1:{port}")),
             ("GPUQ_GPUS".into(), opts.gpus.clone()),
             (
@@ -106,6 +117,12 @@ fn spawn_workers(
     Ok((workers, worker_urls))
 }
 
+/// Engine `engine_id`'s credential under the fleet secret `worker_secret`.
+pub fn worker_token(worker_secret: &str, engine_id: &str) -> Secret {
+    gpuq_common::credentials::worker_token(&Secret::new(worker_secret), engine_id)
+        .expect("a non-empty worker secret")
+}
+
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
@@ -121,6 +138,8 @@ impl Stack {
             .collect::<Vec<_>>()
             .join(",");
         let admin_token = Uuid::new_v4().simple().to_string();
+        let read_token = Uuid::new_v4().simple().to_string();
+        let worker_secret = Uuid::new_v4().simple().to_string();
         let store_url = test_store_url(&prefix, &dir);
         // Shown with the output of a test that fails: which store, where the logs are.
         eprintln!(
@@ -138,6 +157,7 @@ impl Stack {
             ("GPUQ_STORE_URL".into(), store_url.clone()),
             ("GPUQ_API_KEYS".into(), keys),
             ("GPUQ_ADMIN_TOKEN".into(), admin_token.clone()),
+            ("GPUQ_READ_TOKEN".into(), read_token.clone()),
             ("GPUQ_LOG_FORMAT".into(), "json".into()),
             ("GPUQ_LOG".into(), "info".into()),
             ("GPUQ_HEARTBEAT_INTERVAL_MS".into(), "1000".into()),
@@ -159,6 +179,8 @@ impl Stack {
                 "GPUQ_MANAGER_BIND".into(),
                 format!("127.0.0.1:{manager_port}"),
             ));
+            // Only the manager holds the fleet secret; each worker gets its own credential.
+            env.push(("GPUQ_WORKER_SECRET".into(), worker_secret.clone()));
             Some(Supervised::spawn(
                 "manager",
                 &bin_dir().join("gpuq-manager"),
@@ -174,7 +196,7 @@ impl Stack {
             format!("127.0.0.1:{gateway_port}"),
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
-        let (workers, worker_urls) = spawn_workers(&opts, &base_env, &dir)?;
+        let (workers, worker_urls) = spawn_workers(&opts, &base_env, &worker_secret, &dir)?;
         let stack = Stack {
             prefix,
             dir,
@@ -182,6 +204,8 @@ impl Stack {
             api_key,
             tenant_keys,
             admin_token,
+            read_token,
+            worker_secret,
             gateway_url,
             manager_url,
             worker_urls,
@@ -303,13 +327,14 @@ impl Stack {
         )
     }
 
-    /// The manager's typed client, with this stack's admin token.
+    /// The manager's typed client: reads with this stack's read token, acts with its admin token.
     pub fn manager_client(&self) -> gpuq_client::Manager {
         gpuq_client::Manager::new(
             self.http.clone(),
             &self.manager_url,
             Some(Secret::new(self.admin_token.clone())),
         )
+        .with_read_token(Some(Secret::new(self.read_token.clone())))
     }
 
     /// The typed client of worker `i` (`worker-{i+1}`)'s admin API.
@@ -460,6 +485,7 @@ impl Stack {
             .env("GPUQ_API_KEY", &self.api_key)
             .env("GPUQ_MANAGER_URL", &self.manager_url)
             .env("GPUQ_ADMIN_TOKEN", &self.admin_token)
+            .env("GPUQ_READ_TOKEN", &self.read_token)
             .env("GPUQ_WORKER_URLS", self.worker_urls.join(","))
             .current_dir(&self.dir);
         cmd

@@ -42,9 +42,12 @@ pub struct ConnArgs {
     /// Manager base URL [default: http://127.0.0.1:8090]
     #[arg(long, global = true, env = "GPUQ_MANAGER_URL")]
     pub manager_url: Option<String>,
-    /// Token for admin endpoints (engine cordon/drain, GPU and worker faults)
+    /// Token for admin endpoints (engine cordon/drain, GPU and worker faults); also reads the manager
     #[arg(long, global = true, env = "GPUQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Read-only token for the manager's reads (engines, overview); the admin token if unset
+    #[arg(long, global = true, env = "GPUQ_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<String>,
     /// Worker admin URLs, comma separated, worker-1 first [default: :9001,:9002,:9003 on loopback]
     #[arg(long, global = true, env = "GPUQ_WORKER_URLS")]
     pub worker_urls: Option<String>,
@@ -75,10 +78,27 @@ pub enum Command {
     Bench(BenchArgs),
     /// Fault scenarios: interactive menu, `run` one scenario, or `chaos`
     Tester(TesterArgs),
+    /// Fleet provisioning: derive a worker's credential
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
     /// Show the resolved connection settings and where each came from
     Config {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Print engine ENGINE_ID's GPUQ_WORKER_TOKEN: hex(HMAC-SHA256(GPUQ_WORKER_SECRET, ENGINE_ID))
+    WorkerToken {
+        /// The worker's GPUQ_WORKER_ID, e.g. worker-1
+        engine_id: String,
+        /// The manager's fleet secret
+        #[arg(long, env = "GPUQ_WORKER_SECRET", hide_env_values = true)]
+        worker_secret: String,
     },
 }
 

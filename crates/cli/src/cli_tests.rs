@@ -188,3 +188,35 @@ fn durations_take_units() {
     assert!(parse_duration("soon").is_err());
     assert!(parse_duration("5d").is_err());
 }
+
+#[test]
+fn admin_worker_token_derives_the_engines_credential_from_the_fleet_secret() {
+    let cli = parse(&["admin", "worker-token", "worker-1", "--worker-secret", "s3"]).unwrap();
+    let Command::Admin {
+        cmd: AdminCmd::WorkerToken {
+            engine_id,
+            worker_secret,
+        },
+    } = cli.command
+    else {
+        panic!("not admin worker-token: {:?}", cli.command);
+    };
+    let token = crate::worker_token(&engine_id, &worker_secret).unwrap();
+    assert_eq!(token.len(), 64);
+    assert!(gpuq_common::credentials::verify_worker_token(
+        &gpuq_common::config::Secret::new("s3"),
+        "worker-1",
+        &token
+    ));
+    assert!(crate::worker_token("worker-1", "").is_err(), "no secret");
+    assert!(
+        crate::worker_token("bad id", "s3").is_err(),
+        "not an engine id"
+    );
+}
+
+#[test]
+fn the_read_token_is_a_global_connection_flag() {
+    let cli = parse(&["engines", "--read-token", "r"]).unwrap();
+    assert_eq!(cli.conn.read_token.as_deref(), Some("r"));
+}

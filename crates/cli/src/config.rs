@@ -39,6 +39,8 @@ pub struct Config {
     pub api_key: Setting<Option<Secret>>,
     pub manager_url: Setting<String>,
     pub admin_token: Setting<Option<Secret>>,
+    /// The manager's read-only token; reads fall back to the admin token without it.
+    pub read_token: Setting<Option<Secret>>,
     pub worker_urls: Setting<Vec<String>>,
     /// The `.dev/env` file that was read, if any.
     pub dev_env: Option<PathBuf>,
@@ -195,6 +197,7 @@ impl Config {
                 Some(DEFAULT_MANAGER_URL),
             )),
             admin_token: secret(pick(&conn.admin_token, dev, "GPUQ_ADMIN_TOKEN", None)),
+            read_token: secret(pick(&conn.read_token, dev, "GPUQ_READ_TOKEN", None)),
             worker_urls: Setting {
                 value: split_urls(workers.value.as_deref().unwrap_or_default()),
                 source: workers.source,
@@ -219,6 +222,7 @@ impl Config {
             "api_key": secret_json(&self.api_key),
             "manager_url": {"value": self.manager_url.value, "source": self.manager_url.source},
             "admin_token": secret_json(&self.admin_token),
+            "read_token": secret_json(&self.read_token),
             "worker_urls": {"value": self.worker_urls.value, "source": self.worker_urls.source},
             "dev_env": self.dev_env,
         })
@@ -246,13 +250,14 @@ impl Config {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(none found)".into());
         format!(
-            "gateway_url  {} ({})\napi_key      {}\nmanager_url  {} ({})\nadmin_token  {}\nworker_urls  {} ({})\ndev_env      {}\n",
+            "gateway_url  {} ({})\napi_key      {}\nmanager_url  {} ({})\nadmin_token  {}\nread_token   {}\nworker_urls  {} ({})\ndev_env      {}\n",
             self.gateway_url.value,
             src(self.gateway_url.source),
             masked(&self.api_key),
             self.manager_url.value,
             src(self.manager_url.source),
             masked(&self.admin_token),
+            masked(&self.read_token),
             self.worker_urls.value.join(","),
             src(self.worker_urls.source),
             dev,

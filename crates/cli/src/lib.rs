@@ -25,6 +25,7 @@ use gpuq_client::ClientError;
 use gpuq_client::Gateway;
 use gpuq_client::Manager;
 use gpuq_client::Worker;
+use gpuq_common::config::Secret;
 
 /// How a command that ran to its end went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,7 @@ impl Ctx {
             &self.cfg.manager_url.value,
             self.cfg.admin_token.value.clone(),
         )
+        .with_read_token(self.cfg.read_token.value.clone())
     }
 
     /// `worker-1`, `worker-2`, … in the order of `GPUQ_WORKER_URLS`.
@@ -100,6 +102,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Gpus { cmd } => engines::run_gpus(&ctx, cmd).await,
         Command::Bench(a) => bench::run(&ctx, a).await,
         Command::Tester(a) => tester::run(&ctx, a).await,
+        Command::Admin {
+            cmd:
+                cli::AdminCmd::WorkerToken {
+                    engine_id,
+                    worker_secret,
+                },
+        } => {
+            println!("{}", worker_token(engine_id, worker_secret)?);
+            Ok(Exit::Ok)
+        }
         Command::Config { json } => {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&ctx.cfg.to_json())?);
@@ -109,6 +121,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Ok)
         }
     }
+}
+
+/// `gpuq admin worker-token`: the credential a worker named `engine_id` sends with its
+/// heartbeats, derived from the manager's fleet secret.
+pub fn worker_token(engine_id: &str, worker_secret: &str) -> anyhow::Result<String> {
+    gpuq_common::coord::registry::validate_engine_id(engine_id)
+        .map_err(|m| anyhow::anyhow!("{engine_id:?}: {m}"))?;
+    let token = gpuq_common::credentials::worker_token(&Secret::new(worker_secret), engine_id)
+        .ok_or_else(|| anyhow::anyhow!("GPUQ_WORKER_SECRET is empty"))?;
+    Ok(token.expose().to_string())
 }
 
 /// Runs and maps the outcome to the process exit code (0 ok, 1 failed, 2 error).

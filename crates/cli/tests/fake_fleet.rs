@@ -211,6 +211,7 @@ async fn spawn(fake: Fake) -> (Arc<Fake>, Ctx) {
         api_key: Some("k".into()),
         manager_url: Some(url.clone()),
         admin_token: Some("t".into()),
+        read_token: None,
         worker_urls: Some(url),
     };
     (fake, Ctx::new(Config::resolve(&conn, &DevEnv::default())))

@@ -65,6 +65,9 @@ impl ClientError {
             (ClientError::Api { service, .. }, Some(401)) if *service == "gateway" => {
                 Some("set GPUQ_API_KEY or --api-key (scripts/dev.sh up writes it to .dev/env)")
             }
+            (ClientError::Api { service, .. }, Some(401)) if *service == "manager" => Some(
+                "set GPUQ_READ_TOKEN (reads) or GPUQ_ADMIN_TOKEN (reads and actions), or --read-token / --admin-token",
+            ),
             (ClientError::Api { .. }, Some(401 | 403)) => Some(
                 "set GPUQ_ADMIN_TOKEN or --admin-token; worker faults also need GPUQ_FAULT_INJECTION=true on the worker",
             ),
@@ -122,6 +125,11 @@ impl Endpoint {
             token,
             http,
         }
+    }
+
+    /// The HTTP client it sends with.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -5,11 +5,13 @@
 pub mod amqp;
 pub mod config;
 pub mod coord;
+pub mod credentials;
 pub mod engine;
 pub mod events;
 pub mod faults;
 pub mod http;
 pub mod job;
+pub mod job_summary;
 pub mod metrics;
 pub mod prom;
 pub mod shutdown;
@@ -20,4 +22,5 @@ pub mod topology;
 
 pub use config::Settings;
 pub use job::{JobId, JobMessage, JobRecord, JobStatus};
+pub use job_summary::JobSummary;
 pub use store::{JobStore, StoreError};

@@ -1,114 +1,28 @@
-//! The manager's `/v1` engine API: heartbeats from workers, engine views for everyone, and the
-//! operator's actions (cordon, uncordon, drain, GPU faults) behind the admin token.
+//! The manager's `/v1` engine API for operators: engine views (read token or admin token, see
+//! `auth`) and the actions (cordon, uncordon, drain, restart, GPU faults) behind the admin token.
+//! Workers' heartbeats are in `heartbeat`.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use gpuq_common::engine::{AdminState, EngineState, EngineView, GpuFault, Heartbeat, derive_state};
-use gpuq_common::http::{ApiError, ApiJson, ApiPath, check_bearer};
-use gpuq_common::job::now_ms;
+use gpuq_common::engine::{AdminState, EngineView, GpuFault};
+use gpuq_common::http::{ApiError, ApiJson, ApiPath};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::auth::Admin;
 use crate::state::AppState;
-use gpuq_common::coord::registry::{Sighting, validate_engine_id};
 
-/// Proof that the request carries the admin token. Put it before a body extractor: extractors
-/// run in order, so a request without the token gets its 401 before its body is read.
-pub struct Admin;
-
-impl FromRequestParts<AppState> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        check_bearer(
-            &parts.headers,
-            std::slice::from_ref(&state.config().admin_token),
-        )?;
-        Ok(Admin)
-    }
-}
-
-/// What the manager answers a heartbeat with.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct HeartbeatAck {
-    pub engine: String,
-    pub state: EngineState,
-    /// Operator intent the worker must obey (it also reads it from Redis).
-    pub admin: Option<AdminState>,
-    pub restarts: u64,
-}
-
-/// A worker's heartbeat: stored with a TTL of a few intervals; its expiry makes the engine offline.
-#[utoipa::path(post, path = "/v1/heartbeats", tag = "engines", request_body = Heartbeat,
-    security(("admin_token" = [])),
-    responses((status = 200, body = HeartbeatAck), (status = 401), (status = 409), (status = 422)))]
-pub async fn post_heartbeat(
-    State(state): State<AppState>,
-    _: Admin,
-    ApiJson(hb): ApiJson<Heartbeat>,
-) -> Result<Json<HeartbeatAck>, ApiError> {
-    validate_engine_id(&hb.engine_id).map_err(ApiError::Unprocessable)?;
-    if hb.instance_id.is_empty() || hb.instance_id.len() > 128 {
-        return Err(ApiError::Unprocessable(
-            "instance_id: 1 to 128 characters".into(),
-        ));
-    }
-    if hb.gpus.len() > 1024 {
-        return Err(ApiError::Unprocessable("gpus: at most 1024".into()));
-    }
-    let config = state.config();
-    let interval = if hb.heartbeat_interval_ms > 0 {
-        hb.heartbeat_interval_ms
-    } else {
-        config.heartbeat_interval_ms
-    };
-    let ttl_ms = interval.saturating_mul(u64::from(config.engine_offline_after_heartbeats));
-    let now = now_ms();
-    let receipt = state.registry().record_heartbeat(&hb, ttl_ms, now).await?;
-    match receipt.sighting {
-        Sighting::Stale => {
-            return Err(ApiError::Conflict(format!(
-                "a newer instance of engine {} is running",
-                hb.engine_id
-            )));
-        }
-        Sighting::Restarted => {
-            state
-                .metrics()
-                .engine_restarts
-                .with_label_values(&[hb.engine_id.as_str()])
-                .inc();
-            tracing::warn!(worker_id = %hb.engine_id, instance = %hb.instance_id, restarts = receipt.restarts, "engine restarted");
-        }
-        Sighting::New => tracing::info!(worker_id = %hb.engine_id, "new engine registered"),
-        Sighting::Same => {}
-    }
-    let engine_state = derive_state(Some(&hb), receipt.admin);
-    let view = EngineView {
-        id: hb.engine_id.clone(),
-        state: engine_state,
-        admin: receipt.admin,
-        restarts: receipt.restarts,
-        last_seen_ms: Some(now),
-        heartbeat: Some(hb),
-        restart_requested: false,
-    };
-    state.gauges().observe(&view);
-    Ok(Json(HeartbeatAck {
-        engine: view.id,
-        state: engine_state,
-        admin: receipt.admin,
-        restarts: receipt.restarts,
-    }))
-}
+/// The most of a worker's answer the manager reads back from a proxied GPU fault.
+pub const MAX_PROXIED_ANSWER: usize = 64 * 1024;
+/// How long the manager waits for that answer.
+pub const PROXY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every engine ever seen, offline ones included.
 #[utoipa::path(get, path = "/v1/engines", tag = "engines",
-    responses((status = 200, body = [EngineView]), (status = 503)))]
+    security(("read_token" = []), ("admin_token" = [])),
+    responses((status = 200, body = [EngineView]), (status = 401), (status = 503)))]
 pub async fn list_engines(
     State(state): State<AppState>,
 ) -> Result<Json<Vec<EngineView>>, ApiError> {
@@ -124,8 +38,9 @@ async fn known_view(state: &AppState, id: &str) -> Result<EngineView, ApiError> 
 }
 
 #[utoipa::path(get, path = "/v1/engines/{id}", tag = "engines",
+    security(("read_token" = []), ("admin_token" = [])),
     params(("id" = String, Path, description = "engine id, e.g. worker-1")),
-    responses((status = 200, body = EngineView), (status = 404)))]
+    responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
 pub async fn get_engine(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -149,7 +64,7 @@ async fn set_admin(
 
 /// The engine takes no new jobs; running ones go on.
 #[utoipa::path(post, path = "/v1/engines/{id}/cordon", tag = "engines", security(("admin_token" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 403), (status = 404)))]
 pub async fn cordon(
     State(state): State<AppState>,
     _: Admin,
@@ -160,7 +75,7 @@ pub async fn cordon(
 
 /// Clears a cordon or drain.
 #[utoipa::path(post, path = "/v1/engines/{id}/uncordon", tag = "engines", security(("admin_token" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 403), (status = 404)))]
 pub async fn uncordon(
     State(state): State<AppState>,
     _: Admin,
@@ -171,7 +86,7 @@ pub async fn uncordon(
 
 /// The engine finishes what it runs, then takes nothing.
 #[utoipa::path(post, path = "/v1/engines/{id}/drain", tag = "engines", security(("admin_token" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404)))]
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 403), (status = 404)))]
 pub async fn drain(
     State(state): State<AppState>,
     _: Admin,
@@ -189,7 +104,7 @@ const RESTART_REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(
 /// (compose's `restart: always`, `scripts/dev.sh`, systemd) starts it again. The process that
 /// replaces it is not affected by the request. 409 when the engine is offline.
 #[utoipa::path(post, path = "/v1/engines/{id}/restart", tag = "engines", security(("admin_token" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 404), (status = 409)))]
+    params(("id" = String, Path)), responses((status = 200, body = EngineView), (status = 401), (status = 403), (status = 404), (status = 409)))]
 pub async fn restart(
     State(state): State<AppState>,
     _: Admin,
@@ -215,13 +130,15 @@ pub struct FaultRequest {
     pub fault: GpuFault,
 }
 
-/// Arms (or clears) a simulated GPU fault on the engine's worker; answers what the worker answered.
+/// Arms (or clears) a simulated GPU fault on the engine's worker, through the admin URL the
+/// engine registered with (http or https, checked when its heartbeat was taken and again here);
+/// answers what the worker answered, read up to 64 KiB within 5 s.
 #[utoipa::path(post, path = "/v1/engines/{id}/gpus/{gpu}/fault", tag = "engines",
     security(("admin_token" = [])), request_body = FaultRequest,
     params(("id" = String, Path), ("gpu" = u32, Path)),
-    responses((status = 200, body = gpuq_common::engine::GpuSnapshot), (status = 401), (status = 404),
+    responses((status = 200, body = gpuq_common::engine::GpuSnapshot), (status = 401), (status = 403), (status = 404),
         (status = 409, description = "the worker refused (e.g. a real NVML GPU)"),
-        (status = 503, description = "the engine is offline or its worker did not answer")))]
+        (status = 503, description = "the engine is offline, or its worker did not answer (in time, within 64 KiB)")))]
 pub async fn gpu_fault(
     State(state): State<AppState>,
     _: Admin,
@@ -232,29 +149,57 @@ pub async fn gpu_fault(
     let Some(hb) = view.heartbeat else {
         return Err(ApiError::Unavailable(format!("engine {id} is offline")));
     };
-    if hb.admin_url.is_empty() {
+    if hb.admin_url.is_empty() || crate::heartbeat::check_admin_url(&hb.admin_url).is_err() {
         return Err(ApiError::Unavailable(format!(
-            "engine {id} advertises no admin URL"
+            "engine {id} advertises no usable admin URL"
         )));
     }
     let url = format!(
         "{}/admin/gpus/{gpu}/fault",
         hb.admin_url.trim_end_matches('/')
     );
-    let answer = state
-        .http()
-        .post(&url)
-        .bearer_auth(state.config().admin_token.expose())
-        .json(&req)
-        .timeout(std::time::Duration::from_secs(5))
-        .send()
+    let call = async {
+        let answer = state
+            .http()
+            .post(&url)
+            .bearer_auth(state.config().admin_token.expose())
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("worker {id} did not answer: {e}")))?;
+        let status =
+            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        Ok::<_, ApiError>((status, read_bounded(answer, &id).await?))
+    };
+    let (status, body) = tokio::time::timeout(PROXY_TIMEOUT, call)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("worker {id} did not answer: {e}")))?;
-    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let body: Bytes = answer
-        .bytes()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("worker {id} answer cut short: {e}")))?;
+        .map_err(|_| ApiError::Unavailable(format!("worker {id} did not answer within 5 s")))??;
     tracing::info!(worker_id = %id, gpu, fault = ?req.fault, status = status.as_u16(), "GPU fault proxied");
     Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The body of a worker's answer, refused (503) past `MAX_PROXIED_ANSWER` bytes.
+async fn read_bounded(mut answer: reqwest::Response, id: &str) -> Result<Vec<u8>, ApiError> {
+    let too_large = || {
+        tracing::warn!(worker_id = %id, limit = MAX_PROXIED_ANSWER, "worker answer too large");
+        ApiError::Unavailable(format!("worker {id} answered more than 64 KiB"))
+    };
+    if answer
+        .content_length()
+        .is_some_and(|n| n > MAX_PROXIED_ANSWER as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = answer
+        .chunk()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("worker {id} answer cut short: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_PROXIED_ANSWER {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }

@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Json, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use gpuq_common::config::ManagerConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::http::{Limits, serve, service_router};
@@ -27,8 +28,10 @@ use crate::fleet::FleetGauges;
 use crate::queues::QueuePoller;
 use crate::state::{AppState, Inner};
 use crate::throughput::ThroughputTracker;
-use crate::{api, overview, ui};
+use crate::{api, auth, heartbeat, overview, ui};
 use gpuq_common::coord::registry::Registry;
+use gpuq_common::engine::EngineView;
+use gpuq_common::job::now_ms;
 
 /// Timings of the background loops (tests shorten them).
 #[derive(Debug, Clone)]
@@ -63,9 +66,10 @@ impl Application {
     pub async fn build_with(config: ManagerConfig, intervals: Intervals) -> anyhow::Result<Self> {
         let common = &config.common;
         if config.admin_token.is_empty() {
-            tracing::warn!(
-                "GPUQ_ADMIN_TOKEN is empty: heartbeats and admin actions will be refused"
-            );
+            tracing::warn!("GPUQ_ADMIN_TOKEN is empty: admin actions will be refused");
+        }
+        if config.worker_secret.is_empty() {
+            tracing::warn!("GPUQ_WORKER_SECRET is empty: every heartbeat will be refused");
         }
         let store = gpuq_common::store::open(&common.store_url)
             .await
@@ -75,8 +79,11 @@ impl Application {
             .context("parsing GPUQ_REDIS_URL")?;
         let prometheus = new_registry("manager");
         let metrics = ManagerMetrics::new(&prometheus);
+        // No redirects: a GPU fault is sent, with the admin token, to the admin URL the engine
+        // registered with and nowhere else.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("building the HTTP client")?;
         let listener = TcpListener::bind(&config.bind)
@@ -184,8 +191,10 @@ impl Application {
         title = "gpuq manager",
         description = "Engine registry, fleet status and dead-letter bookkeeping"
     ),
+    modifiers(&BearerSchemes),
     paths(
-        api::post_heartbeat,
+        heartbeat::post_heartbeat,
+        heartbeat::goodbye,
         api::list_engines,
         api::get_engine,
         api::cordon,
@@ -201,9 +210,9 @@ impl Application {
         gpuq_common::engine::EngineView,
         gpuq_common::engine::Heartbeat,
         gpuq_common::engine::GpuSnapshot,
-        gpuq_common::job::JobRecord,
+        gpuq_common::JobSummary,
         gpuq_common::http::ErrorBody,
-        api::HeartbeatAck,
+        heartbeat::HeartbeatAck,
         api::FaultRequest,
         gpuq_common::engine::GpuFault,
         overview::Overview,
@@ -211,6 +220,23 @@ impl Application {
     ))
 )]
 pub struct ApiDoc;
+
+/// The bearer schemes the routes name: `admin_token` (operator actions and reads), `read_token`
+/// (reads only), `worker_token` (a worker's own engine: hex HMAC-SHA256 of its id).
+struct BearerSchemes;
+
+impl utoipa::Modify for BearerSchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        for name in ["admin_token", "read_token", "worker_token"] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+        }
+    }
+}
 
 /// Ready when the dead-letter consumer is attached and Redis and the store answer.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
@@ -240,12 +266,13 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-/// Every route of the manager, with request metrics and tracing by matched route.
+/// Every route of the manager, with request metrics and tracing by matched route. Every `/v1`
+/// route but the heartbeats needs the read or the admin token (one layer, so a route added here
+/// is closed by default); the heartbeats need the credential of the engine they name.
 pub fn router(state: AppState) -> Router {
     let http_metrics = state.0.http_metrics.clone();
     let prometheus = state.0.prometheus.clone();
-    let app = Router::new()
-        .route("/v1/heartbeats", post(api::post_heartbeat))
+    let operators = Router::new()
         .route("/v1/engines", get(api::list_engines))
         .route("/v1/engines/{id}", get(api::get_engine))
         .route("/v1/engines/{id}/cordon", post(api::cordon))
@@ -255,6 +282,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/engines/{id}/gpus/{gpu}/fault", post(api::gpu_fault))
         .route("/v1/overview", get(overview::get_overview))
         .route("/v1/events", get(overview::events))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_reader));
+    let app = Router::new()
+        .route("/v1/heartbeats", post(heartbeat::post_heartbeat))
+        .route(
+            "/v1/heartbeats/{engine}/{instance}",
+            delete(heartbeat::goodbye),
+        )
+        .merge(operators)
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
         .route("/ui", get(ui::page))
@@ -274,7 +309,10 @@ pub async fn refresh_loop(state: AppState, interval: Duration, token: Cancellati
             _ = token.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let views = state.registry().all_views().await;
+        let views = match state.registry().all_views().await {
+            Ok(views) => forget_long_offline(&state, views).await,
+            Err(e) => Err(e),
+        };
         let counts = state.store().count_by_status().await;
         match (&views, &counts) {
             (Ok(views), Ok(counts)) => {
@@ -298,4 +336,30 @@ pub async fn refresh_loop(state: AppState, interval: Duration, token: Cancellati
             }
         }
     }
+}
+
+/// Drops the engines offline for longer than `engine_forget_after` from the registry and their
+/// series from `/metrics`; answers the views of the others.
+async fn forget_long_offline(
+    state: &AppState,
+    views: Vec<EngineView>,
+) -> Result<Vec<EngineView>, gpuq_common::coord::CoordError> {
+    let forget_after = state.config().engine_forget_after;
+    let cutoff =
+        now_ms().saturating_sub(i64::try_from(forget_after.as_millis()).unwrap_or(i64::MAX));
+    let mut kept = Vec::with_capacity(views.len());
+    for v in views {
+        let gone = v.heartbeat.is_none() && v.last_seen_ms.unwrap_or(0) <= cutoff;
+        if gone && state.registry().forget(&v.id, cutoff).await? {
+            state.gauges().forget(&v.id);
+            let _ = state
+                .metrics()
+                .engine_restarts
+                .remove_label_values(&[&v.id]);
+            tracing::info!(worker_id = %v.id, offline_for_s = forget_after.as_secs(), "engine forgotten: offline too long");
+        } else {
+            kept.push(v);
+        }
+    }
+    Ok(kept)
 }

@@ -1,6 +1,7 @@
 //! Fleet gauges: each engine's state, running jobs and GPU readings on `/metrics`. Refreshed on
 //! every heartbeat and by a background loop (which is what turns a silent engine `offline`);
-//! series of GPUs that disappeared are removed rather than left at their last value.
+//! series of GPUs that disappeared are removed rather than left at their last value, and so are
+//! all the series of an engine the registry forgot.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -80,6 +81,25 @@ impl FleetGauges {
                     .with_label_values(&[engine, gpu.as_str(), h.as_str()])
                     .set(i64::from(h == g.health));
             }
+        }
+    }
+
+    /// Removes every series of an engine the registry forgot (offline too long), so its labels
+    /// do not stay on `/metrics` forever.
+    pub fn forget(&self, engine: &str) {
+        let m = &self.metrics;
+        for s in EngineState::ALL {
+            let _ = m.engine_state.remove_label_values(&[engine, s.as_str()]);
+        }
+        let _ = m.engine_running_jobs.remove_label_values(&[engine]);
+        let gpus = self
+            .exported
+            .lock()
+            .expect("gauge lock")
+            .remove(engine)
+            .unwrap_or_default();
+        for index in gpus {
+            self.remove_gpu(engine, &index.to_string());
         }
     }
 
@@ -202,6 +222,27 @@ mod tests {
         assert!(!text.contains("gpuq_gpu_utilization_ratio{"), "{text}");
         assert!(
             text.contains(r#"gpuq_engine_state{engine="w1",state="offline"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_engine_loses_every_series() {
+        let r = new_registry("test");
+        let g = FleetGauges::new(ManagerMetrics::new(&r));
+        g.observe(&view(
+            vec![gpu(0, GpuHealth::Healthy), gpu(1, GpuHealth::Healthy)],
+            EngineState::Healthy,
+        ));
+        let mut other = view(vec![gpu(0, GpuHealth::Healthy)], EngineState::Healthy);
+        other.id = "w2".into();
+        g.observe(&other);
+        assert!(encode(&r).contains(r#"engine="w1""#));
+        g.forget("w1");
+        let text = encode(&r);
+        assert!(!text.contains(r#"engine="w1""#), "{text}");
+        assert!(
+            text.contains(r#"gpuq_gpu_utilization_ratio{engine="w2",gpu="0"} 0.5"#),
             "{text}"
         );
     }

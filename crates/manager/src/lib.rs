@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod deadletters;
 pub mod fleet;
+pub mod heartbeat;
 pub mod overview;
 pub mod queues;
 pub mod state;

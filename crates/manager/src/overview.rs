@@ -2,7 +2,8 @@
 //! recent jobs, served whole (`GET /v1/overview`) and pushed every ~1.5 s over Server-Sent
 //! Events (`GET /v1/events`). One feed builds the overview for every stream (`Feed`, while at
 //! least one client listens), so a thousand open pages cost one build per tick, not a thousand;
-//! the number of streams is capped (`MAX_EVENT_CLIENTS`, then 503).
+//! the number of streams is capped (`MAX_EVENT_CLIENTS`, then 503). Both need the read token
+//! (or the admin token) and carry job summaries only (`JobSummary`: no params, env or result).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -14,9 +15,10 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use futures_util::StreamExt;
+use gpuq_common::JobSummary;
 use gpuq_common::engine::EngineView;
 use gpuq_common::http::ApiError;
-use gpuq_common::job::{JobRecord, JobStatus, now_ms};
+use gpuq_common::job::{JobStatus, now_ms};
 use gpuq_common::store::ListQuery;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
@@ -83,8 +85,9 @@ pub struct Overview {
     /// Jobs in the store by status (every status present).
     pub job_counts: BTreeMap<String, u64>,
     pub throughput: Throughput,
-    pub recent_jobs: Vec<JobRecord>,
-    pub dead_letters: Vec<JobRecord>,
+    /// Summaries only: no job's params, env or result leaves through the status views.
+    pub recent_jobs: Vec<JobSummary>,
+    pub dead_letters: Vec<JobSummary>,
 }
 
 /// Gathers the overview from Redis, the store and the last queue poll.
@@ -120,14 +123,16 @@ pub async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
             .map(|s| (s.as_str().to_string(), counts.get(s).copied().unwrap_or(0)))
             .collect(),
         throughput: state.throughput().rate(),
-        recent_jobs: recent?.jobs,
-        dead_letters: dead?.jobs,
+        recent_jobs: recent?.jobs.iter().map(JobSummary::from).collect(),
+        dead_letters: dead?.jobs.iter().map(JobSummary::from).collect(),
     })
 }
 
 /// Everything the status page shows, in one document.
 #[utoipa::path(get, path = "/v1/overview", tag = "status",
-    responses((status = 200, body = Overview), (status = 503, body = gpuq_common::http::ErrorBody)))]
+    security(("read_token" = []), ("admin_token" = [])),
+    responses((status = 200, body = Overview), (status = 401, body = gpuq_common::http::ErrorBody),
+              (status = 503, body = gpuq_common::http::ErrorBody)))]
 pub async fn get_overview(State(state): State<AppState>) -> Result<Json<Overview>, ApiError> {
     Ok(Json(build_overview(&state).await?))
 }
@@ -136,7 +141,9 @@ pub async fn get_overview(State(state): State<AppState>) -> Result<Json<Overview
 /// dependency fails), with keep-alives; the stream ends when the manager shuts down. 503 when
 /// `MAX_EVENT_CLIENTS` streams are open.
 #[utoipa::path(get, path = "/v1/events", tag = "status",
+    security(("read_token" = []), ("admin_token" = [])),
     responses((status = 200, description = "text/event-stream of `overview` events"),
+              (status = 401, body = gpuq_common::http::ErrorBody),
               (status = 503, body = gpuq_common::http::ErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,

@@ -46,6 +46,9 @@ impl Application {
     pub async fn build(config: WorkerConfig) -> anyhow::Result<Self> {
         let common = &config.common;
         let engine_id = config.name.clone();
+        if !config.manager_url.is_empty() && config.worker_token.is_empty() {
+            tracing::warn!(worker_id = %engine_id, "GPUQ_WORKER_TOKEN is empty: the manager will refuse this engine's heartbeats (gpuq admin worker-token ENGINE_ID makes one)");
+        }
         let instance_id = format!("{engine_id}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let gpus = crate::gpu::detect(&config).context("detecting GPUs")?;
         tracing::info!(worker_id = %engine_id, backend = gpus.kind(), gpus = gpus.count(), "GPUs ready");
@@ -146,6 +149,7 @@ impl Application {
         let _ = consumer.await;
         tracker.close();
         tracker.wait().await;
+        crate::monitor::goodbye(&w).await;
         let _ = w.coord.forget_alive().await;
         if why == Stopped::Restart {
             let _ = w.coord.clear_restart(&w.engine_id).await;

@@ -192,6 +192,7 @@ async fn write_loop(
                 }
                 Err(e) => {
                     // Kept for the next tick (or the final write); the run goes on.
+                    metrics.store_retries.with_label_values(&["events"]).inc();
                     tracing::warn!(error.message = %e, "cannot write the job's events yet");
                     break;
                 }

@@ -1,6 +1,7 @@
 //! The worker's pulse: every second it samples its GPUs and grades their health, refreshes its
 //! liveness key, reads operator intent and notices Redis outages; every heartbeat interval it
-//! reports to the manager; every status interval it logs the original project's status line.
+//! reports to the manager (with its engine's credential, `GPUQ_WORKER_TOKEN`), and says goodbye
+//! when it stops; every status interval it logs the original project's status line.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -152,17 +153,49 @@ async fn heartbeat(w: &Worker) {
     let sent = w
         .http
         .post(&url)
-        .bearer_auth(w.config.admin_token.expose())
+        .bearer_auth(w.config.worker_token.expose())
         .json(&current(w))
         .send()
         .await;
+    // A refusal changes nothing here: the worker keeps taking jobs and sends the next
+    // heartbeat on time. A 409 (the previous process of this engine crashed and its heartbeat
+    // has not expired yet) turns into a 200 within a few intervals.
     match sent {
         Ok(r) if r.status().is_success() => {}
+        Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => tracing::info!(
+            "manager refused the heartbeat: the previous process of this engine is still live there; retrying"
+        ),
         Ok(r) => tracing::warn!(
             status = r.status().as_u16(),
-            "manager refused the heartbeat"
+            "manager refused the heartbeat (is GPUQ_WORKER_TOKEN this engine's credential?)"
         ),
         Err(e) => tracing::debug!(error.message = %e, "manager unreachable for the heartbeat"),
+    }
+}
+
+/// Tells the manager this process leaves (graceful stop), so that the engine shows offline at
+/// once and the next process of the engine is accepted without waiting for this one's
+/// heartbeat to expire. Best effort: without it the successor waits a few intervals.
+pub async fn goodbye(w: &Worker) {
+    if w.config.manager_url.is_empty() {
+        return;
+    }
+    let url = format!(
+        "{}/v1/heartbeats/{}/{}",
+        w.config.manager_url, w.engine_id, w.instance_id
+    );
+    match w
+        .http
+        .delete(&url)
+        .bearer_auth(w.config.worker_token.expose())
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => {
+            tracing::info!(worker_id = %w.engine_id, "said goodbye to the manager");
+        }
+        Ok(r) => tracing::warn!(status = r.status().as_u16(), "manager refused the goodbye"),
+        Err(e) => tracing::warn!(error.message = %e, "manager unreachable for the goodbye"),
     }
 }
 

@@ -855,6 +855,23 @@ async fn the_status_page_shows_every_engine_and_gpu_and_a_fault_without_reloadin
         .unwrap();
     assert!(nav.get("errorText").is_none(), "navigating to {url}: {nav}");
 
+    // The page shows nothing until it is given a token; the read token is enough to watch.
+    wait_ui(
+        &mut page,
+        "the page asking for a token",
+        Duration::from_secs(10),
+        |ui| ui["conn"] == "locked" && ui["engines"].as_array().is_none_or(Vec::is_empty),
+    )
+    .await
+    .unwrap();
+    page.eval(&format!(
+        "document.querySelector('#token').value = {:?}; \
+         document.querySelector('#token-form').requestSubmit(); true",
+        stack.read_token
+    ))
+    .await
+    .unwrap();
+
     // Every engine, each with both GPUs, all healthy, on the live stream.
     let engines = ["worker-1", "worker-2", "worker-3"];
     let ui = wait_ui(

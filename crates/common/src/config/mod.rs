@@ -106,8 +106,14 @@ pub struct Settings {
     /// Per-tenant rate limits and quotas: `TENANT:rate=R:burst=B:max_queued=Q:max_gpus=G`, comma
     /// separated, `*` for every tenant's defaults; see `tenancy`.
     pub tenant_limits: String,
-    /// Token for admin endpoints (worker faults, engine cordon/drain).
+    /// Token for admin endpoints (worker faults, engine cordon/drain); also reads the manager.
     pub admin_token: Secret,
+    /// Operator read token: the manager's `/v1` reads (engines, overview, events), no actions.
+    pub read_token: Secret,
+    /// The manager's fleet secret: a worker's credential is HMAC-SHA256(secret, engine id).
+    pub worker_secret: Secret,
+    /// A worker's credential for its heartbeats (`gpuq admin worker-token ENGINE_ID`).
+    pub worker_token: Secret,
     /// `json` (Loki) or `pretty` (a terminal).
     pub log_format: String,
     /// tracing filter, e.g. `info,gpuq_worker=debug`.
@@ -164,6 +170,8 @@ pub struct Settings {
     pub rabbitmq_mgmt_urls: String,
     /// Heartbeats missed before an engine counts as offline.
     pub engine_offline_after_heartbeats: u32,
+    /// An engine offline this long is dropped from the registry and from `/metrics`.
+    pub engine_forget_after_s: u64,
 }
 
 impl Default for Settings {
@@ -179,6 +187,9 @@ impl Default for Settings {
             api_keys: Secret::default(),
             tenant_limits: String::new(),
             admin_token: Secret::default(),
+            read_token: Secret::default(),
+            worker_secret: Secret::default(),
+            worker_token: Secret::default(),
             log_format: "json".into(),
             log: "info".into(),
             gateway_bind: "0.0.0.0:8080".into(),
@@ -210,6 +221,7 @@ impl Default for Settings {
             manager_bind: "0.0.0.0:8090".into(),
             rabbitmq_mgmt_urls: "http://guest:guest@127.0.0.1:15672,http://guest:guest@127.0.0.1:15673,http://guest:guest@127.0.0.1:15674".into(),
             engine_offline_after_heartbeats: 3,
+            engine_forget_after_s: 24 * 3600,
         }
     }
 }

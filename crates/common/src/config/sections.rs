@@ -69,8 +69,12 @@ pub struct GatewayConfig {
 pub struct ManagerConfig {
     pub common: Common,
     pub bind: String,
-    /// Heartbeats and operator actions.
+    /// Operator actions, and reads.
     pub admin_token: Secret,
+    /// Reads only (`GET /v1/…`): the status page, `gpuq engines`.
+    pub read_token: Secret,
+    /// The fleet secret worker credentials derive from (`credentials::worker_token`).
+    pub worker_secret: Secret,
     /// RabbitMQ management API base URLs (with credentials): queue depths.
     pub rabbitmq_mgmt_urls: Vec<String>,
     /// Pools whose queues the manager declares besides `default`.
@@ -79,6 +83,8 @@ pub struct ManagerConfig {
     pub heartbeat_interval_ms: u64,
     /// Heartbeats missed before an engine counts as offline.
     pub engine_offline_after_heartbeats: u32,
+    /// An engine offline this long is forgotten: registry entry and metric series dropped.
+    pub engine_forget_after: Duration,
 }
 
 /// Which GPUs a worker drives.
@@ -147,8 +153,10 @@ pub struct WorkerConfig {
     pub thresholds: GpuThresholds,
     /// Enables `POST /admin/faults`.
     pub fault_injection: bool,
-    /// The worker's admin API and its heartbeats to the manager.
+    /// The worker's admin API (the manager and the CLI call it with this token).
     pub admin_token: Secret,
+    /// This engine's credential for its heartbeats (derived from the manager's worker secret).
+    pub worker_token: Secret,
     pub manager_url: String,
     pub lease_ttl_ms: u64,
     pub running_record_delay: Duration,
@@ -205,10 +213,13 @@ impl ManagerConfig {
             common: Common::from_settings(s)?,
             bind: s.manager_bind.clone(),
             admin_token: s.admin_token.clone(),
+            read_token: s.read_token.clone(),
+            worker_secret: s.worker_secret.clone(),
             rabbitmq_mgmt_urls: s.rabbitmq_mgmt_url_list(),
             pools: s.worker_pool_list(),
             heartbeat_interval_ms: s.heartbeat_interval_ms,
             engine_offline_after_heartbeats: s.engine_offline_after_heartbeats.max(1),
+            engine_forget_after: Duration::from_secs(s.engine_forget_after_s.max(1)),
         })
     }
 }
@@ -230,6 +241,7 @@ impl WorkerConfig {
             thresholds: Self::thresholds(s),
             fault_injection: s.fault_injection,
             admin_token: s.admin_token.clone(),
+            worker_token: s.worker_token.clone(),
             manager_url: s.manager_url.trim_end_matches('/').to_string(),
             lease_ttl_ms: s.lease_ttl_ms,
             running_record_delay: Duration::from_millis(s.running_record_delay_ms),

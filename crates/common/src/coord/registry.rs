@@ -1,6 +1,8 @@
 //! The engine registry in Redis: the latest heartbeat of each engine under a TTL (its expiry is
-//! what makes an engine `offline`), the set of every engine ever seen, restart detection by
-//! instance id, and the operator's cordon/drain intent that workers read and obey.
+//! what makes an engine `offline`), the set of every engine ever seen (until it has been offline
+//! for the forget time), restart detection by instance id — a new instance is refused while the
+//! current one is live, unless it said goodbye — and the operator's cordon/drain intent that
+//! workers read and obey.
 
 use super::CoordResult;
 use std::collections::HashSet;
@@ -13,7 +15,9 @@ use redis::aio::ConnectionManager;
 /// KEYS: 1 info hash, 2 starts counter, 3 heartbeat key, 4 engines set, 5 admin key.
 /// ARGV: 1 instance id, 2 started_at_ms, 3 heartbeat JSON, 4 ttl ms, 5 engine id, 6 now ms.
 /// Returns {change, starts, admin}: change is 0 (same instance), 1 (a restart), 2 (first
-/// sighting) or -1 (a late heartbeat of an instance older than the current one: ignored).
+/// sighting), -1 (a late heartbeat of an instance older than the current one: ignored) or -2
+/// (another instance while the current one is live — its heartbeat key has not expired and it
+/// did not say goodbye: refused, so no process can take over a live engine's id).
 const HEARTBEAT_LUA: &str = r#"
 local inst = redis.call('HGET', KEYS[1], 'instance')
 local change = 0
@@ -21,6 +25,9 @@ if inst ~= ARGV[1] then
   local started = tonumber(redis.call('HGET', KEYS[1], 'started_at_ms') or '0') or 0
   if inst and tonumber(ARGV[2]) < started then
     return {-1, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[5]) or ''}
+  end
+  if inst and redis.call('EXISTS', KEYS[3]) == 1 then
+    return {-2, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[5]) or ''}
   end
   redis.call('HSET', KEYS[1], 'instance', ARGV[1], 'started_at_ms', ARGV[2])
   redis.call('INCR', KEYS[2])
@@ -30,6 +37,29 @@ redis.call('HSET', KEYS[1], 'last_seen_ms', ARGV[6])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('SADD', KEYS[4], ARGV[5])
 return {change, tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[5]) or ''}
+"#;
+
+/// A worker's goodbye: drops the heartbeat key if the engine's current instance is the one
+/// leaving, so its successor is accepted at once. KEYS: 1 info hash, 2 heartbeat key.
+/// ARGV: 1 instance id. Returns 1 when it was the current instance, else 0.
+const GOODBYE_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'instance') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"#;
+
+/// Forgets an engine offline since before a cutoff, unless a heartbeat came meanwhile.
+/// KEYS: 1 info hash, 2 heartbeat key, 3 engines set, 4 starts, 5 admin, 6 restart request.
+/// ARGV: 1 engine id, 2 cutoff ms. Returns 1 when forgotten.
+const FORGET_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local seen = tonumber(redis.call('HGET', KEYS[1], 'last_seen_ms') or '0') or 0
+if seen > tonumber(ARGV[2]) then return 0 end
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
+return 1
 "#;
 
 /// What recording a heartbeat found.
@@ -43,6 +73,8 @@ pub enum Sighting {
     New,
     /// A heartbeat of an older instance than the current one (a late packet): not stored.
     Stale,
+    /// A new instance while the current one is live and did not say goodbye: not stored.
+    Taken,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +171,7 @@ impl Registry {
             0 => Sighting::Same,
             1 => Sighting::Restarted,
             2 => Sighting::New,
+            -2 => Sighting::Taken,
             _ => Sighting::Stale,
         };
         Ok(HeartbeatReceipt {
@@ -146,6 +179,37 @@ impl Registry {
             restarts: restarts_from_starts(starts),
             admin: AdminState::parse(&admin),
         })
+    }
+
+    /// A worker process leaving for good (graceful shutdown): its engine goes offline now, and
+    /// the next process of the engine is accepted without waiting for the heartbeat to expire.
+    /// Answers whether `instance` was the engine's current instance.
+    pub async fn goodbye(&self, id: &str, instance: &str) -> CoordResult<bool> {
+        let done: i64 = redis::Script::new(GOODBYE_LUA)
+            .key(self.keys.engine_info(id))
+            .key(self.keys.engine(id))
+            .arg(instance)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Drops every trace of an engine (its listing, restarts, operator intent) when it has been
+    /// offline since `cutoff_ms` or earlier; a heartbeat since then keeps it. Answers whether it
+    /// was forgotten.
+    pub async fn forget(&self, id: &str, cutoff_ms: i64) -> CoordResult<bool> {
+        let done: i64 = redis::Script::new(FORGET_LUA)
+            .key(self.keys.engine_info(id))
+            .key(self.keys.engine(id))
+            .key(self.keys.engines())
+            .key(self.keys.engine_starts(id))
+            .key(self.keys.engine_admin(id))
+            .key(self.keys.engine_restart(id))
+            .arg(id)
+            .arg(cutoff_ms)
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(done == 1)
     }
 
     /// Every engine ever seen, sorted.

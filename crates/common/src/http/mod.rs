@@ -189,8 +189,8 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer …` header, if the request has one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -199,7 +199,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Constant-time comparison of a bearer token against the accepted ones.
 pub fn check_bearer(headers: &HeaderMap, accepted: &[Secret]) -> Result<(), ApiError> {
-    let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    let token = bearer_token(headers).ok_or(ApiError::Unauthorized)?;
     let ok = accepted
         .iter()
         .filter(|k| !k.is_empty())

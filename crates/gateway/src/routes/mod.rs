@@ -14,7 +14,7 @@ use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use gpuq_common::coord::idempotency::IdempotencyError;
-use gpuq_common::http::{ApiError, bearer, service_router};
+use gpuq_common::http::{ApiError, bearer_token, service_router};
 
 use crate::jobs::JobError;
 use gpuq_common::job::JobId;
@@ -101,7 +101,8 @@ async fn require_api_key(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let principal = bearer(req.headers()).and_then(|t| state.quotas.tenants().authenticate(t));
+    let principal =
+        bearer_token(req.headers()).and_then(|t| state.quotas.tenants().authenticate(t));
     match principal {
         Some(p) => {
             req.extensions_mut().insert(p);

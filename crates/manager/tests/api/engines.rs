@@ -10,7 +10,7 @@ use axum::routing::post;
 use gpuq_common::engine::{EngineState, GpuHealth};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, eventually, gpu, heartbeat, spawn_app};
+use crate::helpers::{ADMIN_TOKEN, eventually, gpu, heartbeat, spawn_app, worker_token};
 
 #[tokio::test]
 async fn heartbeats_make_an_engine_healthy_degraded_or_unhealthy_and_silence_makes_it_offline() {
@@ -28,10 +28,7 @@ async fn heartbeats_make_an_engine_healthy_degraded_or_unhealthy_and_silence_mak
             Some(serde_json::to_value(&hb).unwrap()),
         )
         .await;
-    assert_eq!(
-        status, 401,
-        "a heartbeat without the admin token is refused"
-    );
+    assert_eq!(status, 401, "a heartbeat without a credential is refused");
     let (status, body) = app
         .post(
             "/v1/heartbeats",
@@ -298,7 +295,7 @@ async fn the_token_is_checked_before_the_body_and_every_refusal_is_json() {
     );
     // With it, the body is judged.
     assert_eq!(
-        send("/v1/heartbeats", Some(ADMIN_TOKEN), "{not json")
+        send("/v1/heartbeats", Some(&worker_token("w-x")), "{not json")
             .await
             .0,
         400

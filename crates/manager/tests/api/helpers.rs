@@ -16,6 +16,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const READ_TOKEN: &str = "test-read-token";
+pub const WORKER_SECRET: &str = "test-worker-secret";
+
+/// Engine `engine_id`'s credential under `WORKER_SECRET`.
+pub fn worker_token(engine_id: &str) -> String {
+    gpuq_common::credentials::worker_token(&Secret::new(WORKER_SECRET), engine_id)
+        .unwrap()
+        .expose()
+        .to_string()
+}
 
 fn env(name: &str, example: &str) -> String {
     std::env::var(name)
@@ -67,6 +77,8 @@ pub async fn spawn_app() -> TestApp {
         queue_prefix: prefix.clone(),
         manager_bind: "127.0.0.1:0".into(),
         admin_token: Secret::new(ADMIN_TOKEN),
+        read_token: Secret::new(READ_TOKEN),
+        worker_secret: Secret::new(WORKER_SECRET),
         heartbeat_interval_ms: 300,
         engine_offline_after_heartbeats: 3,
         ..Settings::default()
@@ -107,13 +119,14 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
-    /// The typed client the CLI uses, with the admin token.
+    /// The typed client the CLI uses: reads with the read token, acts with the admin token.
     pub fn client(&self) -> gpuq_client::Manager {
         gpuq_client::Manager::new(
             self.http.clone(),
             &self.base,
             Some(Secret::new(ADMIN_TOKEN)),
         )
+        .with_read_token(Some(Secret::new(READ_TOKEN)))
     }
 
     /// The manager's SQLite file, for tests that must write what no store write makes.
@@ -138,12 +151,20 @@ impl TestApp {
         }
     }
 
+    /// GET with the read token.
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = self.http.get(self.url(path)).send().await.expect("GET");
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(READ_TOKEN)
+            .send()
+            .await
+            .expect("GET");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// GET with no token (`/ui`, `/metrics`, `/openapi.json` are open).
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let r = self.http.get(self.url(path)).send().await.expect("GET");
         (r.status().as_u16(), r.text().await.expect("body"))
@@ -168,10 +189,11 @@ impl TestApp {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// POST /v1/heartbeats with the credential of the engine it names.
     pub async fn heartbeat(&self, hb: &Heartbeat) -> (u16, serde_json::Value) {
         self.post(
             "/v1/heartbeats",
-            Some(ADMIN_TOKEN),
+            Some(&worker_token(&hb.engine_id)),
             Some(serde_json::to_value(hb).unwrap()),
         )
         .await

@@ -5,6 +5,7 @@
 // 100-line limit on functions (clippy::too_many_lines), which holds for everything else.
 #![allow(clippy::too_many_lines)]
 
+mod credentials;
 mod dead_letters;
 mod engines;
 mod helpers;

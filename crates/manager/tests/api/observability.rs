@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpuq_common::engine::GpuHealth;
 
-use crate::helpers::{eventually, gpu, heartbeat, spawn_app};
+use crate::helpers::{ADMIN_TOKEN, READ_TOKEN, eventually, gpu, heartbeat, spawn_app};
 
 /// Checks the exposition with `promtool check metrics` when it is installed, and always with a
 /// small parser of the text format (every sample line is `name{labels} value`, after its TYPE).
@@ -166,13 +166,13 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
         r#"id="recent-jobs""#,
         r#"id="dead-letters""#,
         r#"id="throughput""#,
-        r#"id="admin-token""#,
+        r#"id="token-form""#,
         "data-engine",
         "data-gpu",
         "dataset.state",
-        "new EventSource(\"/v1/events\")",
-        "/v1/overview",
-        "localStorage",
+        "fetch(\"/v1/events\", { cache: \"no-store\", headers: auth()",
+        "fetch(\"/v1/overview\", { cache: \"no-store\", headers: auth()",
+        "sessionStorage",
         "Bearer ",
     ] {
         assert!(page.contains(needle), "the page lacks {needle}");
@@ -206,8 +206,14 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
     assert!(o["throughput"]["finished_per_s"].is_number());
     assert_eq!(o["broker_connected"], true);
 
-    // The event stream sends an overview right away.
-    let mut r = app.http.get(app.url("/v1/events")).send().await.unwrap();
+    // The event stream (read token or admin token) sends an overview right away.
+    let events = |token: &'static str| {
+        app.http
+            .get(app.url("/v1/events"))
+            .bearer_auth(token)
+            .send()
+    };
+    let mut r = events(READ_TOKEN).await.unwrap();
     assert!(
         r.headers()["content-type"]
             .to_str()
@@ -231,7 +237,7 @@ async fn the_status_page_and_its_data_are_served_without_any_external_asset() {
         serde_json::from_str(event.split_once("data: ").unwrap().1).unwrap();
     assert_eq!(data["engines"][0]["heartbeat"]["gpus"][1]["index"], 1);
     // Then the shared feed's ticks, to this stream and to a second one alike.
-    let mut other = app.http.get(app.url("/v1/events")).send().await.unwrap();
+    let mut other = events(ADMIN_TOKEN).await.unwrap();
     for stream in [&mut r, &mut other] {
         let mut seen = String::new();
         let ticks = tokio::time::timeout(Duration::from_secs(8), async {

@@ -50,7 +50,7 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
     count_start(w, job, received);
     tracing::info!(attempt, gpus = ?gpus, "job started");
 
-    let (scenario, outcome, elapsed, events) = run_attempt(job, &record, &gpus).await;
+    let (scenario, outcome, elapsed, events, ended_at) = run_attempt(job, &record, &gpus).await;
     let ran_at = Instant::now();
     let kind = msg.payload.kind().as_str();
     let (end, result, error) = match outcome {
@@ -99,6 +99,7 @@ pub(super) async fn leased(job: &Job<'_>, received: Instant, gpus: Vec<u32>) -> 
     // The attempt's events not written yet go with its outcome, before its `final` event.
     w.metrics.events.written.inc_by(events.len() as u64);
     fin.events = events;
+    fin.finished_at = ended_at;
     finish(job, &record, &fin, scenario, elapsed, ran_at).await
 }
 
@@ -170,7 +171,7 @@ async fn run_attempt(
     job: &Job<'_>,
     record: &JobRecord,
     gpus: &[u32],
-) -> (Scenario, RunOutcome, Duration, Vec<NewEvent>) {
+) -> (Scenario, RunOutcome, Duration, Vec<NewEvent>, i64) {
     let (w, msg) = (job.w, job.msg);
     let events = AttemptEvents::start(
         w.store.clone(),
@@ -240,7 +241,9 @@ async fn run_attempt(
     };
     let failed = !matches!(outcome, RunOutcome::Succeeded(_));
     record_run(w, elapsed.as_millis() as u64, failed);
-    (scenario, outcome, elapsed, events.finish().await)
+    // The events' writer may be waiting for the store: the job ended now, not when it is done.
+    let ended_at = now_ms();
+    (scenario, outcome, elapsed, events.finish().await, ended_at)
 }
 
 /// Step 7: the conditional final write (retried while the store is down), then the done
