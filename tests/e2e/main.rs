@@ -10,6 +10,7 @@
 mod compose;
 mod deploy;
 mod disruptive;
+mod events;
 mod faults;
 mod gpus;
 mod http;

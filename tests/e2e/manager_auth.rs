@@ -77,15 +77,9 @@ async fn call(stack: &Stack, method: &Method, path: &str, bearer: Option<&str>) 
 /// Every `(method, path)` of the manager's `/v1` API, from its OpenAPI document, with the path
 /// parameters filled for engine `worker-1`.
 async fn v1_routes(stack: &Stack) -> Vec<(Method, String)> {
-    let doc: Value = stack
-        .http
-        .get(format!("{}/openapi.json", stack.manager_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = stack
+        .get_json(&format!("{}/openapi.json", stack.manager_url), None)
+        .await;
     let mut routes = vec![];
     for (path, ops) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/v1/") {

@@ -108,15 +108,9 @@ fn long_job() -> Value {
 /// The gateway's `/v1` routes, from its OpenAPI document (which a unit test keeps equal to the
 /// routes it serves): a new route is not covered until this test exercises it.
 async fn v1_routes(stack: &Stack) -> BTreeSet<(String, String)> {
-    let doc: Value = stack
-        .http
-        .get(format!("{}/openapi.json", stack.gateway_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = stack
+        .get_json(&format!("{}/openapi.json", stack.gateway_url), None)
+        .await;
     let mut routes = BTreeSet::new();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         if path.starts_with("/v1/") {

@@ -273,6 +273,15 @@ impl Stack {
         rb.bearer_auth(&self.api_key)
     }
 
+    /// GET `url` (with a bearer token when given) and its JSON body, whatever the status.
+    pub async fn get_json(&self, url: &str, bearer: Option<&str>) -> Value {
+        let mut rb = self.http.get(url);
+        if let Some(b) = bearer {
+            rb = rb.bearer_auth(b);
+        }
+        rb.send().await.unwrap().json().await.unwrap()
+    }
+
     /// The `submit` key of one of `TENANTS`.
     pub fn key_of(&self, tenant: &str) -> &str {
         self.tenant_keys

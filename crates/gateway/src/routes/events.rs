@@ -196,9 +196,9 @@ async fn next_batch(c: &mut Cursor) -> Vec<Event> {
                 return events.iter().map(sse).collect();
             }
             Ok(_) => {
-                if let Some(made) = missing_final(c).await {
+                if let Some(end) = end_of_log(c).await {
                     c.done = true;
-                    return vec![made];
+                    return end;
                 }
             }
             Err(e) => tracing::warn!(error.message = %e, "cannot read a job's events; retrying"),
@@ -207,12 +207,20 @@ async fn next_batch(c: &mut Cursor) -> Vec<Event> {
     }
 }
 
-/// A final event made from the record, for a log that lacks its own (see `FINAL_GRACE`).
-async fn missing_final(c: &mut Cursor) -> Option<Event> {
+/// With nothing after the cursor: `Some` when the stream is over — the client resumed after
+/// the final event (nothing more to send), or the job is final and its log lacks its own final
+/// event past `FINAL_GRACE` (one made from the record).
+async fn end_of_log(c: &mut Cursor) -> Option<Vec<Event>> {
     let record = c.state.store.get(c.id).await.ok().flatten()?;
     if !record.status.is_final() {
         c.final_seen = None;
         return None;
+    }
+    if c.offset > 0 {
+        let at = c.state.store.events(c.id, c.offset - 1, 1).await.ok()?;
+        if at.first().is_some_and(|e| e.kind == EventKind::Final) {
+            return Some(vec![]);
+        }
     }
     let seen = *c.final_seen.get_or_insert_with(tokio::time::Instant::now);
     if seen.elapsed() < FINAL_GRACE {
@@ -229,5 +237,5 @@ async fn missing_final(c: &mut Cursor) -> Option<Event> {
         at_ms: e.at_ms,
         data: e.data,
     };
-    Some(sse(&made))
+    Some(vec![sse(&made)])
 }
