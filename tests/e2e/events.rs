@@ -174,6 +174,31 @@ async fn a_thousand_progress_and_output_lines_reach_a_client_in_order_then_the_f
     assert_eq!(offsets, vec![1001, 1002, 1003, 1004, 1005]);
     assert_eq!(page["next_from"], 1005);
     assert_eq!(page["status"], "succeeded");
+
+    // A short job that prints nothing keeps no log rows; its log (attempt, final) is derived
+    // from its record, resumable like any other.
+    let quiet = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 1}}))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    stack
+        .wait_one(quiet, Duration::from_secs(30))
+        .await
+        .unwrap();
+    eprintln!("quiet job final after {:?}", t.elapsed());
+    assert!(stack.store.events(quiet, 0, 10).await.unwrap().is_empty());
+    let t = Instant::now();
+    let (events, _) = read_all(&stack, quiet, None).await;
+    eprintln!("quiet job's log read in {:?}", t.elapsed());
+    assert_gapless(&events);
+    let kinds: Vec<&str> = events.iter().map(|w| w.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["attempt", "final"]);
+    assert_eq!(events[1].data["data"]["status"], "succeeded");
+    let mut rest = Sse::open(&stack, quiet, Some(1)).await;
+    assert_eq!(rest.next().await.unwrap().kind, "final");
+    let mut none = Sse::open(&stack, quiet, Some(2)).await;
+    assert!(none.next().await.is_none());
     stack.stop().await;
 }
 

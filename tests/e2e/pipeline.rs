@@ -542,3 +542,36 @@ async fn knobs_that_crash_or_hang_workers_are_refused_unless_the_pools_workers_i
     assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
     stack.stop().await;
 }
+
+/// Issue 15's budgets, measured rather than asserted (timings on a shared 2-core machine are not
+/// a pass/fail signal): `gpuq bench` at full speed and at a steady 200 jobs/s, printed as one JSON
+/// line. Run it on purpose, alone, against any build of the binaries (an A/B of two commits):
+/// `GPUQ_BIN_DIR=… cargo nextest run --workspace --run-ignored only -E 'test(/budget_bench/)' --no-capture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run on purpose, alone"]
+async fn budget_bench_full_speed_and_a_steady_200_jobs_per_second() {
+    let stack = Stack::start_healthy(StackOptions::default()).await;
+    // Warm up connections, caches and the queue.
+    bench(&stack, &["--jobs", "500", "--duration-ms", "0"]).await;
+    let full = bench(&stack, &["--jobs", "3000", "--duration-ms", "0"]).await;
+    let steady = bench(
+        &stack,
+        &["--jobs", "3000", "--duration-ms", "0", "--rate", "200"],
+    )
+    .await;
+    for r in [&full, &steady] {
+        assert_eq!(r["succeeded"], r["submitted"], "{r:#}");
+        assert_eq!(r["lost"], 0, "{r:#}");
+    }
+    println!(
+        "BUDGET {}",
+        json!({
+            "bin_dir": std::env::var("GPUQ_BIN_DIR").unwrap_or_default(),
+            "full_speed_jobs_per_second": full["jobs_per_second"],
+            "full_speed_latency": full["latency"],
+            "steady_200_latency": steady["latency"],
+            "steady_200_jobs_per_second": steady["jobs_per_second"],
+        })
+    );
+    stack.stop().await;
+}

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::job::JobStatus;
+use crate::job::{JobRecord, JobStatus};
 
 /// The prefix of a progress line on a `command` job's stdout.
 pub const PROGRESS_MARKER: &str = "##gpuq:progress ";
@@ -163,6 +163,38 @@ pub fn final_event(status: JobStatus, error: Option<&str>, at_ms: i64) -> NewEve
         at_ms,
         data: serde_json::json!({"status": status.as_str(), "error": error}),
     }
+}
+
+/// Whether a final outcome's events are only its attempt's start (a job that printed nothing
+/// and reported no progress).
+pub fn is_quiet_attempt(events: &[NewEvent]) -> bool {
+    matches!(events, [e] if e.kind == EventKind::Attempt)
+}
+
+/// The log of a final job whose log is empty (a single quiet attempt; see the stores' final
+/// write): its attempt's start and its final event, at offsets 1 and 2, from its record. A job
+/// that never ran has only the final event, at offset 1.
+pub fn derived_log(r: &JobRecord) -> Vec<JobEvent> {
+    let mut made = vec![];
+    if let (Some(worker), Some(started)) = (&r.worker, r.started_at)
+        && r.attempts > 0
+    {
+        made.push(attempt_event(r.attempts, worker, &r.gpus, started));
+    }
+    made.push(final_event(
+        r.status,
+        r.error.as_deref(),
+        r.finished_at.unwrap_or(r.created_at),
+    ));
+    made.into_iter()
+        .enumerate()
+        .map(|(i, e)| JobEvent {
+            offset: i as u64 + 1,
+            kind: e.kind,
+            at_ms: e.at_ms,
+            data: e.data,
+        })
+        .collect()
 }
 
 /// The `attempt` event of an attempt that started.

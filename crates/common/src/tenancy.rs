@@ -6,9 +6,9 @@
 //! cancel and re-drive the tenant's own jobs) and `admin` (every job of every tenant).
 //!
 //! `GPUQ_TENANT_LIMITS` is a comma-separated list of `TENANT:NAME=VALUE:…` with the names
-//! `rate` (submissions per second), `burst`, `max_queued` (jobs not final yet) and `max_gpus`
-//! (GPUs running the tenant's jobs at once, 0 = no limit); the tenant `*` sets every tenant's
-//! defaults. The built-in defaults never bite a single user.
+//! `rate` (submissions per second), `burst`, `max_queued` (jobs not final yet, 0 = no cap) and
+//! `max_gpus` (GPUs running the tenant's jobs at once, 0 = no limit); the tenant `*` sets every
+//! tenant's defaults. The built-in defaults never bite a single user.
 //!
 //! A presented key is hashed and compared with every configured digest in constant time (fixed
 //! 32-byte digests, so not even the key's length leaks).
@@ -69,8 +69,9 @@ pub struct Limits {
     pub rate_per_s: f64,
     /// Submissions allowed at once above the rate.
     pub burst: u32,
-    /// Jobs not final yet (queued or running).
-    pub max_queued: u64,
+    /// Jobs not final yet (queued or running); `None`: no cap (the broker's queue length
+    /// limit still applies), and the gateway does not count them.
+    pub max_queued: Option<u64>,
     /// GPUs running the tenant's jobs at once, over the whole fleet.
     pub max_gpus: Option<u32>,
 }
@@ -80,7 +81,7 @@ impl Default for Limits {
         Self {
             rate_per_s: 10_000.0,
             burst: 20_000,
-            max_queued: 1_000_000,
+            max_queued: None,
             max_gpus: None,
         }
     }
@@ -219,6 +220,11 @@ impl Tenants {
         found.cloned()
     }
 
+    /// Whether any tenant has a cap on unfinished jobs (else nobody needs them counted).
+    pub fn caps_unfinished(&self) -> bool {
+        self.defaults.max_queued.is_some() || self.limits.values().any(|l| l.max_queued.is_some())
+    }
+
     pub fn limits(&self, tenant: &str) -> Limits {
         self.limits.get(tenant).copied().unwrap_or(self.defaults)
     }
@@ -281,7 +287,10 @@ fn parse_limits(mut l: Limits, fields: &str) -> Result<Limits, String> {
                 }
             }
             "burst" => l.burst = value.parse().map_err(|_| bad())?,
-            "max_queued" => l.max_queued = value.parse().map_err(|_| bad())?,
+            "max_queued" => {
+                let n: u64 = value.parse().map_err(|_| bad())?;
+                l.max_queued = (n > 0).then_some(n);
+            }
             "max_gpus" => {
                 let n: u32 = value.parse().map_err(|_| bad())?;
                 l.max_gpus = (n > 0).then_some(n);
@@ -366,11 +375,11 @@ mod tests {
         let b = t.limits("team-b");
         assert_eq!(b.rate_per_s, 5.0);
         assert_eq!(b.max_gpus, Some(2));
-        assert_eq!(b.max_queued, 100);
+        assert_eq!(b.max_queued, Some(100));
         assert_eq!(b.burst, 7);
         let other = t.limits("team-z");
         assert_eq!(other.rate_per_s, Limits::default().rate_per_s);
-        assert_eq!(other.max_queued, 100);
+        assert_eq!(other.max_queued, Some(100));
         assert_eq!(other.max_gpus, None);
         assert_eq!(
             Tenants::parse("", "t:max_gpus=0")

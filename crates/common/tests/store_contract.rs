@@ -402,6 +402,37 @@ async fn event_log(store: &Arc<dyn JobStore>, pool: &str) {
     );
     assert!(store.events(job.id, 6, 100).await.unwrap().is_empty());
     assert_eq!(store.events(other.id, 0, 100).await.unwrap().len(), 1);
+
+    // A single quiet attempt (no output, no progress) leaves the log empty: its two events are
+    // derived from the record, at offsets 1 and 2.
+    let quiet = new_job(pool);
+    store.insert(&quiet).await.unwrap();
+    let mut o = outcome(JobStatus::Succeeded, "w3");
+    o.attempt = Some(gpuq_common::job::AttemptInfo {
+        attempts: 1,
+        gpus: vec![1],
+        started_at: 10,
+    });
+    o.events = vec![attempt_event(1, "w3", &[1], 10)];
+    assert_eq!(
+        store.finish(quiet.id, &o).await.unwrap(),
+        FinishOutcome::Stored
+    );
+    assert!(store.events(quiet.id, 0, 100).await.unwrap().is_empty());
+    let derived = gpuq_common::events::derived_log(&store.get(quiet.id).await.unwrap().unwrap());
+    let kinds: Vec<_> = derived.iter().map(|e| (e.offset, e.kind)).collect();
+    assert_eq!(kinds, vec![(1, Attempt), (2, Final)]);
+    assert_eq!(derived[0].data["worker"], "w3");
+    assert_eq!(derived[1].data["status"], "succeeded");
+    // A cancel of a job that never ran logs its final event.
+    let never = new_job(pool);
+    store.insert(&never).await.unwrap();
+    store
+        .finish(never.id, &FinalOutcome::cancelled(None, None))
+        .await
+        .unwrap();
+    let log = store.events(never.id, 0, 100).await.unwrap();
+    assert_eq!(log.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![Final]);
 }
 
 /// Every record keeps its tenant; a tenant's listing shows its jobs only; the counts of

@@ -102,10 +102,10 @@ impl Quotas {
         let mut active = self.active.lock().expect("quota lock");
         let unfinished = active.counted.get(tenant).copied().unwrap_or(0)
             + active.since.get(tenant).copied().unwrap_or(0);
-        if unfinished >= limits.max_queued {
-            return Err(Refusal::Queued {
-                max: limits.max_queued,
-            });
+        if let Some(max) = limits.max_queued
+            && unfinished >= max
+        {
+            return Err(Refusal::Queued { max });
         }
         self.take_token(tenant, &limits, now)?;
         *active.since.entry(tenant.to_string()).or_default() += 1;

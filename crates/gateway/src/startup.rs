@@ -59,12 +59,15 @@ impl Application {
             tracing::warn!("no broker node answered yet; serving anyway, /readyz reports it");
         }
         let state = Arc::new(AppState::new(&config, store, broker, kv));
-        tracker.spawn(
-            state
-                .quotas
-                .clone()
-                .refresh_loop(state.store.clone(), broker_stop.clone()),
-        );
+        // Counting unfinished jobs costs a store query a second: only when some tenant is capped.
+        if state.quotas.tenants().caps_unfinished() {
+            tracker.spawn(
+                state
+                    .quotas
+                    .clone()
+                    .refresh_loop(state.store.clone(), broker_stop.clone()),
+            );
+        }
         Ok(Self {
             port,
             listener,

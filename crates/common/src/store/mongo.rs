@@ -10,7 +10,7 @@ use mongodb::options::{CollectionOptions, IndexOptions, ReturnDocument, WriteCon
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
-use crate::events::{EventKind, JobEvent, NewEvent, final_event};
+use crate::events::{EventKind, JobEvent, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
 use crate::tenancy::DEFAULT_TENANT;
 use crate::topology::FIRST_DRIVE;
@@ -108,7 +108,6 @@ impl MongoStore {
         jobs.create_indexes([
             index(doc! { "status": 1, "_id": -1 }, "status_id"),
             index(doc! { "tenant": 1, "_id": -1 }, "tenant_id"),
-            index(doc! { "status": 1, "tenant": 1 }, "status_tenant"),
             index(doc! { "created_at": -1 }, "created_at"),
         ])
         .await
@@ -182,18 +181,22 @@ impl MongoStore {
                 filter.insert("drive", d);
             }
         }
-        let r = self
+        let before = self
             .jobs
-            .update_one(filter, doc! { "$set": set })
+            .find_one_and_update(filter, doc! { "$set": set })
+            .projection(doc! { "event_seq": 1 })
             .await
             .map_err(unavailable)?;
-        if r.matched_count == 1 {
-            // Not one transaction with the outcome (a standalone server has none): a crash in
-            // between leaves the log without its `final` event, which readers of the log
-            // make up for from the record (see the gateway's event stream).
-            let mut events = o.events.clone();
-            events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
-            self.append_events(id, &events).await?;
+        if let Some(before) = before {
+            // A single quiet attempt leaves the log empty (its events are derived from the
+            // record; see the SQLite store). Else: not one transaction with the outcome (a
+            // standalone server has none), so a crash in between leaves the log without its
+            // `final` event, which readers make up for from the record.
+            if !(is_quiet_attempt(&o.events) && before.get("event_seq").is_none()) {
+                let mut events = o.events.clone();
+                events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
+                self.append_events(id, &events).await?;
+            }
             return Ok(FinishOutcome::Stored);
         }
         Ok(match self.status_of(id).await? {

@@ -14,9 +14,13 @@ use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
-use gpuq_common::events::{EventKind, EventPage, JobEvent, MAX_EVENTS_PAGE, final_event};
+use gpuq_common::JobRecord;
+use gpuq_common::events::{
+    EventKind, EventPage, JobEvent, MAX_EVENTS_PAGE, derived_log, final_event,
+};
 use gpuq_common::http::{ApiError, ErrorBody};
 use gpuq_common::job::JobId;
+use gpuq_common::store::StoreError;
 use gpuq_common::tenancy::Principal;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -98,7 +102,12 @@ pub async fn job_events(
                 )));
             }
         };
-        let events = state.store.events(id, from, limit).await?;
+        let mut events = state.store.events(id, from, limit).await?;
+        if events.is_empty() && record.status.is_final() {
+            events = derived_events(&state, &record, from)
+                .await?
+                .unwrap_or_default();
+        }
         let next_from = events.last().map_or(from, |e| e.offset);
         return Ok(Json(EventPage {
             events,
@@ -207,6 +216,24 @@ async fn next_batch(c: &mut Cursor) -> Vec<Event> {
     }
 }
 
+/// The events after `from` of a final job whose log is empty, derived from its record (see
+/// `events::derived_log`); `None` when the log has rows of its own.
+async fn derived_events(
+    state: &SharedState,
+    record: &JobRecord,
+    from: u64,
+) -> Result<Option<Vec<JobEvent>>, StoreError> {
+    if !state.store.events(record.id, 0, 1).await?.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        derived_log(record)
+            .into_iter()
+            .filter(|e| e.offset > from)
+            .collect(),
+    ))
+}
+
 /// With nothing after the cursor: `Some` when the stream is over — the client resumed after
 /// the final event (nothing more to send), or the job is final and its log lacks its own final
 /// event past `FINAL_GRACE` (one made from the record).
@@ -215,6 +242,13 @@ async fn end_of_log(c: &mut Cursor) -> Option<Vec<Event>> {
     if !record.status.is_final() {
         c.final_seen = None;
         return None;
+    }
+    if let Some(derived) = derived_events(&c.state, &record, c.offset).await.ok()? {
+        c.state
+            .metrics
+            .job_events_streamed
+            .inc_by(derived.len() as u64);
+        return Some(derived.iter().map(sse).collect());
     }
     if c.offset > 0 {
         let at = c.state.store.events(c.id, c.offset - 1, 1).await.ok()?;

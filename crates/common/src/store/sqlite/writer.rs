@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::conn::unavailable;
-use crate::events::{EventKind, NewEvent, final_event};
+use crate::events::{EventKind, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
 use crate::store::{FinishOutcome, StartOutcome, StoreError};
 use crate::topology::FIRST_DRIVE;
@@ -302,9 +302,7 @@ fn finish(
         })
         .map_err(unavailable)?;
     if n == 1 {
-        let mut events = o.events.clone();
-        events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
-        append_events(tx, id, &events)?;
+        append_final(tx, id, o)?;
         return Ok(FinishOutcome::Stored);
     }
     Ok(match status_of(tx, id)? {
@@ -321,10 +319,42 @@ fn append_events(
     id: JobId,
     events: &[NewEvent],
 ) -> Result<u64, StoreError> {
-    let job = id.to_string();
     if events.is_empty() || status_of(tx, id)?.is_none() {
         return Ok(0);
     }
+    append_rows(tx, id, events)
+}
+
+/// The outcome's events and its `final` event — unless the log is empty and the outcome's only
+/// event is its attempt's start: then the log stays empty, and readers derive its two events
+/// from the record (`events::derived_log`). Most jobs are such short, quiet ones; this spares
+/// each of them two rows.
+fn append_final(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    o: &FinalOutcome,
+) -> Result<(), StoreError> {
+    if is_quiet_attempt(&o.events) {
+        let logged: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM job_events WHERE job = ?1)")
+            .and_then(|mut st| st.query_row(params![id.to_string()], |r| r.get(0)))
+            .map_err(unavailable)?;
+        if !logged {
+            return Ok(());
+        }
+    }
+    let mut events = o.events.clone();
+    events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
+    append_rows(tx, id, &events).map(|_| ())
+}
+
+/// `append_events` for a job known to exist.
+fn append_rows(
+    tx: &rusqlite::Transaction<'_>,
+    id: JobId,
+    events: &[NewEvent],
+) -> Result<u64, StoreError> {
+    let job = id.to_string();
     let last: i64 = tx
         .prepare_cached("SELECT coalesce(max(offset), 0) FROM job_events WHERE job = ?1")
         .and_then(|mut st| st.query_row(params![job], |r| r.get(0)))
