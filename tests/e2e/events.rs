@@ -352,3 +352,102 @@ async fn a_restarted_gateway_lets_the_client_resume_from_its_offset() {
     assert_eq!(lines, 30);
     stack.stop().await;
 }
+
+/// Resident memory of a process, from /proc (kB).
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Issue 17's budgets, measured rather than asserted: the time from an engine printing a line
+/// to an SSE client reading it, three jobs at ~100 lines/s each; and one gateway serving 1000
+/// event streams at once (its RSS). Run on purpose:
+/// `cargo nextest run --workspace --run-ignored only -E 'test(/budget_bench_events/)' --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: run on purpose, alone"]
+async fn budget_bench_events_line_to_client_latency_and_a_thousand_streams() {
+    let stack = Stack::start_healthy(StackOptions::default()).await;
+    // Each line carries the time it was printed (ms); the client subtracts it from arrival.
+    let script =
+        r#"i=0; while [ $i -lt 300 ]; do echo "t $(date +%s%3N)"; sleep 0.01; i=$((i+1)); done"#;
+    let mut readers = vec![];
+    for _ in 0..3 {
+        let id = stack.submit_ok(&shell(script)).await.unwrap();
+        let stack = &stack;
+        readers.push(async move {
+            let mut sse = Sse::open(stack, id, None).await;
+            let mut lags = vec![];
+            while let Some(w) = sse.next().await {
+                if let Some(t) = w.data["data"]["line"]
+                    .as_str()
+                    .and_then(|l| l.strip_prefix("t "))
+                    .and_then(|t| t.parse::<i64>().ok())
+                {
+                    lags.push(gpuq_common::job::now_ms() - t);
+                }
+                if w.kind == "final" {
+                    break;
+                }
+            }
+            lags
+        });
+    }
+    let started = Instant::now();
+    let mut lags: Vec<i64> = futures_util::future::join_all(readers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let rate = lags.len() as f64 / started.elapsed().as_secs_f64() / 3.0;
+    lags.sort_unstable();
+    assert_eq!(lags.len(), 900, "every line arrived");
+
+    // 1000 clients on one running job's stream.
+    let slow = stack
+        .submit_ok(&shell(
+            r#"i=0; while [ $i -lt 100 ]; do echo "line $i"; sleep 0.1; i=$((i+1)); done"#,
+        ))
+        .await
+        .unwrap();
+    let pid = stack.gateway.pid().await.unwrap();
+    let before = rss_kb(pid);
+    let mut streams = vec![];
+    for _ in 0..1000 {
+        streams.push(Sse::open(&stack, slow, None).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = rss_kb(pid);
+    let counts = futures_util::future::join_all(streams.iter_mut().map(|s| async move {
+        let mut n = 0;
+        while let Some(w) = s.next().await {
+            n += 1;
+            if w.kind == "final" {
+                break;
+            }
+        }
+        n
+    }))
+    .await;
+    assert!(
+        counts.iter().all(|&n| n == counts[0]),
+        "every client saw the whole log"
+    );
+    println!(
+        "BUDGET {}",
+        json!({
+            "line_to_client_ms": {"p50": percentile(&lags, 0.5), "p99": percentile(&lags, 0.99), "max": lags.last()},
+            "lines_per_second_per_job": rate,
+            "gateway_rss_mb": {"before": before / 1024, "with_1000_streams": during / 1024},
+            "events_per_client": counts[0],
+        })
+    );
+    stack.stop().await;
+}

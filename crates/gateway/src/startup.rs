@@ -59,6 +59,11 @@ impl Application {
             tracing::warn!("no broker node answered yet; serving anyway, /readyz reports it");
         }
         let state = Arc::new(AppState::new(&config, store, broker, kv));
+        tracker.spawn(state.bell.clone().listen(
+            common.redis_url.clone(),
+            state.keys.clone(),
+            broker_stop.clone(),
+        ));
         // Counting unfinished jobs costs a store query a second: only when some tenant is capped.
         if state.quotas.tenants().caps_unfinished() {
             tracker.spawn(

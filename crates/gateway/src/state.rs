@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics: GatewayMetrics,
     /// Job event streams open now (`routes::events`).
     pub open_streams: std::sync::atomic::AtomicUsize,
+    /// Wakes a job's event streams when a worker announces its log grew.
+    pub bell: Arc<gpuq_common::coord::bell::Bell>,
     pub http_metrics: Arc<HttpMetrics>,
 }
 
@@ -59,6 +61,7 @@ impl AppState {
             registry,
             metrics,
             open_streams: std::sync::atomic::AtomicUsize::new(0),
+            bell: Arc::default(),
             http_metrics,
         }
     }

@@ -11,14 +11,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gpuq_common::JobStore;
+use gpuq_common::coord::lease::Coordinator;
 use gpuq_common::events::{EventKind, NewEvent};
 use gpuq_common::job::{JobId, now_ms};
 use gpuq_common::metrics::WorkerMetrics;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-/// How often pending events are written to the store.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How often pending events are written to the store (and their streams rung).
+pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// How long an attempt's start waits for company before it is written alone: a short job that
+/// prints nothing writes no event at all (its log is derived from its record).
+pub const LONE_START: Duration = Duration::from_secs(1);
 /// Events per second an attempt may emit, sustained.
 pub const RATE: f64 = 1000.0;
 /// Events an attempt may emit at once above the rate.
@@ -104,6 +108,7 @@ impl AttemptEvents {
     /// Starts the attempt's writer; its first event says which attempt runs where.
     pub fn start(
         store: Arc<dyn JobStore>,
+        coord: Coordinator,
         metrics: WorkerMetrics,
         job: JobId,
         first: NewEvent,
@@ -112,9 +117,12 @@ impl AttemptEvents {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         sink.push_always(first);
         let writer = tokio::spawn(write_loop(
-            store,
-            metrics,
-            job,
+            Writer {
+                store,
+                coord,
+                metrics,
+                job,
+            },
             rx,
             sink.dropped.clone(),
             stopped,
@@ -148,16 +156,28 @@ fn notice(dropped: u64) -> NewEvent {
     }
 }
 
-async fn write_loop(
+struct Writer {
     store: Arc<dyn JobStore>,
+    coord: Coordinator,
     metrics: WorkerMetrics,
     job: JobId,
+}
+
+async fn write_loop(
+    w: Writer,
     mut rx: mpsc::Receiver<NewEvent>,
     dropped: Arc<AtomicU64>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) -> Vec<NewEvent> {
+    let Writer {
+        store,
+        coord,
+        metrics,
+        job,
+    } = w;
     let mut pending: Vec<NewEvent> = vec![];
     let mut reported = 0u64;
+    let started = Instant::now();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.tick().await;
     loop {
@@ -177,6 +197,10 @@ async fn write_loop(
         if stop {
             return pending;
         }
+        let lone_start = matches!(pending.as_slice(), [e] if e.kind == EventKind::Attempt);
+        if lone_start && started.elapsed() < LONE_START {
+            continue;
+        }
         if pending.len() > QUEUE {
             // The store has been away for a while: keep the newest, count the rest as dropped.
             let excess = pending.len() - QUEUE;
@@ -189,6 +213,9 @@ async fn write_loop(
                 Ok(_) => {
                     metrics.events.written.inc_by(n as u64);
                     pending.drain(..n);
+                    if let Err(e) = coord.ring(job).await {
+                        tracing::debug!(error.message = %e, "could not ring the job's event streams");
+                    }
                 }
                 Err(e) => {
                     // Kept for the next tick (or the final write); the run goes on.

@@ -65,6 +65,10 @@ impl Keys {
     pub fn engine_info(&self, engine: &str) -> String {
         format!("{}:engine-info:{engine}", self.prefix)
     }
+    /// The pub/sub channel on which workers announce that a job's event log grew.
+    pub fn events_channel(&self) -> String {
+        format!("{}:job-events", self.prefix)
+    }
     /// The GPUs running a tenant's jobs (a hash: job id → `GPUS OWNER`), for its GPU quota.
     pub fn tenant_gpus(&self, tenant: &str) -> String {
         format!("{}:tenant-gpus:{tenant}", self.prefix)

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+pub mod bell;
 pub mod conn;
 pub mod idempotency;
 pub mod keys;

@@ -5,6 +5,7 @@
 //! the `final` event; a comment every 10 s keeps an idle connection open.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
 use gpuq_common::JobRecord;
+use gpuq_common::coord::bell::FALLBACK;
 use gpuq_common::events::{
     EventKind, EventPage, JobEvent, MAX_EVENTS_PAGE, derived_log, final_event,
 };
@@ -23,13 +25,12 @@ use gpuq_common::job::JobId;
 use gpuq_common::store::StoreError;
 use gpuq_common::tenancy::Principal;
 use serde::Deserialize;
+use tokio::sync::Notify;
 use utoipa::IntoParams;
 
 use super::{ApiQuery, parse_id};
 use crate::state::SharedState;
 
-/// How often a stream that caught up with the log looks for new events.
-const POLL: Duration = Duration::from_millis(200);
 /// Events read from the store at once by a stream.
 const READ: u32 = 500;
 /// Event streams one gateway serves at once; more get 503.
@@ -155,6 +156,8 @@ struct Cursor {
     done: bool,
     /// When the record was first seen final with nothing more in the log.
     final_seen: Option<tokio::time::Instant>,
+    /// Rung when a worker appended to the job's log.
+    bell: Arc<Notify>,
     _slot: StreamSlot,
 }
 
@@ -173,6 +176,7 @@ fn live(
     slot: StreamSlot,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let cursor = Cursor {
+        bell: state.bell.waiter(id),
         state,
         id,
         offset: from,
@@ -190,9 +194,14 @@ fn live(
     .flat_map(|batch| stream::iter(batch.into_iter().map(Ok)))
 }
 
-/// The next events, waiting while there are none.
+/// The next events, waiting while there are none: for the job's bell, or `FALLBACK` at most.
 async fn next_batch(c: &mut Cursor) -> Vec<Event> {
     loop {
+        // Listening before reading: a ring between the read and the wait is not lost.
+        let bell = c.bell.clone();
+        let rung = bell.notified();
+        tokio::pin!(rung);
+        rung.as_mut().enable();
         match c.state.store.events(c.id, c.offset, READ).await {
             Ok(events) if !events.is_empty() => {
                 c.offset = events.last().map_or(c.offset, |e| e.offset);
@@ -212,7 +221,7 @@ async fn next_batch(c: &mut Cursor) -> Vec<Event> {
             }
             Err(e) => tracing::warn!(error.message = %e, "cannot read a job's events; retrying"),
         }
-        tokio::time::sleep(POLL).await;
+        let _ = tokio::time::timeout(FALLBACK, rung).await;
     }
 }
 

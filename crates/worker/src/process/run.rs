@@ -175,6 +175,7 @@ async fn run_attempt(
     let (w, msg) = (job.w, job.msg);
     let events = AttemptEvents::start(
         w.store.clone(),
+        w.coord.clone(),
         w.metrics.clone(),
         msg.id,
         attempt_event(record.attempts, &w.engine_id, gpus, now_ms()),
@@ -260,6 +261,11 @@ async fn finish(
     let mut recreated = false;
     loop {
         let written = store_retry(w, "finish", || w.store.finish(msg.id, fin)).await;
+        if matches!(written, Ok(FinishOutcome::Stored)) {
+            // The log ends now: wake its streams (off the path to the ack).
+            let (coord, id) = (w.coord.clone(), msg.id);
+            tokio::spawn(async move { coord.ring(id).await });
+        }
         let answer = match &written {
             Ok(FinishOutcome::Stored) => Stored::Stored,
             Ok(FinishOutcome::AlreadyFinal(s)) => Stored::AlreadyFinal(*s),
