@@ -353,6 +353,53 @@ async fn a_restarted_gateway_lets_the_client_resume_from_its_offset() {
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_pages_job_view_shows_progress_to_the_read_token_and_output_to_the_admin() {
+    let stack = Stack::start_healthy(StackOptions::default()).await;
+    let script = r###"echo "secret output"; echo '##gpuq:progress {"fraction": 0.5, "message": "half", "metrics": {"loss": 0.25}}'"###;
+    let id = stack.submit_ok(&shell(script)).await.unwrap();
+    stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
+    let url = format!("{}/v1/jobs/{id}", stack.manager_url);
+    let reader = stack.get_json(&url, Some(&stack.read_token)).await;
+    assert_eq!(reader["job"]["status"], "succeeded", "{reader}");
+    assert_eq!(reader["job"]["tenant"], "default");
+    assert_eq!(reader["progress"]["fraction"], 0.5);
+    assert_eq!(reader["progress"]["metrics"]["loss"], 0.25);
+    assert_eq!(reader["output_shown"], false);
+    assert!(!reader.to_string().contains("secret output"), "{reader}");
+    let kinds: Vec<&str> = reader["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["attempt", "progress", "final"]);
+    let admin = stack.get_json(&url, Some(&stack.admin_token)).await;
+    assert_eq!(admin["output_shown"], true);
+    assert!(admin.to_string().contains("secret output"));
+    // Paged like the gateway's log.
+    let rest = stack
+        .get_json(&format!("{url}?from=2"), Some(&stack.admin_token))
+        .await;
+    let offsets: Vec<u64> = rest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![3, 4]);
+    // Another job id, or none: 404 and 400.
+    let missing = stack
+        .http
+        .get(format!("{}/v1/jobs/{}", stack.manager_url, Uuid::now_v7()))
+        .bearer_auth(&stack.read_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    stack.stop().await;
+}
+
 /// Resident memory of a process, from /proc (kB).
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

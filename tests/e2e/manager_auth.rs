@@ -75,8 +75,8 @@ async fn call(stack: &Stack, method: &Method, path: &str, bearer: Option<&str>) 
 }
 
 /// Every `(method, path)` of the manager's `/v1` API, from its OpenAPI document, with the path
-/// parameters filled for engine `worker-1`.
-async fn v1_routes(stack: &Stack) -> Vec<(Method, String)> {
+/// parameters filled for engine `worker-1` and job `job`.
+async fn v1_routes(stack: &Stack, job: uuid::Uuid) -> Vec<(Method, String)> {
     let doc = stack
         .get_json(&format!("{}/openapi.json", stack.manager_url), None)
         .await;
@@ -86,6 +86,7 @@ async fn v1_routes(stack: &Stack) -> Vec<(Method, String)> {
             continue;
         }
         let filled = path
+            .replace("{job}", &job.to_string())
             .replace("{id}", "worker-1")
             .replace("{engine}", "worker-1")
             .replace("{gpu}", "0")
@@ -122,7 +123,12 @@ async fn every_manager_v1_route_needs_a_token_the_read_token_only_reads_and_view
  {
     let stack = healthy_stack(1, vec![]).await;
     let worker1 = worker_token(&stack.worker_secret, "worker-1");
-    let routes = v1_routes(&stack).await;
+    let job = stack
+        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 1}}))
+        .await
+        .unwrap();
+    stack.wait_one(job, Duration::from_secs(30)).await.unwrap();
+    let routes = v1_routes(&stack, job).await;
     for expected in [
         "GET /v1/engines",
         "GET /v1/engines/worker-1",

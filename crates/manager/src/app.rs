@@ -204,6 +204,7 @@ impl Application {
         api::gpu_fault,
         overview::get_overview,
         overview::events,
+        crate::jobs::job_view,
         readyz,
     ),
     components(schemas(
@@ -211,6 +212,10 @@ impl Application {
         gpuq_common::engine::Heartbeat,
         gpuq_common::engine::GpuSnapshot,
         gpuq_common::JobSummary,
+        crate::jobs::JobView,
+        gpuq_common::events::JobEvent,
+        gpuq_common::events::EventKind,
+        gpuq_common::events::Progress,
         gpuq_common::http::ErrorBody,
         heartbeat::HeartbeatAck,
         api::FaultRequest,
@@ -282,6 +287,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/engines/{id}/gpus/{gpu}/fault", post(api::gpu_fault))
         .route("/v1/overview", get(overview::get_overview))
         .route("/v1/events", get(overview::events))
+        .route("/v1/jobs/{job}", get(crate::jobs::job_view))
         .route_layer(from_fn_with_state(state.clone(), auth::require_reader));
     let app = Router::new()
         .route("/v1/heartbeats", post(heartbeat::post_heartbeat))

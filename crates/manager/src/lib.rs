@@ -7,6 +7,7 @@ pub mod auth;
 pub mod deadletters;
 pub mod fleet;
 pub mod heartbeat;
+pub mod jobs;
 pub mod overview;
 pub mod queues;
 pub mod state;

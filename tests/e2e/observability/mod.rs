@@ -994,6 +994,53 @@ async fn the_status_page_shows_every_engine_and_gpu_and_a_fault_without_reloadin
         Some(json!("unhealthy"))
     );
 
+    // A job view, opened from its row: its progress and metrics, live; its output needs the admin
+    // token (this page holds the read token).
+    let script = "i=0; for f in 0.25 0.5 0.75 1; do i=$((i+1)); echo \"##gpuq:progress {\\\"fraction\\\": $f, \\\"message\\\": \\\"quarter $i\\\", \\\"metrics\\\": {\\\"loss\\\": $i}}\"; echo out $i; sleep 0.7; done";
+    let watched = stack
+        .submit_ok(&json!({"kind": "command", "params": {"program": "sh", "args": ["-c", script]}}))
+        .await
+        .unwrap();
+    let view_js = format!(
+        "(() => {{ const row = document.querySelector('#recent-jobs tr[data-job=\"{watched}\"]'); \
+           if (row && document.querySelector('#job-view').hidden) row.click(); \
+           const v = document.querySelector('#job-view'); \
+           return {{ open: !v.hidden, job: v.dataset.job || '', status: v.dataset.status || '', \
+             fraction: v.dataset.fraction || '', message: document.querySelector('#jv-message').textContent, \
+             loss: (document.querySelector('#jv-metrics tr[data-metric=\"loss\"] td:last-child') || {{}}).textContent || '', \
+             output: document.querySelector('#jv-output').textContent }}; }})()"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen_running = false;
+    let view = loop {
+        let v = page.eval(&view_js).await.unwrap();
+        seen_running |= v["status"] == "running" && v["fraction"] != "";
+        if v["status"] == "succeeded" && v["fraction"] == "1" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job view never showed the job done: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(view["job"], json!(watched.to_string()));
+    assert!(
+        seen_running,
+        "the view showed the job's progress while it ran"
+    );
+    assert_eq!(view["message"], "quarter 4");
+    assert_eq!(view["loss"], "4");
+    let output = view["output"].as_str().unwrap();
+    assert!(
+        output.contains("attempt 1 on worker-") && output.contains("succeeded"),
+        "{output}"
+    );
+    assert!(
+        !output.contains("out 1") && output.contains("need the admin token"),
+        "{output}"
+    );
+
     // The screenshot, with the fault on it.
     let shot = page
         .call(

@@ -116,6 +116,30 @@ pub enum FinishOutcome {
 
 pub const MAX_PAGE: u32 = 1000;
 
+/// The events of `record`'s job after `from`: its log, or — for a final job whose log is empty
+/// (a single quiet attempt writes none) — the log derived from its record, with `true`: the
+/// log has no rows of its own, and what was derived is all of it.
+pub async fn read_log(
+    store: &dyn JobStore,
+    record: &JobRecord,
+    from: u64,
+    limit: u32,
+) -> Result<(Vec<JobEvent>, bool), StoreError> {
+    let events = store.events(record.id, from, limit).await?;
+    if !events.is_empty() || !record.status.is_final() {
+        return Ok((events, false));
+    }
+    if !store.events(record.id, 0, 1).await?.is_empty() {
+        return Ok((vec![], false));
+    }
+    let derived = crate::events::derived_log(record)
+        .into_iter()
+        .filter(|e| e.offset > from)
+        .take(limit as usize)
+        .collect();
+    Ok((derived, true))
+}
+
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Records a submitted job (status `queued`). `Conflict` when the id exists.

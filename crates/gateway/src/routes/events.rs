@@ -15,14 +15,11 @@ use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
-use gpuq_common::JobRecord;
 use gpuq_common::coord::bell::FALLBACK;
-use gpuq_common::events::{
-    EventKind, EventPage, JobEvent, MAX_EVENTS_PAGE, derived_log, final_event,
-};
+use gpuq_common::events::{EventKind, EventPage, JobEvent, MAX_EVENTS_PAGE, final_event};
 use gpuq_common::http::{ApiError, ErrorBody};
 use gpuq_common::job::JobId;
-use gpuq_common::store::StoreError;
+use gpuq_common::store::read_log;
 use gpuq_common::tenancy::Principal;
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -103,12 +100,7 @@ pub async fn job_events(
                 )));
             }
         };
-        let mut events = state.store.events(id, from, limit).await?;
-        if events.is_empty() && record.status.is_final() {
-            events = derived_events(&state, &record, from)
-                .await?
-                .unwrap_or_default();
-        }
+        let (events, _) = read_log(state.store.as_ref(), &record, from, limit).await?;
         let next_from = events.last().map_or(from, |e| e.offset);
         return Ok(Json(EventPage {
             events,
@@ -225,24 +217,6 @@ async fn next_batch(c: &mut Cursor) -> Vec<Event> {
     }
 }
 
-/// The events after `from` of a final job whose log is empty, derived from its record (see
-/// `events::derived_log`); `None` when the log has rows of its own.
-async fn derived_events(
-    state: &SharedState,
-    record: &JobRecord,
-    from: u64,
-) -> Result<Option<Vec<JobEvent>>, StoreError> {
-    if !state.store.events(record.id, 0, 1).await?.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(
-        derived_log(record)
-            .into_iter()
-            .filter(|e| e.offset > from)
-            .collect(),
-    ))
-}
-
 /// With nothing after the cursor: `Some` when the stream is over — the client resumed after
 /// the final event (nothing more to send), or the job is final and its log lacks its own final
 /// event past `FINAL_GRACE` (one made from the record).
@@ -252,7 +226,10 @@ async fn end_of_log(c: &mut Cursor) -> Option<Vec<Event>> {
         c.final_seen = None;
         return None;
     }
-    if let Some(derived) = derived_events(&c.state, &record, c.offset).await.ok()? {
+    let (derived, is_derived) = read_log(c.state.store.as_ref(), &record, c.offset, READ)
+        .await
+        .ok()?;
+    if is_derived {
         c.state
             .metrics
             .job_events_streamed

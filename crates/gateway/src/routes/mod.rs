@@ -7,18 +7,17 @@ pub mod health;
 pub mod jobs;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
-use axum::http::request::Parts;
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use gpuq_common::coord::idempotency::IdempotencyError;
+pub use gpuq_common::http::ApiQuery;
 use gpuq_common::http::{ApiError, bearer_token, service_router};
 
 use crate::jobs::JobError;
 use gpuq_common::job::JobId;
-use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
 use crate::openapi::ApiDoc;
@@ -109,24 +108,6 @@ async fn require_api_key(
             next.run(req).await
         }
         None => ApiError::Unauthorized.into_response(),
-    }
-}
-
-/// `Query<T>` whose rejections use the gpuq error shape (400).
-pub struct ApiQuery<T>(pub T);
-
-impl<S, T> FromRequestParts<S> for ApiQuery<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Query(v)| ApiQuery(v))
-            .map_err(|r| ApiError::BadRequest(r.body_text()))
     }
 }
 
