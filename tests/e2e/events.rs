@@ -400,6 +400,53 @@ async fn the_status_pages_job_view_shows_progress_to_the_read_token_and_output_t
     stack.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_final_job_past_its_retention_is_deleted_with_its_log_and_a_running_one_is_kept() {
+    // A retention of ~4 s (0.00005 days): the manager looks every second.
+    let stack = Stack::start_healthy(StackOptions {
+        env: vec![("GPUQ_RETENTION_DAYS".into(), "0.00005".into())],
+        ..Default::default()
+    })
+    .await;
+    let done = stack.submit_ok(&shell("echo one; echo two")).await.unwrap();
+    let long = stack
+        .submit_ok(&shell("echo start; sleep 12"))
+        .await
+        .unwrap();
+    stack.wait_one(done, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(stack.store.events(done, 0, 10).await.unwrap().len(), 4);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stack.store.get(done).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the final job outlived its retention"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        stack.store.events(done, 0, 10).await.unwrap().is_empty(),
+        "its log went with it"
+    );
+    let gone = stack
+        .http
+        .get(format!("{}/v1/jobs/{done}", stack.gateway_url))
+        .bearer_auth(&stack.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let running = stack
+        .store
+        .get(long)
+        .await
+        .unwrap()
+        .expect("a running job is kept");
+    assert!(!running.status.is_final(), "{running:?}");
+    let metrics = stack.manager_client().metrics().await.unwrap();
+    assert!(gpuq_e2e::sum_metric(&metrics, "gpuq_jobs_deleted_total") >= 1.0);
+    stack.stop().await;
+}
+
 /// Resident memory of a process, from /proc (kB).
 fn rss_kb(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

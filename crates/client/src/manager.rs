@@ -18,6 +18,12 @@ pub struct Manager {
 
 impl Manager {
     /// A client whose reads and actions both use `admin_token`; see `with_read_token`.
+    /// The manager's `/metrics` page (Prometheus text; open, no token).
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let path = "/metrics";
+        self.ep.text(self.ep.request(Method::GET, path), path).await
+    }
+
     pub fn new(http: reqwest::Client, base: &str, admin_token: Option<Secret>) -> Self {
         Self {
             reads: Endpoint::new("manager", http.clone(), base, admin_token.clone()),

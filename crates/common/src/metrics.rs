@@ -376,6 +376,15 @@ impl WorkerMetrics {
     }
 }
 
+/// Manager: jobs (and their logs) deleted by retention.
+pub fn jobs_deleted(r: &Registry) -> IntCounter {
+    int_counter(
+        r,
+        "gpuq_jobs_deleted_total",
+        "Final jobs deleted, with their event logs, past GPUQ_RETENTION_DAYS.",
+    )
+}
+
 /// Manager: the fleet, the queues, the dead letters.
 #[derive(Clone)]
 pub struct ManagerMetrics {

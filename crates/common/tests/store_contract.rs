@@ -339,6 +339,41 @@ async fn contract(store: Arc<dyn JobStore>) {
     assert!(counts[&JobStatus::Succeeded] >= 1);
     tenants(&store, &pool).await;
     event_log(&store, &pool).await;
+    retention(&store, &pool).await;
+}
+
+/// Retention deletes final jobs submitted before the cutoff, with their logs, in batches; never
+/// a job still queued or running, nor a recent one.
+async fn retention(store: &Arc<dyn JobStore>, pool: &str) {
+    use gpuq_common::events::from_line;
+    let old = |n: i64| {
+        let mut j = new_job(pool);
+        j.created_at = 1_000 + n;
+        j
+    };
+    let (gone1, gone2, still_queued, recent) = (old(1), old(2), old(3), new_job(pool));
+    for j in [&gone1, &gone2, &still_queued, &recent] {
+        store.insert(j).await.unwrap();
+    }
+    store
+        .append_events(gone1.id, &[from_line("stdout", "x", 1)])
+        .await
+        .unwrap();
+    for j in [&gone1, &gone2, &recent] {
+        store
+            .finish(j.id, &outcome(JobStatus::Succeeded, "w"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.delete_final_before(5_000, 1).await.unwrap(), 1);
+    assert_eq!(store.delete_final_before(5_000, 100).await.unwrap(), 1);
+    assert_eq!(store.delete_final_before(5_000, 100).await.unwrap(), 0);
+    for j in [&gone1, &gone2] {
+        assert!(store.get(j.id).await.unwrap().is_none());
+        assert!(store.events(j.id, 0, 10).await.unwrap().is_empty());
+    }
+    assert!(store.get(still_queued.id).await.unwrap().is_some());
+    assert!(store.get(recent.id).await.unwrap().is_some());
 }
 
 /// Events get strictly increasing offsets per job, read back in order after any offset; the

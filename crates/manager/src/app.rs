@@ -169,6 +169,13 @@ impl Application {
                 .run(intervals.queue_poll, poll_token)
                 .await;
         });
+        if let Some(retention) = c.retention {
+            tracker.spawn(crate::retention::run(
+                state.clone(),
+                retention,
+                token.child_token(),
+            ));
+        }
         tracker.close();
 
         tracing::info!(addr = %listener.local_addr()?, "manager listening");

@@ -10,6 +10,7 @@ pub mod heartbeat;
 pub mod jobs;
 pub mod overview;
 pub mod queues;
+pub mod retention;
 pub mod state;
 pub mod throughput;
 pub mod ui;

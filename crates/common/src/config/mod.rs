@@ -172,6 +172,9 @@ pub struct Settings {
     pub engine_offline_after_heartbeats: u32,
     /// An engine offline this long is dropped from the registry and from `/metrics`.
     pub engine_forget_after_s: u64,
+    /// Final jobs submitted longer ago than this (days, fractions allowed) are deleted, with
+    /// their event logs, by the manager; 0 keeps them forever.
+    pub retention_days: f64,
 }
 
 impl Default for Settings {
@@ -222,6 +225,7 @@ impl Default for Settings {
             rabbitmq_mgmt_urls: "http://guest:guest@127.0.0.1:15672,http://guest:guest@127.0.0.1:15673,http://guest:guest@127.0.0.1:15674".into(),
             engine_offline_after_heartbeats: 3,
             engine_forget_after_s: 24 * 3600,
+            retention_days: 30.0,
         }
     }
 }
@@ -402,6 +406,12 @@ fn coerce(default: &Value, raw: &str) -> Option<Value> {
             "0" | "false" | "no" | "off" => Some(Value::Bool(false)),
             _ => None,
         },
+        Value::Number(n) if n.is_f64() => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(Value::from),
         Value::Number(_) => raw.trim().parse::<u64>().ok().map(Value::from),
         _ => Some(Value::String(raw.to_string())),
     }

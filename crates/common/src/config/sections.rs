@@ -85,6 +85,8 @@ pub struct ManagerConfig {
     pub engine_offline_after_heartbeats: u32,
     /// An engine offline this long is forgotten: registry entry and metric series dropped.
     pub engine_forget_after: Duration,
+    /// Final jobs older than this are deleted with their logs (`None`: kept forever).
+    pub retention: Option<Duration>,
 }
 
 /// Which GPUs a worker drives.
@@ -220,6 +222,8 @@ impl ManagerConfig {
             heartbeat_interval_ms: s.heartbeat_interval_ms,
             engine_offline_after_heartbeats: s.engine_offline_after_heartbeats.max(1),
             engine_forget_after: Duration::from_secs(s.engine_forget_after_s.max(1)),
+            retention: (s.retention_days > 0.0)
+                .then(|| Duration::from_secs_f64(s.retention_days * 86_400.0)),
         })
     }
 }

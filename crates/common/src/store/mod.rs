@@ -185,6 +185,9 @@ pub trait JobStore: Send + Sync + 'static {
     async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError>;
     /// The job's events with offsets above `after`, oldest first, at most `limit`.
     async fn events(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<JobEvent>, StoreError>;
+    /// Deletes up to `limit` final jobs submitted before `cutoff_ms`, with their event logs;
+    /// answers how many went. Small batches: a writer never waits long behind one.
+    async fn delete_final_before(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError>;
     /// Jobs not final yet (queued or running) per tenant: the gateway's `max_queued` quota.
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError>;
     async fn ping(&self) -> Result<(), StoreError>;

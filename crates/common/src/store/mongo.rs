@@ -457,6 +457,42 @@ impl JobStore for MongoStore {
             .collect()
     }
 
+    async fn delete_final_before(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let doomed: Vec<Document> = self
+            .jobs
+            .find(doc! {
+                "created_at": { "$lt": cutoff_ms },
+                "status": { "$nin": ["queued", "running"] },
+            })
+            .sort(doc! { "created_at": 1 })
+            .limit(i64::from(limit))
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let ids: Vec<Bson> = doomed
+            .into_iter()
+            .filter_map(|d| d.get("_id").cloned())
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // The log first: a crash in between leaves a job without its log, never a log without
+        // its job.
+        self.events
+            .delete_many(doc! { "job": { "$in": ids.clone() } })
+            .await
+            .map_err(unavailable)?;
+        let gone = self
+            .jobs
+            .delete_many(doc! { "_id": { "$in": ids } })
+            .await
+            .map_err(unavailable)?;
+        Ok(gone.deleted_count)
+    }
+
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let cursor = self
             .jobs

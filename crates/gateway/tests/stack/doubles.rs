@@ -152,6 +152,9 @@ impl JobStore for SlowFirstInsert {
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
         self.inner.count_by_status().await
     }
+    async fn delete_final_before(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.inner.delete_final_before(cutoff_ms, limit).await
+    }
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.inner.count_active_by_tenant().await
     }

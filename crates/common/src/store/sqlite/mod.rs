@@ -270,6 +270,10 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn delete_final_before(&self, cutoff_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.send(|r| Op::Delete(cutoff_ms, limit, r)).await
+    }
+
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.read(|c| {
             let mut stmt = c

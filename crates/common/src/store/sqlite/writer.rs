@@ -48,6 +48,8 @@ pub(super) enum Op {
         oneshot::Sender<Result<FinishOutcome, StoreError>>,
     ),
     Reset(JobId, String, oneshot::Sender<Result<bool, StoreError>>),
+    /// Retention: final jobs submitted before a time, at most so many, with their logs.
+    Delete(i64, u32, oneshot::Sender<Result<u64, StoreError>>),
     /// Events for the job's log.
     Events(
         JobId,
@@ -111,7 +113,7 @@ fn fail(op: Op, e: StoreError) {
         Op::Reset(_, _, r) => {
             let _ = r.send(Err(err()));
         }
-        Op::Events(_, _, r) => {
+        Op::Events(_, _, r) | Op::Delete(_, _, r) => {
             let _ = r.send(Err(err()));
         }
     }
@@ -180,6 +182,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
         }
         Op::Finish(id, outcome, drive, r) => reply(r, finish(tx, id, &outcome, drive.as_deref())),
         Op::Events(id, events, r) => reply(r, append_events(tx, id, &events)),
+        Op::Delete(cutoff, limit, r) => reply(r, delete_final_before(tx, cutoff, limit)),
         Op::Reset(id, drive, r) => {
             let v = tx
                 .execute(
@@ -346,6 +349,34 @@ fn append_final(
     let mut events = o.events.clone();
     events.push(final_event(o.status, o.error.as_deref(), o.finished_at));
     append_rows(tx, id, &events).map(|_| ())
+}
+
+/// Retention's batch: the oldest final jobs (found through `jobs_created`) and their logs.
+fn delete_final_before(
+    tx: &rusqlite::Transaction<'_>,
+    cutoff_ms: i64,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let ids: Vec<String> = tx
+        .prepare_cached(concat!(
+            "SELECT id FROM jobs WHERE created_at < ?1 AND status NOT IN ",
+            not_final!(),
+            " ORDER BY created_at LIMIT ?2"
+        ))
+        .and_then(|mut st| {
+            st.query_map(params![cutoff_ms, limit], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+        .map_err(unavailable)?;
+    for id in &ids {
+        tx.prepare_cached("DELETE FROM job_events WHERE job = ?1")
+            .and_then(|mut st| st.execute(params![id]))
+            .map_err(unavailable)?;
+        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![id]))
+            .map_err(unavailable)?;
+    }
+    Ok(ids.len() as u64)
 }
 
 /// `append_events` for a job known to exist.
