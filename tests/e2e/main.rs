@@ -19,3 +19,4 @@ mod monitoring;
 mod observability;
 mod pipeline;
 mod tenancy;
+mod watch;

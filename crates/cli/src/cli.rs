@@ -57,6 +57,26 @@ pub struct ConnArgs {
 pub enum Command {
     /// Submit a job (prints its id; --wait follows it to a final status)
     Submit(Box<SubmitArgs>),
+    /// Follow a job live: a progress bar, its attempts and output lines, its end (resumes by
+    /// itself when the connection drops)
+    Watch {
+        id: Uuid,
+        /// Each event as one JSON line
+        #[arg(long)]
+        json: bool,
+        /// Start after this event offset
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Print what a job printed (its output lines); -f follows it until it ends
+    Logs {
+        id: Uuid,
+        #[arg(short, long)]
+        follow: bool,
+        /// Start after this event offset
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
     /// Read, list and cancel jobs
     Jobs {
         #[command(subcommand)]

@@ -16,6 +16,7 @@ pub mod stats;
 pub mod submit;
 pub mod tester;
 pub mod wait;
+pub mod watch;
 
 use std::process::ExitCode;
 
@@ -97,6 +98,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
     match &cli.command {
         Command::Submit(a) => submit::run(&ctx, a).await,
         Command::Jobs { cmd } => jobs::run(&ctx, cmd).await,
+        Command::Watch { id, json, from } => watch::watch(&ctx.gateway(), *id, *from, *json).await,
+        Command::Logs { id, follow, from } => {
+            watch::logs(&ctx.gateway(), *id, *from, *follow).await
+        }
         Command::DeadLetters { cmd } => jobs::run_dead_letters(&ctx, cmd).await,
         Command::Engines(a) => engines::run(&ctx, a).await,
         Command::Gpus { cmd } => engines::run_gpus(&ctx, cmd).await,

@@ -117,7 +117,14 @@ pub async fn run(ctx: &Ctx, a: &SubmitArgs) -> anyhow::Result<Exit> {
     if !a.json {
         println!("{}", sub.id);
     }
-    let Some(rec) = wait_one(&gw, sub.id, a.timeout).await? else {
+    // Follow the job's events to its end, then read its record; without an event log (an older
+    // gateway), long-poll the record.
+    let followed = crate::watch::until_final(&gw, sub.id, a.timeout).await;
+    let rec = match followed {
+        Some(_) => Some(gw.job(sub.id).await?),
+        None => wait_one(&gw, sub.id, a.timeout).await?,
+    };
+    let Some(rec) = rec.filter(|r| r.status.is_final()) else {
         bail!("job {} is not final after {:?}", sub.id, a.timeout);
     };
     if a.json {

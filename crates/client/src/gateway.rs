@@ -61,7 +61,7 @@ pub struct ListParams {
 
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    ep: Endpoint,
+    pub(crate) ep: Endpoint,
 }
 
 impl Gateway {

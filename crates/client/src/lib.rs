@@ -4,6 +4,7 @@
 //! The CLI and the test suites call the services through these.
 
 pub mod endpoint;
+pub mod events;
 pub mod gateway;
 pub mod manager;
 pub mod worker;
