@@ -66,8 +66,8 @@ impl Keys {
         format!("{}:engine-info:{engine}", self.prefix)
     }
     /// The pub/sub channel on which workers announce that a job's event log grew.
-    pub fn events_channel(&self) -> String {
-        format!("{}:job-events", self.prefix)
+    pub fn events_channel(&self, job: Uuid) -> String {
+        format!("{}:job-events:{job}", self.prefix)
     }
     /// The GPUs running a tenant's jobs (a hash: job id → `GPUS OWNER`), for its GPU quota.
     pub fn tenant_gpus(&self, tenant: &str) -> String {
