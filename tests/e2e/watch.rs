@@ -51,11 +51,25 @@ async fn gpuq_watch_shows_every_event_once_in_order_and_gpuq_logs_prints_the_lin
         .await;
     assert_eq!(tail.lines().count(), events.len() - 10);
 
+    // Each stream's lines in their order (stdout and stderr are read apart: they interleave).
     let logs = stack.cli_ok(&["logs", &id_s]).await;
     let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(lines.len(), 10, "{logs}");
-    assert_eq!(lines[0], "line 1");
-    assert!(lines.contains(&"! warn 5"));
+    let of = |prefix: &str| -> Vec<&str> {
+        lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    };
+    assert_eq!(
+        of("line "),
+        ["line 1", "line 2", "line 3", "line 4", "line 5"]
+    );
+    assert_eq!(
+        of("! warn "),
+        ["! warn 1", "! warn 2", "! warn 3", "! warn 4", "! warn 5"]
+    );
     let followed = stack.cli_ok(&["logs", &id_s, "-f"]).await;
     assert_eq!(
         followed, logs,
