@@ -27,9 +27,28 @@ pub struct SseEvent {
 #[derive(Debug, Default)]
 pub struct SseParser {
     buf: String,
+    /// The start of a UTF-8 character cut by the chunking, kept for the next chunk.
+    partial: Vec<u8>,
 }
 
 impl SseParser {
+    /// `push` for raw bytes: a character cut between two chunks is decoded whole.
+    pub fn push_bytes(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+        self.partial.extend_from_slice(chunk);
+        let bytes = std::mem::take(&mut self.partial);
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(s) => s.to_string(),
+            // An incomplete character at the end: decode up to it, keep it.
+            Err(e) if e.error_len().is_none() => {
+                let (whole, rest) = bytes.split_at(e.valid_up_to());
+                self.partial = rest.to_vec();
+                String::from_utf8_lossy(whole).into_owned()
+            }
+            Err(_) => String::from_utf8_lossy(&bytes).into_owned(),
+        };
+        self.push(&text)
+    }
+
     pub fn push(&mut self, chunk: &str) -> Vec<SseEvent> {
         self.buf.push_str(chunk);
         if self.buf.contains('\r') {
@@ -167,7 +186,7 @@ impl EventFollower {
         let resp = self.resp.as_mut().expect("connected");
         match resp.chunk().await {
             Ok(Some(bytes)) => {
-                for e in self.parser.push(&String::from_utf8_lossy(&bytes)) {
+                for e in self.parser.push_bytes(&bytes) {
                     let event: JobEvent =
                         serde_json::from_str(&e.data).map_err(|err| ClientError::Protocol {
                             service: "gateway",
@@ -189,6 +208,9 @@ impl EventFollower {
                 let page = self.gw.events_page(self.job, self.last, 1).await?;
                 if page.events.is_empty() && page.status.is_final() {
                     self.done = true;
+                } else {
+                    // Not hammering a gateway that keeps closing streams.
+                    tokio::time::sleep(self.backoff).await;
                 }
                 Ok(())
             }
@@ -233,6 +255,18 @@ impl EventFollower {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_cut_between_chunks_is_decoded_whole() {
+        let wire = "id: 1\nevent: output\ndata: épreuve 训练 🚀\n\n".as_bytes();
+        for cut in 0..wire.len() {
+            let mut p = SseParser::default();
+            let mut got = p.push_bytes(&wire[..cut]);
+            got.extend(p.push_bytes(&wire[cut..]));
+            assert_eq!(got.len(), 1, "cut at {cut}");
+            assert_eq!(got[0].data, "épreuve 训练 🚀", "cut at byte {cut}");
+        }
+    }
 
     #[test]
     fn events_cut_anywhere_come_out_whole_and_comments_are_skipped() {
