@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use gpuq_common::JobStatus;
-use gpuq_e2e::{Stack, StackOptions};
+use gpuq_e2e::{Stack, StackOptions, percentile};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -455,10 +455,6 @@ fn rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// Issue 17's budgets, measured rather than asserted: the time from an engine printing a line

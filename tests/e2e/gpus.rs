@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gpuq_common::{JobRecord, JobStatus};
-use gpuq_e2e::{Stack, StackOptions, by_status};
+use gpuq_e2e::{Stack, StackOptions, by_status, percentile};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -817,11 +817,6 @@ async fn given_back_by_reason(stack: &Stack) -> BTreeMap<String, f64> {
     }
     out.retain(|_, n| *n > 0.0);
     out
-}
-
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,6 +17,6 @@ pub use env::{
     TEST_STORE_ENV, bin_dir, eventually, free_port, mongodb_url_with_database, repo_root, test_env,
     test_store_url,
 };
-pub use metrics::{by_status, promtool_lint, sum_metric};
+pub use metrics::{by_status, percentile, promtool_lint, sum_metric};
 pub use procs::Supervised;
 pub use stack::{Stack, StackOptions};

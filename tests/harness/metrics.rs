@@ -31,6 +31,12 @@ pub fn promtool_lint(text: &str) -> String {
     complaints.trim().to_string()
 }
 
+/// The sample at fraction `p` (0–1) of an ascending, non-empty list (the nearest index).
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// Sum of every sample of a metric family in Prometheus text (0 when it has none).
 pub fn sum_metric(text: &str, name: &str) -> f64 {
     gpuq_common::prom::sum_family(text, name).unwrap_or(0.0)
