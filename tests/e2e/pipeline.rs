@@ -568,6 +568,7 @@ async fn budget_bench_full_speed_and_a_steady_200_jobs_per_second() {
         json!({
             "bin_dir": std::env::var("GPUQ_BIN_DIR").unwrap_or_default(),
             "full_speed_jobs_per_second": full["jobs_per_second"],
+            "full_speed_submit_rate": full["submit_rate"],
             "full_speed_worker_hold_ms": [full["worker_overhead_start_ms"], full["worker_overhead_finish_ms"]],
             "full_speed_latency": full["latency"],
             "steady_200_latency": steady["latency"],

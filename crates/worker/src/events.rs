@@ -1,6 +1,6 @@
 //! A running attempt's events on their way to the job's log (`common::events`): the engine
-//! pushes them without ever waiting, a task writes them to the store in batches every
-//! `FLUSH_EVERY`, and what is still pending when the attempt ends goes with its final outcome
+//! pushes them without ever waiting, a writer running beside it in the attempt's task writes
+//! them to the store in batches every `FLUSH_EVERY`, and what is still pending when the attempt ends goes with its final outcome
 //! (one store write for a short job). Bounded per attempt: a token bucket of `RATE` events per
 //! second with a burst of `BURST`, and at most `MAX_PER_ATTEMPT`; events over the bounds are
 //! counted, dropped, and said so in a `notice` event.
@@ -10,13 +10,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gpuq_common::JobStore;
-use gpuq_common::coord::lease::Coordinator;
 use gpuq_common::events::{EventKind, NewEvent};
 use gpuq_common::job::{JobId, now_ms};
-use gpuq_common::metrics::WorkerMetrics;
 use serde_json::json;
 use tokio::sync::mpsc;
+
+use crate::state::Worker;
 
 /// How often pending events are written to the store (and their streams rung).
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -88,59 +87,45 @@ impl EventSink {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
-
-    /// An event outside the engine (the attempt's start): never dropped for the rate.
-    fn push_always(&self, e: NewEvent) {
-        if self.tx.try_send(e).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
-/// The worker's side of one attempt's events.
+/// The worker's side of one attempt's events. Its writer is no task of its own: it runs inside
+/// the attempt's task, next to the engine (`write_alongside`), so a short, quiet job costs no
+/// spawn, no ticking timer and no wake-up of another thread.
 pub struct AttemptEvents {
     sink: EventSink,
-    writer: tokio::task::JoinHandle<Vec<NewEvent>>,
-    stop: tokio::sync::oneshot::Sender<()>,
+    rx: mpsc::Receiver<NewEvent>,
+    first: NewEvent,
 }
 
 impl AttemptEvents {
-    /// Starts the attempt's writer; its first event says which attempt runs where.
-    pub fn start(
-        store: Arc<dyn JobStore>,
-        coord: Coordinator,
-        metrics: WorkerMetrics,
-        job: JobId,
-        first: NewEvent,
-    ) -> Self {
+    /// The attempt's events; the first one says which attempt runs where.
+    pub fn new(first: NewEvent) -> Self {
         let (sink, rx) = EventSink::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        sink.push_always(first);
-        let writer = tokio::spawn(write_loop(
-            Writer {
-                store,
-                coord,
-                metrics,
-                job,
-            },
-            rx,
-            sink.dropped.clone(),
-            stopped,
-        ));
-        Self { sink, writer, stop }
+        Self { sink, rx, first }
     }
 
     pub fn sink(&self) -> EventSink {
         self.sink.clone()
     }
 
-    /// Ends the attempt's events: the writer stops, and the events it had not written yet are
-    /// returned (to go with the final outcome, or to be appended by the caller).
-    pub async fn finish(self) -> Vec<NewEvent> {
-        let Self { sink, writer, stop } = self;
-        drop(sink);
-        let _ = stop.send(());
-        writer.await.unwrap_or_default()
+    /// Writes the events to `job`'s log while `run` runs; when `run` is done, answers its output
+    /// and the events not written yet (to go with the final outcome, or to be appended by the
+    /// caller). A write under way when `run` ends is finished first.
+    pub async fn write_alongside<T>(
+        self,
+        w: &Worker,
+        job: JobId,
+        run: impl Future<Output = T>,
+    ) -> (T, Vec<NewEvent>) {
+        let Self { sink, rx, first } = self;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let run = async move {
+            let out = run.await;
+            let _ = stop.send(());
+            out
+        };
+        tokio::join!(run, write_loop(w, job, first, rx, sink, stopped))
     }
 }
 
@@ -156,35 +141,38 @@ fn notice(dropped: u64) -> NewEvent {
     }
 }
 
-struct Writer {
-    store: Arc<dyn JobStore>,
-    coord: Coordinator,
-    metrics: WorkerMetrics,
-    job: JobId,
-}
-
 async fn write_loop(
-    w: Writer,
+    w: &Worker,
+    job: JobId,
+    first: NewEvent,
     mut rx: mpsc::Receiver<NewEvent>,
-    dropped: Arc<AtomicU64>,
+    sink: EventSink,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) -> Vec<NewEvent> {
-    let Writer {
-        store,
-        coord,
-        metrics,
-        job,
-    } = w;
-    let mut pending: Vec<NewEvent> = vec![];
+    let (store, coord, metrics) = (&w.store, &w.coord, &w.metrics);
+    let dropped = sink.dropped.clone();
+    drop(sink);
+    let mut pending: Vec<NewEvent> = vec![first];
     let mut reported = 0u64;
     let started = Instant::now();
+    // A quiet attempt's start waits alone, without a timer ticking, until the engine says
+    // something, `LONE_START` passes, or the attempt ends.
+    let mut ended = tokio::select! {
+        e = rx.recv() => {
+            pending.extend(e);
+            false
+        }
+        () = tokio::time::sleep(LONE_START) => false,
+        _ = &mut stopped => true,
+    };
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.tick().await;
     loop {
-        let stop = tokio::select! {
-            _ = tick.tick() => false,
-            _ = &mut stopped => true,
-        };
+        ended = ended
+            || tokio::select! {
+                _ = tick.tick() => false,
+                _ = &mut stopped => true,
+            };
         while let Ok(e) = rx.try_recv() {
             pending.push(e);
         }
@@ -194,7 +182,7 @@ async fn write_loop(
             pending.push(notice(now_dropped - reported));
             reported = now_dropped;
         }
-        if stop {
+        if ended {
             return pending;
         }
         let lone_start = matches!(pending.as_slice(), [e] if e.kind == EventKind::Attempt);

@@ -147,8 +147,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Sets the done marker and drops our lease in one round trip.
-    pub async fn mark_done(&self, job: Uuid) -> CoordResult<()> {
+    /// Sets the done marker and drops our lease in one round trip; with `ring`, in the same
+    /// round trip rings the bell of the job's log (`bell.rs`): its final event is stored.
+    pub async fn mark_done(&self, job: Uuid, ring: bool) -> CoordResult<()> {
         let mut c = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.set_ex(self.keys.done(job), 1, DONE_TTL_S).ignore();
@@ -158,6 +159,12 @@ impl Coordinator {
             .arg(self.keys.lease(job))
             .arg(&self.owner)
             .ignore();
+        if ring {
+            pipe.cmd("PUBLISH")
+                .arg(self.keys.events_channel(job))
+                .arg(1)
+                .ignore();
+        }
         pipe.query_async::<()>(&mut c).await.map_err(Into::into)
     }
 

@@ -77,7 +77,7 @@ impl Job<'_> {
             .with_label_values(&[self.pool()])
             .inc();
         tracing::info!("job already final: duplicate delivery acked without running");
-        let _ = self.w.coord.mark_done(self.msg.id).await;
+        let _ = self.w.coord.mark_done(self.msg.id, false).await;
         let _ = self.d.acker.ack(BasicAckOptions::default()).await;
         Outcome::DuplicateSuppressed
     }

@@ -2,7 +2,7 @@
 //! injected faults), then the final write, the done marker and the ack — each decision taken by
 //! `protocol`.
 
-use std::sync::Arc;
+use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use gpuq_common::events::{NewEvent, attempt_event};
@@ -173,13 +173,7 @@ async fn run_attempt(
     gpus: &[u32],
 ) -> (Scenario, RunOutcome, Duration, Vec<NewEvent>, i64) {
     let (w, msg) = (job.w, job.msg);
-    let events = AttemptEvents::start(
-        w.store.clone(),
-        w.coord.clone(),
-        w.metrics.clone(),
-        msg.id,
-        attempt_event(record.attempts, &w.engine_id, gpus, now_ms()),
-    );
+    let events = AttemptEvents::new(attempt_event(record.attempts, &w.engine_id, gpus, now_ms()));
     let scenario = scenario_for(w, &msg.payload);
     let (stop_tx, stop_rx) = watch::channel(None);
     let running = Running {
@@ -192,7 +186,6 @@ async fn run_attempt(
     for &g in gpus {
         w.gpus.set_busy(g, true);
     }
-    let keeper = tokio::spawn(keep_lease(w.clone(), record.clone(), stop_tx));
     let ctx = RunContext {
         job: msg.id,
         attempt: record.attempts,
@@ -207,29 +200,41 @@ async fn run_attempt(
         events: events.sink(),
     };
     let started = Instant::now();
-    let run = runner::run(&msg.payload, ctx);
-    let outcome = if scenario == Scenario::CrashMidTask {
-        let half = match &msg.payload {
-            JobPayload::Simulate(p) => Duration::from_millis(p.duration_ms / 2),
-            _ => Duration::from_millis(100),
+    let run = async {
+        let engine = async {
+            let run = runner::run(&msg.payload, ctx);
+            if scenario == Scenario::CrashMidTask {
+                let half = match &msg.payload {
+                    JobPayload::Simulate(p) => Duration::from_millis(p.duration_ms / 2),
+                    _ => Duration::from_millis(100),
+                };
+                tokio::select! {
+                    o = run => o,
+                    _ = tokio::time::sleep(half) => crash("crash_mid_task"),
+                }
+            } else {
+                run.await
+            }
         };
-        tokio::select! {
-            o = run => o,
-            _ = tokio::time::sleep(half) => crash("crash_mid_task"),
+        // The lease's keeper runs beside the engine in this task (no task of its own to spawn
+        // and abort per job) and ends with it.
+        let outcome = tokio::select! {
+            o = engine => o,
+            never = keep_lease(w, record, stop_tx) => match never {},
+        };
+        // The job ended now, not when its events' writer is done with the store.
+        let (elapsed, ended_at) = (started.elapsed(), now_ms());
+        for &g in gpus {
+            w.gpus.set_busy(g, false);
         }
-    } else {
-        run.await
+        // The engine is gone: free its GPUs now, before the ack lets the broker send the next
+        // delivery (freed only after the ack, that delivery could find its GPU still held and
+        // be given back with a 200 ms delay, idling the GPU). `process` releases again: a no-op.
+        w.slots.release(msg.id);
+        w.running.lock().expect("running").remove(&msg.id);
+        (outcome, elapsed, ended_at)
     };
-    let elapsed = started.elapsed();
-    keeper.abort();
-    for &g in gpus {
-        w.gpus.set_busy(g, false);
-    }
-    // The engine is gone: free its GPUs now, before the ack lets the broker send the next
-    // delivery (freed only after the ack, that delivery could find its GPU still held and be
-    // given back with a 200 ms delay, idling the GPU). `process` releases again: a no-op.
-    w.slots.release(msg.id);
-    w.running.lock().expect("running").remove(&msg.id);
+    let ((outcome, elapsed, ended_at), left) = events.write_alongside(w, msg.id, run).await;
     w.metrics
         .job_duration
         .with_label_values(&[job.pool(), msg.payload.kind().as_str()])
@@ -242,9 +247,7 @@ async fn run_attempt(
     };
     let failed = !matches!(outcome, RunOutcome::Succeeded(_));
     record_run(w, elapsed.as_millis() as u64, failed);
-    // The events' writer may be waiting for the store: the job ended now, not when it is done.
-    let ended_at = now_ms();
-    (scenario, outcome, elapsed, events.finish().await, ended_at)
+    (scenario, outcome, elapsed, left, ended_at)
 }
 
 /// Step 7: the conditional final write (retried while the store is down), then the done
@@ -259,13 +262,11 @@ async fn finish(
 ) -> Outcome {
     let (w, msg) = (job.w, job.msg);
     let mut recreated = false;
+    // Whether this write ended the job's log: its streams are then rung with the done marker.
+    let mut ring = false;
     loop {
         let written = store_retry(w, "finish", || w.store.finish(msg.id, fin)).await;
-        if matches!(written, Ok(FinishOutcome::Stored)) {
-            // The log ends now: wake its streams (off the path to the ack).
-            let (coord, id) = (w.coord.clone(), msg.id);
-            tokio::spawn(async move { coord.ring(id).await });
-        }
+        ring |= matches!(written, Ok(FinishOutcome::Stored));
         let answer = match &written {
             Ok(FinishOutcome::Stored) => Stored::Stored,
             Ok(FinishOutcome::AlreadyFinal(s)) => Stored::AlreadyFinal(*s),
@@ -324,7 +325,7 @@ async fn finish(
     match scenario {
         Scenario::CrashAfterComplete => crash("crash_after_complete"),
         Scenario::DuplicateAfterComplete => {
-            let _ = w.coord.mark_done(msg.id).await;
+            let _ = w.coord.mark_done(msg.id, ring).await;
             tracing::warn!("injected fault: dropping the channel before the ack");
             let reason = "gpuq fault injection: ack lost".into();
             let _ = job.ch.consume.close(406, reason).await;
@@ -332,7 +333,7 @@ async fn finish(
         }
         _ => {}
     }
-    mark_done(w, job).await;
+    mark_done(w, job, ring).await;
     if let Err(e) = job.d.acker.ack(BasicAckOptions::default()).await {
         tracing::warn!(error.message = %e, "ack failed; a redelivery will be suppressed");
     }
@@ -343,11 +344,12 @@ async fn finish(
     out
 }
 
-/// Sets the done marker (and drops the lease), trying a few times: the store guards the job
-/// should Redis not answer.
-async fn mark_done(w: &Worker, job: &Job<'_>) {
+/// Sets the done marker (and drops the lease, and rings the log's streams when `ring`), trying a
+/// few times: the store guards the job should Redis not answer (and streams look at the store
+/// every second).
+async fn mark_done(w: &Worker, job: &Job<'_>, ring: bool) {
     for _ in 0..3 {
-        match w.coord.mark_done(job.msg.id).await {
+        match w.coord.mark_done(job.msg.id, ring).await {
             Ok(()) => return,
             Err(e) => {
                 w.metrics
@@ -370,12 +372,16 @@ fn crash(scenario: &str) -> ! {
 /// While the job runs: records it as `running` once it has run for `running_record_delay_ms`
 /// (a shorter job is written once, with its result), renews the lease, and stops the job when
 /// a client cancels it.
-async fn keep_lease(w: Arc<Worker>, record: JobRecord, stop: watch::Sender<Option<StopReason>>) {
+async fn keep_lease(
+    w: &Worker,
+    record: &JobRecord,
+    stop: watch::Sender<Option<StopReason>>,
+) -> Infallible {
     let job = record.id;
     tokio::time::sleep(w.config.running_record_delay).await;
     // One try: a store outage must not hold up the lease renewals below; the final write
     // carries the attempt anyway.
-    match w.store.start_attempt(&record).await {
+    match w.store.start_attempt(record).await {
         Ok(StartOutcome::Started) => {}
         Ok(StartOutcome::AlreadyFinal(s)) => {
             tracing::warn!(
