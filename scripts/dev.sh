@@ -376,6 +376,8 @@ cmd_up() {
     die "--with-prometheus needs $PROM_CONFIG, which does not exist (yet)"
   fi
   have curl || apt_install curl
+  ensure_job_user
+  tune_job_cgroups
   mkdir -p "$LOG_DIR" "$PID_DIR"
 
   bash "$STACK" up

@@ -85,6 +85,8 @@ phase_install() {
   apt_install rabbitmq-server redis-server redis-tools prometheus chromium sqlite3 curl iproute2 procps \
     docker.io mmdebstrap binutils || return 1
   secantusd_install || return 1
+  ensure_job_user || return 1
+  tune_job_cgroups
   find_compose || return 1 # Docker Compose v2 (scripts/lib.sh), for compose.sh and its tests
   printf 'docker compose: %s\n' "${COMPOSE[*]}"
   if ! cargo nextest --version >/dev/null 2>&1; then

@@ -18,5 +18,6 @@ mod manager_auth;
 mod monitoring;
 mod observability;
 mod pipeline;
+mod sandbox;
 mod tenancy;
 mod watch;

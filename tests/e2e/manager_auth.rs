@@ -209,8 +209,8 @@ async fn every_manager_v1_route_needs_a_token_the_read_token_only_reads_and_view
     let marker = format!("secret-{}", Uuid::new_v4().simple());
     let id = stack
         .submit_ok(&json!({"kind": "command", "params": {
-            "program": "sh", "args": ["-c", "echo \"$GPUQ_TEST_SECRET\""],
-            "env": {"GPUQ_TEST_SECRET": marker}}}))
+            "program": "sh", "args": ["-c", "echo \"$TEST_SECRET\""],
+            "env": {"TEST_SECRET": marker}}}))
         .await
         .unwrap();
     let record = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();

@@ -260,15 +260,8 @@ impl SubmitRequest {
                     return Err(verr(&format!("params.env.{k}"), "contains a NUL byte"));
                 }
                 for key in p.env.keys() {
-                    if key.is_empty()
-                        || key.contains('=')
-                        || key.contains('\0')
-                        || key == "CUDA_VISIBLE_DEVICES"
-                    {
-                        return Err(verr(
-                            "params.env",
-                            format!("{key:?} cannot be set by a job"),
-                        ));
+                    if let Some(why) = crate::job_env::refusal(key) {
+                        return Err(verr(&format!("params.env.{key}"), format!("{key:?} {why}")));
                     }
                 }
                 if let Some(t) = p.timeout_s

@@ -11,6 +11,7 @@ pub mod events;
 pub mod faults;
 pub mod http;
 pub mod job;
+pub mod job_env;
 pub mod job_summary;
 pub mod metrics;
 pub mod prom;

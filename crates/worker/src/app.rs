@@ -82,6 +82,11 @@ impl Application {
             .with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
         let programs = Arc::new(config.programs.clone());
+        crate::sandbox::harden_self();
+        let sandbox = Arc::new(crate::sandbox::Sandbox::start(
+            &config.job_sandbox,
+            &engine_id,
+        ));
         let worker = Arc::new(Worker {
             engine_id,
             instance_id,
@@ -97,6 +102,7 @@ impl Application {
             http_metrics,
             registry,
             programs,
+            sandbox,
             running: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             snapshot: Mutex::new(Vec::new()),

@@ -12,6 +12,7 @@ pub mod monitor;
 pub mod process;
 pub mod protocol;
 pub mod runner;
+pub mod sandbox;
 pub mod slots;
 pub mod state;
 

@@ -57,6 +57,8 @@ pub struct Worker {
     pub http_metrics: Arc<HttpMetrics>,
     pub registry: Registry,
     pub programs: Arc<BTreeMap<String, String>>,
+    /// The box `command` jobs run in.
+    pub sandbox: Arc<crate::sandbox::Sandbox>,
     pub running: Mutex<HashMap<Uuid, Running>>,
     pub stats: Stats,
     pub snapshot: Mutex<Vec<GpuSnapshot>>,

@@ -7,8 +7,8 @@ mod sections;
 pub mod startup;
 
 pub use sections::{
-    Common, GatewayConfig, GpuSource, GpuThresholds, LogFormat, MAX_SIM_GPUS, ManagerConfig,
-    ServiceConfig, WorkerConfig,
+    Common, GatewayConfig, GpuSource, GpuThresholds, JobSandboxConfig, LogFormat, MAX_SIM_GPUS,
+    ManagerConfig, ServiceConfig, WorkerConfig,
 };
 
 use std::collections::BTreeMap;
@@ -152,6 +152,18 @@ pub struct Settings {
     pub output_tail_bytes: usize,
     /// Upper bound for any job's run time; a job's own `timeout_s` may be shorter.
     pub job_timeout_s: u64,
+    /// The unprivileged user `command` jobs run as (`worker::sandbox`); empty runs them as the
+    /// worker's own user (a single-user machine only: the worker says so at start).
+    pub job_user: String,
+    /// Where each attempt of a `command` job gets its private working directory (default: the
+    /// system's temporary directory, `gpuq-jobs`).
+    pub job_dir: String,
+    /// Per-job resource limits: open files, processes of the job user, bytes of one file
+    /// written (MiB), address space (MiB); 0 = no limit.
+    pub job_max_open_files: u64,
+    pub job_max_processes: u64,
+    pub job_max_file_mb: u64,
+    pub job_memory_mb: u64,
     /// Kill an engine that printed nothing for this long (0 = never).
     pub progress_timeout_s: u64,
     /// Interval of the worker's status log line.
@@ -213,6 +225,12 @@ impl Default for Settings {
             programs: String::new(),
             output_tail_bytes: 4096,
             job_timeout_s: 24 * 3600,
+            job_user: "gpuq-job".into(),
+            job_dir: String::new(),
+            job_max_open_files: 4096,
+            job_max_processes: 4096,
+            job_max_file_mb: 0,
+            job_memory_mb: 0,
             progress_timeout_s: 0,
             status_interval_s: 10,
             manager_url: String::new(),

@@ -172,6 +172,8 @@ pub struct WorkerConfig {
     pub job_timeout_s: u64,
     /// Kill an engine that printed nothing for this long (0 = never).
     pub progress_timeout_s: u64,
+    /// The box `command` jobs run in (`worker::sandbox`).
+    pub job_sandbox: JobSandboxConfig,
     /// Let a GPU that turns unhealthy finish its running job.
     pub finish_on_unhealthy: bool,
 }
@@ -228,6 +230,19 @@ impl ManagerConfig {
     }
 }
 
+/// The box `command` jobs run in (`GPUQ_JOB_*`); limits of 0 mean none.
+#[derive(Debug, Clone)]
+pub struct JobSandboxConfig {
+    /// The user jobs run as; empty: the worker's own user.
+    pub user: String,
+    /// Parent of each attempt's private working directory.
+    pub dir: std::path::PathBuf,
+    pub max_open_files: u64,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub memory_bytes: u64,
+}
+
 impl WorkerConfig {
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
         let gpus = GpuSource::parse(&s.gpus).map_err(|m| ConfigError::invalid("gpus", &m))?;
@@ -256,6 +271,18 @@ impl WorkerConfig {
             output_tail_bytes: s.output_tail_bytes,
             job_timeout_s: s.job_timeout_s,
             progress_timeout_s: s.progress_timeout_s,
+            job_sandbox: JobSandboxConfig {
+                user: s.job_user.trim().to_string(),
+                dir: if s.job_dir.trim().is_empty() {
+                    std::env::temp_dir().join("gpuq-jobs")
+                } else {
+                    s.job_dir.trim().into()
+                },
+                max_open_files: s.job_max_open_files,
+                max_processes: s.job_max_processes,
+                max_file_bytes: s.job_max_file_mb.saturating_mul(1 << 20),
+                memory_bytes: s.job_memory_mb.saturating_mul(1 << 20),
+            },
             finish_on_unhealthy: s.finish_on_unhealthy,
         })
     }

@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
 
 use crate::events::EventSink;
+use crate::sandbox::{JobBox, Sandbox};
 use gpuq_common::events::{EventKind, MAX_LINE_BYTES, NewEvent, from_line};
 
 /// Why the worker stops a running engine.
@@ -46,6 +47,8 @@ pub struct RunContext {
     pub gpus: Vec<u32>,
     pub worker: String,
     pub programs: Arc<BTreeMap<String, String>>,
+    /// The box `command` jobs run in.
+    pub sandbox: Arc<Sandbox>,
     pub job_timeout: Duration,
     /// Kill an engine silent for this long (None = never).
     pub progress_timeout: Option<Duration>,
@@ -208,13 +211,6 @@ fn spawn_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     })
 }
 
-fn kill_group(pgid: u32) {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    // ESRCH (already gone) is fine.
-    let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
-}
-
 /// Exit code that asks for a retry (BSD `EX_TEMPFAIL`).
 pub const EXIT_RETRY: i32 = 75;
 
@@ -276,10 +272,22 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let mut cmd = engine_command(path, p, &ctx, &devices);
+    let jail = match ctx.sandbox.enter(ctx.job, ctx.attempt) {
+        Ok(b) => b,
+        Err(e) => {
+            return RunOutcome::Failed {
+                result: json!({"program": p.program, "sandbox": ctx.sandbox.describe()}),
+                error: format!("worker {} cannot run command jobs: {e}", ctx.worker),
+            };
+        }
+    };
+    let mut cmd = engine_command(path, p, &ctx, &devices, &jail);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return RunOutcome::Retry(format!("cannot start {path}: {e}")),
+        Err(e) => {
+            jail.close(0).await;
+            return RunOutcome::Retry(format!("cannot start {path}: {e}"));
+        }
     };
     let pgid = child.id().unwrap_or_default();
     let last_output = Arc::new(AtomicI64::new(now_ms()));
@@ -310,8 +318,8 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
             }
         }
     };
-    // Whatever happened, nothing of this job survives it: the whole process group goes.
-    kill_group(pgid);
+    // Whatever happened, nothing of this job survives it: its cgroup (or process group) goes.
+    jail.kill_all(pgid);
     let status = match status {
         Ok(s) => s,
         Err(outcome) => {
@@ -319,6 +327,7 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
             for r in readers {
                 r.abort();
             }
+            jail.close(pgid).await;
             return outcome;
         }
     };
@@ -334,29 +343,29 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
         "gpus": ctx.gpus,
         "cuda_visible_devices": devices,
     });
+    jail.close(pgid).await;
     exit_outcome(&p.program, status, result)
 }
 
-/// The engine's process: the allow-listed program with its arguments, no shell, a clean
-/// environment with the job's GPUs, in its own process group.
+/// The engine's process: the allow-listed program with its arguments, no shell, in the job's
+/// box (`sandbox`: user, directory, limits, cgroup, the environment's base), with the job's own
+/// variables (the refused names skipped, should a message carry one) and its GPUs, in its own
+/// process group.
 fn engine_command(
     path: &str,
     p: &CommandParams,
     ctx: &RunContext,
     devices: &str,
+    jail: &JobBox,
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(path);
+    jail.apply(&mut cmd);
     cmd.args(&p.args)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        .envs(
+            p.env
+                .iter()
+                .filter(|(k, _)| gpuq_common::job_env::refusal(k).is_none()),
         )
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
-        )
-        .envs(&p.env)
         .env("CUDA_VISIBLE_DEVICES", devices)
         .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         .env("GPUQ_JOB_ID", ctx.job.to_string())
@@ -398,225 +407,4 @@ fn exit_outcome(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ctx(
-        attempt: u32,
-        programs: &[(&str, &str)],
-    ) -> (RunContext, watch::Sender<Option<StopReason>>) {
-        ctx_with_events(attempt, programs).0
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn ctx_with_events(
-        attempt: u32,
-        programs: &[(&str, &str)],
-    ) -> (
-        (RunContext, watch::Sender<Option<StopReason>>),
-        tokio::sync::mpsc::Receiver<NewEvent>,
-    ) {
-        let (tx, rx) = watch::channel(None);
-        let (sink, events) = EventSink::channel();
-        (
-            (
-                RunContext {
-                    job: Uuid::now_v7(),
-                    attempt,
-                    gpus: vec![1, 3],
-                    worker: "w".into(),
-                    programs: Arc::new(
-                        programs
-                            .iter()
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                            .collect(),
-                    ),
-                    job_timeout: Duration::from_secs(20),
-                    progress_timeout: Some(Duration::from_secs(1)),
-                    output_tail_bytes: 16,
-                    stop: rx,
-                    events: sink,
-                },
-                tx,
-            ),
-            events,
-        )
-    }
-
-    fn drain(rx: &mut tokio::sync::mpsc::Receiver<NewEvent>) -> Vec<NewEvent> {
-        let mut out = vec![];
-        while let Ok(e) = rx.try_recv() {
-            out.push(e);
-        }
-        out
-    }
-
-    #[tokio::test]
-    async fn a_commands_lines_are_output_and_progress_events_in_order() {
-        let ((c, _stop), mut rx) = ctx_with_events(1, &[("sh", "/bin/sh")]);
-        let script = r#"printf 'one\ntw'; sleep 0.1; printf 'o\n'; echo '##gpuq:progress {"fraction": 0.5, "metrics": {"loss": 0.25}}'; echo err >&2; printf 'no newline'"#;
-        let out = run(&sh(script), c).await;
-        assert!(matches!(out, RunOutcome::Succeeded(_)), "{out:?}");
-        let events = drain(&mut rx);
-        let stdout: Vec<(EventKind, String)> = events
-            .iter()
-            .filter(|e| e.data["stream"] != "stderr")
-            .map(|e| {
-                (
-                    e.kind,
-                    e.data["line"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            stdout,
-            vec![
-                (EventKind::Output, "one".into()),
-                (EventKind::Output, "two".into()),
-                (EventKind::Progress, String::new()),
-                (EventKind::Output, "no newline".into()),
-            ]
-        );
-        let progress = events
-            .iter()
-            .find(|e| e.kind == EventKind::Progress)
-            .unwrap();
-        assert_eq!(progress.data["metrics"]["loss"], 0.25);
-        assert!(
-            events
-                .iter()
-                .any(|e| e.data["stream"] == "stderr" && e.data["line"] == "err")
-        );
-    }
-
-    #[tokio::test]
-    async fn a_flood_of_lines_never_blocks_the_job_and_the_excess_is_counted() {
-        let ((c, _stop), mut rx) = ctx_with_events(1, &[("sh", "/bin/sh")]);
-        let sink = c.events.clone();
-        let started = std::time::Instant::now();
-        // 20,000 lines at once: far over the burst.
-        let out = run(
-            &sh("i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done"),
-            c,
-        )
-        .await;
-        assert!(matches!(out, RunOutcome::Succeeded(_)), "{out:?}");
-        assert!(started.elapsed() < Duration::from_secs(15));
-        let kept = drain(&mut rx).len() as u64;
-        assert!(kept >= crate::events::BURST as u64, "{kept}");
-        assert_eq!(kept + sink.dropped(), 20_000, "every line kept or counted");
-        assert!(sink.dropped() > 0);
-    }
-
-    #[tokio::test]
-    async fn simulate_reports_each_progress_step() {
-        let ((c, _stop), mut rx) = ctx_with_events(1, &[]);
-        let p = JobPayload::Simulate(SimulateParams {
-            duration_ms: 40,
-            progress_steps: 4,
-            ..Default::default()
-        });
-        assert!(matches!(run(&p, c).await, RunOutcome::Succeeded(_)));
-        let fractions: Vec<f64> = drain(&mut rx)
-            .iter()
-            .map(|e| e.data["fraction"].as_f64().unwrap())
-            .collect();
-        assert_eq!(fractions, vec![0.25, 0.5, 0.75, 1.0]);
-    }
-
-    fn sh(script: &str) -> JobPayload {
-        JobPayload::Command(CommandParams {
-            program: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            ..Default::default()
-        })
-    }
-
-    #[tokio::test]
-    async fn a_command_sees_exactly_its_gpus_and_keeps_a_bounded_tail() {
-        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        let out = run(&sh("echo 0123456789abcdef; echo $CUDA_VISIBLE_DEVICES"), c).await;
-        let RunOutcome::Succeeded(v) = out else {
-            panic!("{out:?}")
-        };
-        let full = "0123456789abcdef\n1,3\n";
-        assert_eq!(v["stdout_tail"], full[full.len() - 16..]);
-        assert_eq!(v["stdout_bytes"], full.len());
-        assert_eq!(v["exit_code"], 0);
-    }
-
-    #[tokio::test]
-    async fn exit_codes_are_classified() {
-        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        assert!(matches!(
-            run(&sh("exit 3"), c).await,
-            RunOutcome::Failed { .. }
-        ));
-        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        assert!(matches!(run(&sh("exit 75"), c).await, RunOutcome::Retry(_)));
-        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        assert!(matches!(
-            run(&sh("kill -9 $$"), c).await,
-            RunOutcome::Retry(_)
-        ));
-        let (c, _tx) = ctx(1, &[]);
-        assert!(matches!(
-            run(&sh("true"), c).await,
-            RunOutcome::Failed { .. }
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_silent_engine_is_killed_with_its_children() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("child.pid");
-        let (c, _tx) = ctx(1, &[("sh", "/bin/sh")]);
-        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
-        let out = run(&sh(&script), c).await;
-        assert!(
-            matches!(&out, RunOutcome::Retry(m) if m.contains("no progress")),
-            "{out:?}"
-        );
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false);
-        assert!(!alive, "the engine's child process {pid} outlived the job");
-    }
-
-    #[tokio::test]
-    async fn a_stop_request_ends_the_engine() {
-        let (c, tx) = ctx(1, &[("sh", "/bin/sh")]);
-        let h = tokio::spawn(
-            async move { run(&sh("while true; do echo .; sleep 0.1; done"), c).await },
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        tx.send(Some(StopReason::Cancelled)).unwrap();
-        assert_eq!(h.await.unwrap(), RunOutcome::Stopped(StopReason::Cancelled));
-    }
-
-    #[tokio::test]
-    async fn simulated_failures_follow_the_knobs() {
-        let p = |fail_times| {
-            JobPayload::Simulate(SimulateParams {
-                fail_times,
-                ..Default::default()
-            })
-        };
-        let (c, _tx) = ctx(2, &[]);
-        assert!(matches!(run(&p(2), c).await, RunOutcome::Retry(_)));
-        let (c, _tx) = ctx(3, &[]);
-        assert!(matches!(run(&p(2), c).await, RunOutcome::Succeeded(_)));
-        let hang = JobPayload::Simulate(SimulateParams {
-            hang_attempts: 1,
-            ..Default::default()
-        });
-        let (c, _tx) = ctx(1, &[]);
-        assert!(matches!(run(&hang, c).await, RunOutcome::Retry(m) if m.contains("no progress")));
-    }
-}
+mod tests;
