@@ -3,8 +3,8 @@
 # clean clone, with CI=true and no stdin):
 #   1. installs what is missing (rabbitmq-server, redis-server, prometheus for promtool, sqlite3,
 #      docker.io and mmdebstrap;
-#      cargo-nextest; rustfmt and clippy; secantusdb, pinned, with pip: see scripts/lib.sh)
-#   2. cargo fmt --check, cargo clippy -D warnings
+#      cargo-nextest, cargo-deny; rustfmt and clippy; secantusdb, pinned, with pip: see scripts/lib.sh)
+#   2. cargo fmt --check, cargo clippy -D warnings, cargo deny (deny.toml: licenses, bans, sources)
 #   3. builds once: cargo build --workspace --bins (the end-to-end tests spawn these from
 #      target/debug), then every test binary (cargo nextest run --workspace --no-run). Every
 #      cargo call here selects the whole workspace, so all of them resolve the same features and
@@ -93,6 +93,10 @@ phase_install() {
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked || return 1
   fi
+  if ! cargo deny --version >/dev/null 2>&1; then
+    log "installing cargo-deny (the supply_chain phase)"
+    cargo install cargo-deny --locked || return 1
+  fi
   if ! cargo fmt --version >/dev/null 2>&1; then
     log "adding the rustup component rustfmt"
     rustup component add rustfmt || return 1
@@ -107,6 +111,8 @@ phase_install() {
 
 phase_fmt() { cargo fmt --all -- --check; }
 phase_clippy() { cargo clippy --workspace --all-targets -- -D warnings; }
+# deny.toml: licenses, banned crates and sources, from the lock file alone (no network).
+phase_supply_chain() { cargo deny --offline check licenses bans sources; }
 phase_build() { cargo build --workspace --bins; }
 phase_build_tests() { cargo nextest run --workspace --no-run; }
 phase_stack() { bash "$STACK" up; }
@@ -257,6 +263,7 @@ log "gpuq test run in $ROOT (CI=${CI:-})"
 run_phase install phase_install
 run_phase fmt phase_fmt
 run_phase clippy phase_clippy
+run_phase "supply chain" phase_supply_chain
 BUILD_OK=1
 run_phase build phase_build || BUILD_OK=0
 
