@@ -37,6 +37,7 @@ async fn list(gw: &Gateway, a: &ListArgs) -> anyhow::Result<()> {
     let params = ListParams {
         status: a.status,
         pool: a.pool.clone(),
+        array: None,
         limit: Some(if a.all {
             MAX_PAGE
         } else {
@@ -225,6 +226,8 @@ pub(crate) mod tests {
             started_at: started,
             finished_at: finished,
             progress: None,
+            array_id: None,
+            array_index: None,
         }
     }
 

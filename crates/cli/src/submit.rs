@@ -97,6 +97,7 @@ pub fn build_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
         min_gpu_memory_mb: a.min_gpu_memory_mb,
         pool: a.pool.clone(),
         ttl_s: a.ttl_s,
+        array: None,
     })
 }
 

@@ -72,6 +72,8 @@ fn record(id: Uuid, created: i64, never_finishes: bool) -> JobRecord {
         started_at: Some(created + 5),
         finished_at: done.then_some(created + 30),
         progress: None,
+        array_id: None,
+        array_index: None,
     }
 }
 
