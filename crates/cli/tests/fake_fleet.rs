@@ -243,6 +243,7 @@ async fn the_bench_counts_every_job_and_takes_latency_from_the_store() {
         rate: None,
         duration_ms: 0,
         concurrency: 16,
+        batch: None,
         pool: None,
         timeout: Duration::from_secs(10),
         json: true,
