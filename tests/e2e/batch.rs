@@ -151,6 +151,15 @@ async fn one_invalid_job_refuses_the_whole_batch_naming_its_index_and_nothing_is
     );
     let empty = post_batch(&stack, &json!([]), None).await;
     assert_eq!(empty.status, 422, "{}", empty.body);
+    let no_jobs = post_batch(&stack, &json!([{"kind": "simulate", "array": 0}]), None).await;
+    assert!(
+        no_jobs.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("jobs[0].array"),
+        "{}",
+        no_jobs.body
+    );
     // A single submission does not make arrays: it answers one id.
     let (status, body) = stack
         .submit(&json!({"kind": "simulate", "array": 2}))

@@ -14,9 +14,10 @@ pub const ARRAY_INDEX_ENV: &str = "GPUQ_ARRAY_INDEX";
 pub const ARRAY_ID_ENV: &str = "GPUQ_ARRAY_ID";
 
 impl SubmitRequest {
-    /// How many jobs the request asks for: 1, or its array's size.
+    /// How many jobs the request asks for: 1, or its array's size (an empty array, which
+    /// `validate` refuses naming the field, counts as 1).
     pub fn job_count(&self) -> u32 {
-        self.array.unwrap_or(1)
+        self.array.unwrap_or(1).max(1)
     }
 
     /// Validates the request and makes its jobs: one, or the members of its array in index
