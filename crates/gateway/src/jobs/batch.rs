@@ -131,7 +131,7 @@ fn at_index(i: usize, e: JobError) -> JobError {
 
 /// A fingerprint of what a batch asks for, after defaults are applied (see `body_hash`); it
 /// never equals a single submission's.
-fn batch_hash(reqs: &[SubmitRequest]) -> String {
+pub fn batch_hash(reqs: &[SubmitRequest]) -> String {
     let canonical: Vec<_> = reqs.iter().map(|r| (r.validate().ok(), r.array)).collect();
     fingerprint(&serde_json::to_vec(&("batch", canonical)).expect("jobs serialize"))
 }

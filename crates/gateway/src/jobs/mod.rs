@@ -8,7 +8,7 @@ mod error;
 mod redrive;
 
 pub use array::cancel_array;
-pub use batch::{BatchSubmitted, MAX_BATCH, submit_batch};
+pub use batch::{BatchSubmitted, MAX_BATCH, batch_hash, submit_batch};
 pub use error::JobError;
 pub use redrive::{message_from_record, retry_dead_letter};
 
