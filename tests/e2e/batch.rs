@@ -7,8 +7,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use gpuq_common::JobStatus;
 use gpuq_common::store::ListQuery;
+use gpuq_common::{JobRecord, JobStatus};
 use gpuq_e2e::{Stack, StackOptions};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -316,6 +316,24 @@ async fn the_cli_submits_lists_and_cancels_an_array() {
             again["already_final"].clone()
         ),
         (0, json!(8))
+    );
+    // --wait follows the whole array to its end.
+    let waited = stack
+        .cli_ok(&[
+            "submit",
+            "--array",
+            "0-2",
+            "--duration-ms",
+            "1",
+            "--wait",
+            "--json",
+        ])
+        .await;
+    let waited: Vec<JobRecord> = serde_json::from_str(&waited).unwrap();
+    assert_eq!(waited.len(), 3);
+    assert!(
+        waited.iter().all(|r| r.status == JobStatus::Succeeded),
+        "{waited:?}"
     );
     // An array nobody made.
     let missing = stack
