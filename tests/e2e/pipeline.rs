@@ -367,7 +367,7 @@ async fn a_job_cancelled_while_queued_never_runs_and_a_running_one_is_stopped_wi
 }
 
 /// Runs `gpuq bench … --json` against the stack and returns its report.
-async fn bench(stack: &Stack, args: &[&str]) -> Value {
+pub(crate) async fn bench(stack: &Stack, args: &[&str]) -> Value {
     let args = [&["bench"], args, &["--json"]].concat();
     let stdout = stack.cli_ok(&args).await;
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))

@@ -122,6 +122,77 @@ async fn v1_routes(stack: &Stack) -> BTreeSet<(String, String)> {
     routes
 }
 
+/// A batch and its array belong to the tenant that submitted them: B neither lists nor cancels
+/// A's array (404, like an array nobody made), and the same batch Idempotency-Key from B makes
+/// B's own jobs.
+async fn arrays_are_the_tenants(
+    stack: &Stack,
+    a: &Client<'_>,
+    b: &Client<'_>,
+    cover: &mut impl FnMut(&str, &str) -> bool,
+) {
+    let batch =
+        json!({"jobs": [{"kind": "simulate", "params": {"duration_ms": 60_000}, "array": 3}]});
+    let ids = |answer: &Answer| -> Vec<Uuid> {
+        assert_eq!(answer.status, 202, "{}", answer.body);
+        answer.body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let of_a = ids(&a
+        .call_with("post", "/v1/jobs/batch", Some(&batch), Some("sweep"))
+        .await);
+    cover("post", "/v1/jobs/batch");
+    let array = of_a[0];
+    let by_array = format!("/v1/jobs?array={array}");
+    assert_eq!(a.listed(&by_array).await, of_a.iter().copied().collect());
+    assert!(
+        b.listed(&by_array).await.is_empty(),
+        "B lists none of A's array"
+    );
+    let cancel = format!("/v1/jobs/{array}/cancel?array=true");
+    let theirs = b.call("post", &cancel, None).await;
+    let nobodys = b
+        .call(
+            "post",
+            &format!("/v1/jobs/{}/cancel?array=true", Uuid::now_v7()),
+            None,
+        )
+        .await;
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    assert_eq!(theirs.body["error"]["code"], nobodys.body["error"]["code"]);
+    let of_b = ids(&b
+        .call_with("post", "/v1/jobs/batch", Some(&batch), Some("sweep"))
+        .await);
+    assert!(
+        of_b.iter().all(|id| !of_a.contains(id)),
+        "batch keys are per tenant"
+    );
+    for id in &of_a {
+        let r = stack.store.get(*id).await.unwrap().unwrap();
+        assert!(!r.status.is_final() && r.tenant == "team-a", "{r:?}");
+    }
+    let done = a.call("post", &cancel, None).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(
+        done.body["cancelled"].as_array().unwrap().len(),
+        3,
+        "{}",
+        done.body
+    );
+    let own = b
+        .call(
+            "post",
+            &format!("/v1/jobs/{}/cancel?array=true", of_b[0]),
+            None,
+        )
+        .await;
+    assert_eq!(own.status, 200, "{}", own.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tenant_b_cannot_get_list_cancel_wait_redrive_or_collide_with_tenant_a_jobs_admin_can() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
@@ -270,6 +341,7 @@ async fn tenant_b_cannot_get_list_cancel_wait_redrive_or_collide_with_tenant_a_j
         JobStatus::Cancelled,
         "cancelled by the admin only"
     );
+    arrays_are_the_tenants(&stack, &a, &b, &mut cover).await;
     assert_eq!(
         covered,
         v1_routes(&stack).await,

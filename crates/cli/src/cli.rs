@@ -189,6 +189,10 @@ pub struct SubmitArgs {
     /// The same key returns the same job instead of enqueuing a new one
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// A job array: `0-99` (or `100`) makes 100 jobs sharing these params, each with its index
+    /// (`GPUQ_ARRAY_INDEX` of a command); prints their ids, the first naming the array
+    #[arg(long, value_name = "0-LAST", value_parser = parse_array)]
+    pub array: Option<u32>,
 
     /// Poll the job until it is final and print the outcome
     #[arg(long)]
@@ -211,9 +215,12 @@ pub enum JobsCmd {
     },
     /// Jobs, newest first
     List(ListArgs),
-    /// Cancel a job that is not final yet
+    /// Cancel a job that is not final yet, or with --array every unfinished job of an array
     Cancel {
         id: Uuid,
+        /// ID names an array (its first job's id): cancel all of its jobs not final yet
+        #[arg(long)]
+        array: bool,
         #[arg(long)]
         json: bool,
     },
@@ -226,6 +233,9 @@ pub struct ListArgs {
     pub status: Option<JobStatus>,
     #[arg(long)]
     pub pool: Option<String>,
+    /// Only the jobs of this array (its first job's id)
+    #[arg(long, value_name = "ARRAY_ID")]
+    pub array: Option<Uuid>,
     /// Jobs per page (at most 1000)
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -299,6 +309,10 @@ pub struct BenchArgs {
     /// Requests in flight at once
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Submit this many jobs per request through POST /v1/jobs/batch (1 to 1000) instead of
+    /// one per request
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: Option<u32>,
     #[arg(long)]
     pub pool: Option<String>,
     /// Jobs not final this long after the last submit count as lost
@@ -406,6 +420,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is not a duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--array 0-99` or `--array 100`: an array of 100 jobs, indexed from 0.
+pub fn parse_array(s: &str) -> Result<u32, String> {
+    let max = gpuq_common::job::MAX_ARRAY;
+    let n = match s.split_once('-') {
+        None => s
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a count like 100 or a range like 0-99"))?,
+        Some((first, last)) => {
+            let (first, last) = (first.trim().parse::<u32>(), last.trim().parse::<u32>());
+            match (first, last) {
+                (Ok(0), Ok(last)) => last.saturating_add(1),
+                (Ok(_), Ok(_)) => return Err("an array's indices start at 0: use 0-LAST".into()),
+                _ => return Err(format!("{s:?} is not a range like 0-99")),
+            }
+        }
+    };
+    if n == 0 || n > max {
+        return Err(format!("an array has 1 to {max} jobs"));
+    }
+    Ok(n)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

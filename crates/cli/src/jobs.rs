@@ -21,7 +21,24 @@ pub async fn run(ctx: &Ctx, cmd: &JobsCmd) -> anyhow::Result<Exit> {
             }
         }
         JobsCmd::List(a) => list(&gw, a).await?,
-        JobsCmd::Cancel { id, json } => {
+        JobsCmd::Cancel {
+            id,
+            array: true,
+            json,
+        } => {
+            let done = gw.cancel_array(*id).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!(
+                    "array {}: {} cancelled, {} final already",
+                    done.array_id,
+                    done.cancelled.len(),
+                    done.already_final
+                );
+            }
+        }
+        JobsCmd::Cancel { id, json, .. } => {
             let rec = gw.cancel(*id).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&rec)?);
@@ -37,6 +54,7 @@ async fn list(gw: &Gateway, a: &ListArgs) -> anyhow::Result<()> {
     let params = ListParams {
         status: a.status,
         pool: a.pool.clone(),
+        array: a.array,
         limit: Some(if a.all {
             MAX_PAGE
         } else {
@@ -225,6 +243,8 @@ pub(crate) mod tests {
             started_at: started,
             finished_at: finished,
             progress: None,
+            array_id: None,
+            array_index: None,
         }
     }
 

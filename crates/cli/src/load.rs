@@ -1,5 +1,6 @@
 //! Submitting many jobs: paced at a rate or as fast as a number of requests in flight allows,
-//! over one keep-alive client, recording each accepted id and when it was submitted.
+//! one job a request or a batch of them (`POST /v1/jobs/batch`), over one keep-alive client,
+//! recording each accepted id and when it was submitted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub struct LoadPlan {
     pub concurrency: usize,
     /// Retry a transiently refused submission (same Idempotency-Key) for this long.
     pub retry_for: Option<Duration>,
+    /// Jobs per request through the batch route; `None`: one job per `POST /v1/jobs`.
+    pub batch: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +38,7 @@ pub struct Accepted {
 
 #[derive(Debug, Default)]
 pub struct LoadResult {
-    /// Requests started (one per job).
+    /// Jobs asked for in the requests started.
     pub submitted: u64,
     pub accepted: Vec<Accepted>,
     /// Refusals by reason (`503 unavailable`, `transport error`), after retries.
@@ -57,11 +60,15 @@ impl LoadResult {
 
 struct Outcome {
     submit_ms: i64,
-    result: Result<Submitted, ClientError>,
+    /// The jobs the request asked for.
+    jobs: u64,
+    /// Every job the gateway answered, in order (one for a single submission).
+    result: Result<Vec<Submitted>, ClientError>,
     retries: u64,
 }
 
-/// Submits `plan.jobs` copies of `body`; stops early when `cancel` fires. `pb` ticks per answer.
+/// Submits `plan.jobs` copies of `body`, one or a batch a request; stops early when `cancel`
+/// fires. `pb` ticks per job answered.
 pub async fn submit_many(
     gw: &Gateway,
     body: Arc<SubmitBody>,
@@ -74,7 +81,10 @@ pub async fn submit_many(
     let mut out = LoadResult::default();
     let mut seen = HashSet::new();
     let start = Instant::now();
-    for i in 0..plan.jobs {
+    let per_request = u64::from(plan.batch.unwrap_or(1).max(1));
+    let mut i = 0;
+    while i < plan.jobs {
+        let jobs = per_request.min(plan.jobs - i);
         if let Some(rate) = plan.rate.filter(|r| *r > 0.0) {
             let at = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::select! {
@@ -86,14 +96,16 @@ pub async fn submit_many(
             p = sem.clone().acquire_owned() => p.expect("semaphore open"),
             _ = cancel.cancelled() => break,
         };
-        out.submitted += 1;
+        i += jobs;
+        out.submitted += jobs;
         let gw = gw.clone();
         let body = body.clone();
         let retry_for = plan.retry_for;
+        let batch = plan.batch.is_some();
         let first = now_ms();
         out.first_submit_ms.get_or_insert(first);
         set.spawn(async move {
-            let o = submit_one(&gw, &body, retry_for).await;
+            let o = submit_one(&gw, &body, batch.then_some(jobs), retry_for).await;
             drop(permit);
             o
         });
@@ -114,29 +126,61 @@ fn record(
     done: Result<Outcome, tokio::task::JoinError>,
     pb: &ProgressBar,
 ) {
-    pb.inc(1);
     let Ok(o) = done else {
+        pb.inc(1);
         *out.rejected.entry("client task failed".into()).or_insert(0) += 1;
         return;
     };
+    pb.inc(o.jobs);
     out.retries += o.retries;
     match o.result {
-        Ok(s) if seen.insert(s.id) => out.accepted.push(Accepted {
-            id: s.id,
-            submit_ms: o.submit_ms,
-        }),
-        Ok(_) => out.replayed += 1,
-        Err(e) => *out.rejected.entry(e.short()).or_insert(0) += 1,
+        Ok(answered) => {
+            for s in answered {
+                if seen.insert(s.id) {
+                    out.accepted.push(Accepted {
+                        id: s.id,
+                        submit_ms: o.submit_ms,
+                    });
+                } else {
+                    out.replayed += 1;
+                }
+            }
+        }
+        Err(e) => *out.rejected.entry(e.short()).or_insert(0) += o.jobs,
     }
 }
 
-/// One job: with `retry_for`, an Idempotency-Key makes retries after a lost answer safe.
-async fn submit_one(gw: &Gateway, body: &SubmitBody, retry_for: Option<Duration>) -> Outcome {
+/// One request: `body` alone, or a batch of `batch` copies of it.
+async fn send(
+    gw: &Gateway,
+    body: &SubmitBody,
+    batch: Option<u64>,
+    key: Option<&str>,
+) -> Result<Vec<Submitted>, ClientError> {
+    match batch {
+        None => gw.submit(body, key).await.map(|s| vec![s]),
+        Some(n) => {
+            let jobs = vec![body.clone(); n as usize];
+            gw.submit_batch(&jobs, key).await.map(|b| b.jobs)
+        }
+    }
+}
+
+/// One request (a job, or a batch of `batch`): with `retry_for`, an Idempotency-Key makes
+/// retries after a lost answer safe.
+async fn submit_one(
+    gw: &Gateway,
+    body: &SubmitBody,
+    batch: Option<u64>,
+    retry_for: Option<Duration>,
+) -> Outcome {
     let submit_ms = now_ms();
+    let jobs = batch.unwrap_or(1);
     let Some(retry_for) = retry_for else {
         return Outcome {
             submit_ms,
-            result: gw.submit(body, None).await,
+            jobs,
+            result: send(gw, body, batch, None).await,
             retries: 0,
         };
     };
@@ -145,7 +189,7 @@ async fn submit_one(gw: &Gateway, body: &SubmitBody, retry_for: Option<Duration>
     let mut backoff = Duration::from_millis(100);
     let mut retries = 0;
     loop {
-        let result = gw.submit(body, Some(&key)).await;
+        let result = send(gw, body, batch, Some(&key)).await;
         match &result {
             // 409: an earlier request with this key is still in progress at the gateway.
             Err(e)
@@ -159,6 +203,7 @@ async fn submit_one(gw: &Gateway, body: &SubmitBody, retry_for: Option<Duration>
             _ => {
                 return Outcome {
                     submit_ms,
+                    jobs,
                     result,
                     retries,
                 };

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::cli::{KindArg, SubmitArgs};
 use crate::{Ctx, Exit};
-use gpuq_client::gateway::{Gateway, SubmitBody};
+use gpuq_client::gateway::{Gateway, ListParams, SubmitBody};
 
 /// The request body the flags describe.
 pub fn build_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
@@ -97,12 +97,16 @@ pub fn build_body(a: &SubmitArgs) -> anyhow::Result<SubmitBody> {
         min_gpu_memory_mb: a.min_gpu_memory_mb,
         pool: a.pool.clone(),
         ttl_s: a.ttl_s,
+        array: a.array,
     })
 }
 
 pub async fn run(ctx: &Ctx, a: &SubmitArgs) -> anyhow::Result<Exit> {
     let body = build_body(a)?;
     let gw = ctx.gateway();
+    if body.array.is_some() {
+        return run_array(&gw, a, body).await;
+    }
     let sub = gw.submit(&body, a.idempotency_key.as_deref()).await?;
     if !a.wait {
         if a.json {
@@ -133,6 +137,58 @@ pub async fn run(ctx: &Ctx, a: &SubmitArgs) -> anyhow::Result<Exit> {
         print!("{}", render_outcome(&rec));
     }
     Ok(exit_for(rec.status))
+}
+
+/// `submit --array`: the array through the batch route; its ids one a line, the first naming
+/// the array. With `--wait`, until every job of it is final (exit 0 only if all succeeded).
+async fn run_array(gw: &Gateway, a: &SubmitArgs, body: SubmitBody) -> anyhow::Result<Exit> {
+    let batch = gw
+        .submit_batch(std::slice::from_ref(&body), a.idempotency_key.as_deref())
+        .await?;
+    let array_id = batch
+        .jobs
+        .first()
+        .map(|j| j.id)
+        .context("the gateway answered no job")?;
+    if a.json && !a.wait {
+        println!("{}", serde_json::to_string(&batch)?);
+        return Ok(Exit::Ok);
+    }
+    if !a.json {
+        for job in &batch.jobs {
+            println!("{}", job.id);
+        }
+    }
+    if !a.wait {
+        return Ok(Exit::Ok);
+    }
+    let deadline = Instant::now() + a.timeout;
+    let params = ListParams {
+        array: Some(array_id),
+        limit: Some(gpuq_common::store::MAX_PAGE),
+        ..ListParams::default()
+    };
+    let jobs = loop {
+        let jobs = gw.list_all(params.clone(), None).await?;
+        if jobs.len() >= batch.jobs.len() && jobs.iter().all(|j| j.status.is_final()) {
+            break jobs;
+        }
+        if Instant::now() >= deadline {
+            bail!("array {array_id} is not final after {:?}", a.timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+    } else {
+        print!("{}", crate::jobs::render_table(&jobs, false));
+    }
+    let all_succeeded = jobs.iter().all(|j| j.status == JobStatus::Succeeded);
+    Ok(exit_for(if all_succeeded {
+        JobStatus::Succeeded
+    } else {
+        JobStatus::Failed
+    }))
 }
 
 /// Exit 0 for a succeeded job, 1 for any other final status.
@@ -271,6 +327,19 @@ mod tests {
         assert!(body(&["--params", "{\"duration_ms\":1}", "--duration-ms", "2"]).is_err());
         let raw = body(&["--params", "{\"duration_ms\":1,\"always_fail\":true}"]).unwrap();
         assert_eq!(raw.params, json!({"duration_ms":1,"always_fail":true}));
+    }
+
+    #[test]
+    fn an_array_is_a_range_from_zero_or_a_count() {
+        assert_eq!(body(&["--array", "0-99"]).unwrap().array, Some(100));
+        assert_eq!(body(&["--array", "7"]).unwrap().array, Some(7));
+        assert_eq!(body(&[]).unwrap().array, None);
+        let wire = serde_json::to_value(body(&["--array", "0-1"]).unwrap()).unwrap();
+        assert_eq!(wire["array"], json!(2));
+        for bad in ["5-9", "0-1000", "0", "x", "1-"] {
+            let argv = ["gpuq", "submit", "--array", bad];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -72,6 +72,8 @@ fn record(id: Uuid, created: i64, never_finishes: bool) -> JobRecord {
         started_at: Some(created + 5),
         finished_at: done.then_some(created + 30),
         progress: None,
+        array_id: None,
+        array_index: None,
     }
 }
 
@@ -241,6 +243,7 @@ async fn the_bench_counts_every_job_and_takes_latency_from_the_store() {
         rate: None,
         duration_ms: 0,
         concurrency: 16,
+        batch: None,
         pool: None,
         timeout: Duration::from_secs(10),
         json: true,

@@ -24,6 +24,9 @@ pub struct SubmitBody {
     pub pool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<u64>,
+    /// A job array of this many jobs (through `submit_batch` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub array: Option<u32>,
 }
 
 impl SubmitBody {
@@ -36,6 +39,7 @@ impl SubmitBody {
             min_gpu_memory_mb: None,
             pool: None,
             ttl_s: None,
+            array: None,
         }
     }
 }
@@ -50,11 +54,30 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// The gateway's answer to a batch: every job in request order (an array's in index order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchSubmitted {
+    pub jobs: Vec<Submitted>,
+    /// The Idempotency-Key was seen before: these are the earlier batch's jobs.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// The gateway's answer to an array's cancel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArrayCancelled {
+    pub array_id: Uuid,
+    pub cancelled: Vec<Uuid>,
+    pub already_final: u32,
+}
+
 /// `GET /v1/jobs` filters.
 #[derive(Debug, Clone, Default)]
 pub struct ListParams {
     pub status: Option<JobStatus>,
     pub pool: Option<String>,
+    /// Only the jobs of this array.
+    pub array: Option<Uuid>,
     pub limit: Option<u32>,
     pub cursor: Option<Uuid>,
 }
@@ -80,20 +103,43 @@ impl Gateway {
         body: &SubmitBody,
         idempotency_key: Option<&str>,
     ) -> Result<Submitted, ClientError> {
-        let path = "/v1/jobs";
+        let (mut s, replayed): (Submitted, bool) =
+            self.post_keyed("/v1/jobs", body, idempotency_key).await?;
+        s.replayed |= replayed;
+        Ok(s)
+    }
+
+    /// `POST /v1/jobs/batch`: every job of `jobs` (arrays made whole), accepted together.
+    pub async fn submit_batch(
+        &self,
+        jobs: &[SubmitBody],
+        idempotency_key: Option<&str>,
+    ) -> Result<BatchSubmitted, ClientError> {
+        let body = serde_json::json!({ "jobs": jobs });
+        let (mut b, replayed): (BatchSubmitted, bool) = self
+            .post_keyed("/v1/jobs/batch", &body, idempotency_key)
+            .await?;
+        b.replayed |= replayed;
+        for job in &mut b.jobs {
+            job.replayed |= replayed;
+        }
+        Ok(b)
+    }
+
+    /// A submission: the answer, and whether the gateway said it is an idempotent replay.
+    async fn post_keyed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        idempotency_key: Option<&str>,
+    ) -> Result<(T, bool), ClientError> {
         let mut rb = self.ep.request(Method::POST, path).json(body);
         if let Some(k) = idempotency_key {
             rb = rb.header("Idempotency-Key", k);
         }
         let resp = self.ep.send(rb, path).await?;
-        let replayed = resp
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let mut s: Submitted = self.ep.decode(resp, path).await?;
-        s.replayed |= replayed;
-        Ok(s)
+        let replayed = replayed(&resp);
+        Ok((self.ep.decode(resp, path).await?, replayed))
     }
 
     /// The gateway's `/metrics` page (Prometheus text).
@@ -129,6 +175,7 @@ impl Gateway {
             query_string(&[
                 ("status", p.status.map(|s| s.as_str().to_string())),
                 ("pool", p.pool.clone()),
+                ("array", p.array.map(|a| a.to_string())),
                 ("limit", p.limit.map(|l| l.to_string())),
                 ("cursor", p.cursor.map(|c| c.to_string())),
             ])
@@ -140,6 +187,14 @@ impl Gateway {
 
     pub async fn cancel(&self, id: Uuid) -> Result<JobRecord, ClientError> {
         let path = format!("/v1/jobs/{id}/cancel");
+        self.ep
+            .json(self.ep.request(Method::POST, &path), &path)
+            .await
+    }
+
+    /// Cancels every unfinished job of the array `array_id`.
+    pub async fn cancel_array(&self, array_id: Uuid) -> Result<ArrayCancelled, ClientError> {
+        let path = format!("/v1/jobs/{array_id}/cancel?array=true");
         self.ep
             .json(self.ep.request(Method::POST, &path), &path)
             .await
@@ -189,4 +244,12 @@ impl Gateway {
         }
         Ok(out)
     }
+}
+
+/// Whether the gateway answered an idempotent replay.
+fn replayed(resp: &reqwest::Response) -> bool {
+    resp.headers()
+        .get("idempotent-replayed")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }

@@ -7,6 +7,8 @@ use gpuq_common::store::JobPage;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::routes::batch::{BatchRequest, BatchResponse};
+use crate::routes::jobs::ArrayCancelResponse;
 use crate::routes::{Readiness, SubmitResponse};
 
 #[derive(OpenApi)]
@@ -18,6 +20,7 @@ use crate::routes::{Readiness, SubmitResponse};
     ),
     paths(
         crate::routes::jobs::submit_job,
+        crate::routes::batch::submit_batch,
         crate::routes::jobs::list_jobs,
         crate::routes::jobs::get_job,
         crate::routes::jobs::cancel_job,
@@ -30,7 +33,7 @@ use crate::routes::{Readiness, SubmitResponse};
         openapi_json,
     ),
     components(schemas(
-        SubmitRequest, SubmitResponse, JobRecord, JobPage, JobStatus, JobKind, JobPlacement,
+        SubmitRequest, SubmitResponse, BatchRequest, BatchResponse, ArrayCancelResponse, JobRecord, JobPage, JobStatus, JobKind, JobPlacement,
         ErrorBody, ErrorDetail, Readiness, EventPage, JobEvent, EventKind, Progress
     )),
     modifiers(&BearerAuth),

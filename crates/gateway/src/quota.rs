@@ -94,25 +94,37 @@ impl Quotas {
     /// Admits one submission of `tenant` now, or says why not. An admitted one counts as
     /// unfinished at once.
     pub fn admit(&self, tenant: &str) -> Result<(), Refusal> {
-        self.admit_at(tenant, Instant::now())
+        self.admit_many(tenant, 1)
     }
 
-    fn admit_at(&self, tenant: &str, now: Instant) -> Result<(), Refusal> {
+    /// Admits `n` submissions of `tenant` together (a batch), or none of them. A batch larger
+    /// than the tenant's burst is never admitted: the caller refuses it first.
+    pub fn admit_many(&self, tenant: &str, n: u32) -> Result<(), Refusal> {
+        self.admit_at(tenant, n, Instant::now())
+    }
+
+    fn admit_at(&self, tenant: &str, n: u32, now: Instant) -> Result<(), Refusal> {
         let limits = self.tenants.limits(tenant);
         let mut active = self.active.lock().expect("quota lock");
         let unfinished = active.counted.get(tenant).copied().unwrap_or(0)
             + active.since.get(tenant).copied().unwrap_or(0);
         if let Some(max) = limits.max_queued
-            && unfinished >= max
+            && unfinished + u64::from(n) > max
         {
             return Err(Refusal::Queued { max });
         }
-        self.take_token(tenant, &limits, now)?;
-        *active.since.entry(tenant.to_string()).or_default() += 1;
+        self.take_tokens(tenant, &limits, f64::from(n), now)?;
+        *active.since.entry(tenant.to_string()).or_default() += u64::from(n);
         Ok(())
     }
 
-    fn take_token(&self, tenant: &str, limits: &Limits, now: Instant) -> Result<(), Refusal> {
+    fn take_tokens(
+        &self,
+        tenant: &str,
+        limits: &Limits,
+        n: f64,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         let mut buckets = self.buckets.lock().expect("quota lock");
         let burst = f64::from(limits.burst);
         let b = buckets.entry(tenant.to_string()).or_insert(Bucket {
@@ -122,22 +134,27 @@ impl Quotas {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * limits.rate_per_s).min(burst);
         b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= n {
+            b.tokens -= n;
             return Ok(());
         }
         Err(Refusal::Rate {
             per_s: limits.rate_per_s,
-            retry_after: Duration::from_secs_f64((1.0 - b.tokens) / limits.rate_per_s),
+            retry_after: Duration::from_secs_f64((n - b.tokens) / limits.rate_per_s),
         })
     }
 
     /// A submission admitted but not enqueued (refused by the broker, a store error): it does
     /// not count as unfinished.
     pub fn forget(&self, tenant: &str) {
+        self.forget_many(tenant, 1);
+    }
+
+    /// `forget` for `n` submissions admitted together.
+    pub fn forget_many(&self, tenant: &str, n: u32) {
         let mut active = self.active.lock().expect("quota lock");
-        if let Some(n) = active.since.get_mut(tenant) {
-            *n = n.saturating_sub(1);
+        if let Some(since) = active.since.get_mut(tenant) {
+            *since = since.saturating_sub(u64::from(n));
         }
     }
 
@@ -182,16 +199,34 @@ mod tests {
         let q = quotas("a:rate=10:burst=5");
         let t0 = Instant::now();
         for _ in 0..5 {
-            q.admit_at("a", t0).unwrap();
+            q.admit_at("a", 1, t0).unwrap();
         }
-        let refused = q.admit_at("a", t0).unwrap_err();
+        let refused = q.admit_at("a", 1, t0).unwrap_err();
         assert_eq!(refused.reason(), "rate");
         assert_eq!(refused.retry_after_s(), 1);
         // Another tenant has its own bucket.
-        q.admit_at("b", t0).unwrap();
+        q.admit_at("b", 1, t0).unwrap();
         // 100 ms at 10/s is one token.
-        q.admit_at("a", t0 + Duration::from_millis(100)).unwrap();
-        assert!(q.admit_at("a", t0 + Duration::from_millis(100)).is_err());
+        q.admit_at("a", 1, t0 + Duration::from_millis(100)).unwrap();
+        assert!(q.admit_at("a", 1, t0 + Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn a_batch_is_admitted_whole_or_not_at_all() {
+        let q = quotas("a:rate=10:burst=100:max_queued=150");
+        let t0 = Instant::now();
+        q.admit_at("a", 60, t0).unwrap();
+        // 40 tokens left: a batch of 50 takes none of them.
+        assert_eq!(q.admit_at("a", 50, t0).unwrap_err().reason(), "rate");
+        q.admit_at("a", 40, t0).unwrap();
+        // A second later 10 tokens are back, but 100 + 51 unfinished would pass max_queued.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(
+            q.admit_at("a", 51, t1).unwrap_err(),
+            Refusal::Queued { max: 150 }
+        );
+        q.forget_many("a", 100);
+        q.admit_at("a", 10, t1).unwrap();
     }
 
     #[test]
@@ -199,20 +234,20 @@ mod tests {
         let q = quotas("a:max_queued=3");
         let now = Instant::now();
         q.refresh(HashMap::from([("a".to_string(), 2)]));
-        q.admit_at("a", now).unwrap();
+        q.admit_at("a", 1, now).unwrap();
         assert_eq!(
-            q.admit_at("a", now).unwrap_err(),
+            q.admit_at("a", 1, now).unwrap_err(),
             Refusal::Queued { max: 3 }
         );
         // One was refused by the broker: room again.
         q.forget("a");
-        q.admit_at("a", now).unwrap();
+        q.admit_at("a", 1, now).unwrap();
         // The store says the tenant's jobs finished.
         q.refresh(HashMap::new());
         for _ in 0..3 {
-            q.admit_at("a", now).unwrap();
+            q.admit_at("a", 1, now).unwrap();
         }
-        assert!(q.admit_at("a", now).is_err());
-        q.admit_at("b", now).unwrap();
+        assert!(q.admit_at("a", 1, now).is_err());
+        q.admit_at("b", 1, now).unwrap();
     }
 }

@@ -369,13 +369,43 @@ async fn without_a_broker_a_submission_is_a_503_after_the_confirm_timeout_and_le
         0,
         "the record of a job that was never sent is deleted"
     );
+    assert!(
+        metrics_page(&app)
+            .await
+            .contains(r#"gpuq_publish_failures_total{reason="unavailable"} 1"#)
+    );
+}
+
+/// The gateway's `/metrics` page.
+async fn metrics_page(app: &support::RouterApp) -> String {
     let (_, _, text) = app
         .send(Request::get("/metrics").body(Body::empty()).unwrap())
         .await;
+    text.as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn without_a_broker_a_batch_is_a_503_saying_nothing_was_enqueued_and_leaves_no_record() {
+    let app = router_app().await;
+    let jobs: Vec<Value> = (0..200)
+        .map(|i| json!({"kind":"simulate","params":{"duration_ms": i}}))
+        .collect();
+    let batch = json!({ "jobs": jobs }).to_string();
+    // A batch is not held to a single submission's body limit.
+    assert!(batch.len() > app.state.max_body_bytes);
+    let (status, _, body) = app.send(post_json("/v1/jobs/batch", batch)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (code, message) = error_of(&body);
+    assert_eq!(code, "unavailable");
     assert!(
-        text.as_str()
-            .unwrap()
-            .contains(r#"gpuq_publish_failures_total{reason="unavailable"} 1"#)
+        message.contains("200 jobs 200 were refused") && message.ends_with("nothing was enqueued"),
+        "{message}"
+    );
+    assert_eq!(app.job_count().await, 0, "every record withdrawn");
+    assert!(
+        metrics_page(&app)
+            .await
+            .contains(r#"gpuq_publish_failures_total{reason="unavailable"} 200"#)
     );
 }
 

@@ -57,6 +57,7 @@ pub async fn measure(ctx: &Ctx, a: &BenchArgs) -> anyhow::Result<BenchReport> {
         rate: a.rate,
         concurrency: a.concurrency,
         retry_for: None,
+        batch: a.batch,
     };
     let pb = progress_bar(a.jobs.into(), "submitted", visible);
     let load = submit_many(&gw, Arc::new(body), &plan, &CancellationToken::new(), &pb).await;

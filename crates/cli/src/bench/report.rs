@@ -24,6 +24,9 @@ pub struct BenchReport {
     pub jobs: u32,
     pub duration_ms: u64,
     pub concurrency: usize,
+    /// Jobs per request (`--batch`); absent: one job per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u32>,
     pub rate: Option<f64>,
     pub submitted: u64,
     pub accepted: u64,
@@ -84,6 +87,7 @@ impl BenchReport {
             jobs: i.args.jobs,
             duration_ms: i.args.duration_ms,
             concurrency: i.args.concurrency,
+            batch: i.args.batch,
             rate: i.args.rate,
             submitted: i.load.submitted,
             accepted: i.load.accepted.len() as u64,
@@ -111,10 +115,13 @@ impl BenchReport {
     pub fn render(&self) -> String {
         let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into());
         let ms = |v: Option<i64>| v.map(fmt_ms).unwrap_or_else(|| "-".into());
-        let pace = match self.rate {
+        let mut pace = match self.rate {
             Some(r) => format!("at {r}/s"),
             None => format!("{} in flight", self.concurrency),
         };
+        if let Some(n) = self.batch {
+            pace.push_str(&format!(", {n} jobs a request (batch)"));
+        }
         let mut s = format!(
             "jobs         {} × simulate {} ms, {pace}\n",
             self.jobs, self.duration_ms
@@ -181,6 +188,7 @@ mod tests {
             rate: None,
             duration_ms: 0,
             concurrency: 64,
+            batch: None,
             pool: None,
             timeout: Duration::from_secs(1),
             json: false,

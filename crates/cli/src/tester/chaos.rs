@@ -115,6 +115,7 @@ pub async fn chaos(ctx: &Ctx, a: &ChaosArgs) -> anyhow::Result<Verdict> {
         rate: Some(a.rate),
         concurrency: 64,
         retry_for: Some(Duration::from_secs(30)),
+        batch: None,
     };
     let pb = progress_bar(jobs, "submitted", visible);
     log.attach(&pb);

@@ -125,6 +125,7 @@ async fn submit_jobs(gw: &Gateway, plan: &RunPlan, log: &EventLog) -> LoadResult
         rate: None,
         concurrency: plan.concurrency.max(1),
         retry_for: Some(Duration::from_secs(30)),
+        batch: None,
     };
     let pb = progress_bar(plan.jobs.into(), "submitted", plan.visible);
     log.attach(&pb);

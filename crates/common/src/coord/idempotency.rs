@@ -60,12 +60,24 @@ struct Entry {
     /// For a pending entry: when it counts as abandoned (ms since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     until_ms: Option<i64>,
+    /// A batch's jobs, in request order (`id` is the first); empty for a single submission.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    batch: Vec<JobId>,
 }
 
 impl Entry {
     fn encode(&self) -> String {
         serde_json::to_string(self).expect("entry serializes")
     }
+}
+
+/// The outcome of claiming a key for a batch (`claim_batch`).
+#[derive(Debug)]
+pub enum BatchClaim {
+    /// This request owns the key: publish the ticket's `batch` ids, then `commit`.
+    Owned(Ticket),
+    /// A previous request with this key and body enqueued these jobs, in request order.
+    Replay(Vec<JobId>),
 }
 
 /// The outcome of claiming a key.
@@ -83,6 +95,8 @@ pub struct Ticket {
     redis_key: String,
     pending: String,
     pub id: JobId,
+    /// A batch's job ids in request order (`id` is the first); empty for a single submission.
+    pub batch: Vec<JobId>,
     pub body_hash: String,
     /// True when a pending claim of a dead request was taken over (the job may already exist).
     pub taken_over: bool,
@@ -132,12 +146,49 @@ impl Idempotency {
         body_hash: &str,
         id: JobId,
     ) -> Result<Claim, IdempotencyError> {
+        Ok(
+            match self.claim_entry(tenant, key, body_hash, id, vec![]).await? {
+                Ok(ticket) => Claim::Owned(ticket),
+                Err(done) => Claim::Replay(done.id),
+            },
+        )
+    }
+
+    /// `claim` for a batch whose jobs would be `ids` (request order): the key names the whole
+    /// batch, and a replay answers every job of the batch that made it.
+    pub async fn claim_batch(
+        &self,
+        tenant: &str,
+        key: &str,
+        body_hash: &str,
+        ids: Vec<JobId>,
+    ) -> Result<BatchClaim, IdempotencyError> {
+        let first = *ids.first().ok_or(IdempotencyError::Corrupt)?;
+        Ok(
+            match self.claim_entry(tenant, key, body_hash, first, ids).await? {
+                Ok(ticket) => BatchClaim::Owned(ticket),
+                Err(done) if done.batch.is_empty() => BatchClaim::Replay(vec![done.id]),
+                Err(done) => BatchClaim::Replay(done.batch),
+            },
+        )
+    }
+
+    /// Claims the key, or answers the `done` entry of the request that made its job(s).
+    async fn claim_entry(
+        &self,
+        tenant: &str,
+        key: &str,
+        body_hash: &str,
+        id: JobId,
+        batch: Vec<JobId>,
+    ) -> Result<Result<Ticket, Entry>, IdempotencyError> {
         let redis_key = self.keys.idempotency(tenant, key);
         let mine = Entry {
             id,
             body_hash: body_hash.to_string(),
             state: "pending".into(),
             until_ms: Some(now_ms() + self.pending_for.as_millis() as i64),
+            batch: batch.clone(),
         }
         .encode();
         // A waiter gives up after two pending windows: by then the holder either finished or
@@ -161,10 +212,11 @@ impl Idempotency {
                 })
                 .await?;
             if set.is_some() {
-                return Ok(Claim::Owned(Ticket {
+                return Ok(Ok(Ticket {
                     redis_key,
                     pending: mine,
                     id,
+                    batch,
                     body_hash: body_hash.to_string(),
                     taken_over: false,
                     owner: new_owner(),
@@ -184,7 +236,7 @@ impl Idempotency {
                 return Err(IdempotencyError::BodyMismatch);
             }
             if entry.state == "done" {
-                return Ok(Claim::Replay(entry.id));
+                return Ok(Err(entry));
             }
             if entry.until_ms.unwrap_or(0) < now_ms() {
                 // Abandoned by a request that died: take it over, keeping its job id.
@@ -193,14 +245,16 @@ impl Idempotency {
                     body_hash: body_hash.to_string(),
                     state: "pending".into(),
                     until_ms: Some(now_ms() + self.pending_for.as_millis() as i64),
+                    batch: entry.batch.clone(),
                 }
                 .encode();
                 if self.compare_and_set(&redis_key, &raw, &takeover).await? {
                     tracing::warn!(job_id = %entry.id, "took over an abandoned idempotency claim");
-                    return Ok(Claim::Owned(Ticket {
+                    return Ok(Ok(Ticket {
                         redis_key,
                         pending: takeover,
                         id: entry.id,
+                        batch: entry.batch,
                         body_hash: body_hash.to_string(),
                         taken_over: true,
                         owner: new_owner(),
@@ -222,6 +276,7 @@ impl Idempotency {
             body_hash: ticket.body_hash.clone(),
             state: "done".into(),
             until_ms: None,
+            batch: ticket.batch.clone(),
         }
         .encode();
         self.compare_and_set(&ticket.redis_key, &ticket.pending, &done)
@@ -237,6 +292,7 @@ impl Idempotency {
             body_hash: ticket.body_hash.clone(),
             state: "pending".into(),
             until_ms: Some(0),
+            batch: ticket.batch.clone(),
         }
         .encode();
         self.compare_and_set(&ticket.redis_key, &ticket.pending, &open)
@@ -297,8 +353,13 @@ fn new_owner() -> String {
 /// FNV-1a (128 bit): stable across builds and gateways, which a std `Hasher` is not promised to be.
 pub fn body_hash(msg: &JobMessage) -> String {
     let canonical = serde_json::to_vec(&(&msg.payload, &msg.placement)).expect("job serializes");
+    fingerprint(&canonical)
+}
+
+/// FNV-1a (128 bit) of `canonical`, in hex: a request's fingerprint made from its canonical form.
+pub fn fingerprint(canonical: &[u8]) -> String {
     let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-    for b in canonical {
+    for &b in canonical {
         h ^= u128::from(b);
         h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
     }
@@ -346,6 +407,7 @@ mod tests {
             body_hash: "ab".into(),
             state: "pending".into(),
             until_ms: Some(5),
+            batch: vec![],
         };
         assert_eq!(serde_json::from_str::<Entry>(&e.encode()).unwrap(), e);
         assert!(e.encode().contains("\"body_hash\""));

@@ -147,6 +147,14 @@ pub trait JobStore: Send + Sync + 'static {
     /// `insert` for a submission that holds an idempotency claim: the record remembers `owner`
     /// (the claim's token), and only the owner may `withdraw` it.
     async fn insert_owned(&self, job: &JobRecord, owner: &str) -> Result<(), StoreError>;
+    /// Records a batch's submitted jobs in one write (SQLite: one transaction; MongoDB: one
+    /// unordered `insert_many`), owned by `owner` when the batch holds an idempotency claim.
+    /// Answers the ids that existed already, which are left as they were; the others are stored.
+    async fn insert_many(
+        &self,
+        jobs: &[JobRecord],
+        owner: Option<&str>,
+    ) -> Result<Vec<JobId>, StoreError>;
     /// Hands a `queued` record to `owner`, a submission that took over the idempotency claim of
     /// the one that stored it: from then on the earlier submission's `withdraw` removes nothing.
     /// Answers the job's status (the record is adopted only when `queued`), `None` if no such job.
@@ -204,6 +212,18 @@ pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
             "use sqlite://PATH or mongodb://HOST/DB".into(),
         ))
     }
+}
+
+/// A page of at most `limit` jobs from `jobs`, read with one more than the limit: the cursor
+/// to the next page when there is one.
+pub(crate) fn page(mut jobs: Vec<JobRecord>, limit: u32) -> JobPage {
+    let next_cursor = if jobs.len() > limit as usize {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    JobPage { jobs, next_cursor }
 }
 
 /// Clamps a requested page size.

@@ -37,6 +37,15 @@ pub enum JobError {
         keyed: bool,
         redrive: bool,
     },
+    /// The broker did not take every job of a batch: `confirmed` are queued, `unsure` may be.
+    #[error("{}", batch_not_accepted(source, *total, *confirmed, *unsure, *keyed))]
+    BatchNotAccepted {
+        source: PublishError,
+        total: usize,
+        confirmed: usize,
+        unsure: usize,
+        keyed: bool,
+    },
     #[error(transparent)]
     Idempotency(#[from] IdempotencyError),
     #[error(transparent)]
@@ -68,6 +77,29 @@ fn not_accepted(e: &PublishError, id: JobId, keyed: bool, redrive: bool) -> Stri
             "{e}; job {id} may be queued and stays queued: check GET /v1/jobs/{id}, or cancel it, \
              before submitting it again"
         ),
+    }
+}
+
+/// What became of a batch the broker did not take whole, and how to settle it.
+fn batch_not_accepted(
+    e: &PublishError,
+    total: usize,
+    confirmed: usize,
+    unsure: usize,
+    keyed: bool,
+) -> String {
+    let refused = total - confirmed - unsure;
+    let fate = format!(
+        "{e}: of the batch's {total} jobs {refused} were refused, {unsure} may be queued and {confirmed} are queued"
+    );
+    match (confirmed + unsure, keyed) {
+        (0, _) => format!("{fate}; nothing was enqueued"),
+        (_, true) => format!(
+            "{fate}; retry with the same Idempotency-Key, which keeps the batch's jobs and runs none twice"
+        ),
+        (_, false) => {
+            format!("{fate}; those stay queued: see GET /v1/jobs before submitting the batch again")
+        }
     }
 }
 

@@ -2,20 +2,24 @@
 //! the confirm), cancel, and re-drive a dead letter. Handlers stay thin; the rules live here,
 //! with no HTTP type: they fail with a `JobError` (`error.rs`), which the routes map to statuses.
 
+mod array;
+mod batch;
 mod error;
+mod redrive;
 
+pub use array::cancel_array;
+pub use batch::{BatchSubmitted, MAX_BATCH, batch_hash, submit_batch};
 pub use error::JobError;
+pub use redrive::{message_from_record, retry_dead_letter};
 
 use std::time::Duration;
 
 use gpuq_common::job::{
-    CommandParams, FinalOutcome, JobId, JobKind, JobMessage, JobPayload, JobPlacement, JobRecord,
-    JobStatus, SimulateParams, SubmitRequest, ValidationError, now_ms,
+    CommandParams, FinalOutcome, JobId, JobKind, JobMessage, JobPayload, JobRecord, JobStatus,
+    SimulateParams, SubmitRequest, ValidationError,
 };
 use gpuq_common::store::{FinishOutcome, StoreError};
 use gpuq_common::tenancy::Principal;
-use gpuq_common::topology::{ATTEMPT_OFFSET_HEADER, DRIVE_HEADER};
-use lapin::types::{AMQPValue, FieldTable};
 use tracing::{Instrument, Span, instrument};
 
 use crate::broker::PublishError;
@@ -40,21 +44,18 @@ pub async fn submit(
     req: SubmitRequest,
     idempotency_key: Option<String>,
 ) -> Result<Submitted, JobError> {
+    if req.array.is_some() {
+        return Err(JobError::Invalid(
+            "array: a job array is submitted through POST /v1/jobs/batch".into(),
+        ));
+    }
     let (payload, placement) = req.validate().map_err(|e| invalid_job(&req, e))?;
     if let Some(knob) = worker_breaking_knob(&payload) {
         require_fault_injection(state, &placement.pool, knob).await?;
     }
     let tenant = who.tenant.as_str();
     let limits = state.quotas.limits(tenant);
-    if let Some(max) = limits.max_gpus
-        && placement.gpus > max
-    {
-        // It could never run: refused now rather than waiting in the queue until it expires.
-        return Err(JobError::Invalid(format!(
-            "gpus: {} is more than tenant {tenant}'s GPU quota of {max}",
-            placement.gpus
-        )));
-    }
+    gpu_quota(tenant, placement.gpus, limits.max_gpus)?;
     let msg = JobMessage::new(payload, placement).for_tenant(tenant, limits.max_gpus);
     let counted = |outcome: &str| {
         state
@@ -110,8 +111,19 @@ async fn admitted(
         .map_err(|e| JobError::Internal(anyhow::Error::new(e).context("submit task")))?
 }
 
+/// A job asking for more GPUs than its tenant's quota could never run: refused now rather than
+/// waiting in the queue until it expires.
+pub(super) fn gpu_quota(tenant: &str, gpus: u32, max: Option<u32>) -> Result<(), JobError> {
+    match max {
+        Some(max) if gpus > max => Err(JobError::Invalid(format!(
+            "gpus: {gpus} is more than tenant {tenant}'s GPU quota of {max}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The `simulate` knob, if any, that crashes or hangs the worker running the job.
-fn worker_breaking_knob(payload: &JobPayload) -> Option<&'static str> {
+pub(super) fn worker_breaking_knob(payload: &JobPayload) -> Option<&'static str> {
     match payload {
         JobPayload::Simulate(p) if p.crash_probability > 0.0 => Some("crash_probability"),
         JobPayload::Simulate(p) if p.hang_attempts > 0 => Some("hang_attempts"),
@@ -121,7 +133,7 @@ fn worker_breaking_knob(payload: &JobPayload) -> Option<&'static str> {
 
 /// Knobs that crash or hang workers are for fault-injection fleets only (the tester, demos): a
 /// pool of production workers refuses them with a 422 instead of losing engines to them.
-async fn require_fault_injection(
+pub(super) async fn require_fault_injection(
     state: &SharedState,
     pool: &str,
     knob: &str,
@@ -140,7 +152,7 @@ async fn require_fault_injection(
 
 /// A 422 naming the field at fault. `validate` names only `params` when a parameter has the
 /// wrong type; find which one.
-fn invalid_job(req: &SubmitRequest, e: ValidationError) -> JobError {
+pub(super) fn invalid_job(req: &SubmitRequest, e: ValidationError) -> JobError {
     if e.field == "params" && req.params.is_object() {
         let typed = match req.kind {
             JobKind::Simulate => {
@@ -265,7 +277,7 @@ async fn store_record(
 
 /// Removes the record of a job the broker refused for sure, unless a later request with the
 /// same `Idempotency-Key` took the claim over and adopted the record: it relies on it.
-async fn withdraw(state: &SharedState, id: JobId, ticket: Option<&Ticket>) {
+pub(super) async fn withdraw(state: &SharedState, id: JobId, ticket: Option<&Ticket>) {
     match state
         .store
         .withdraw(id, ticket.map(|t| t.owner.as_str()))
@@ -299,7 +311,7 @@ async fn replay(state: &SharedState, id: JobId, pool: &str) -> Result<Submitted,
 
 /// Marks the idempotency claim done. The job is enqueued whatever happens here: on failure the
 /// claim stays pending and a retry takes it over with the same id, which workers deduplicate.
-async fn finish_claim(state: &SharedState, ticket: Option<&Ticket>) {
+pub(super) async fn finish_claim(state: &SharedState, ticket: Option<&Ticket>) {
     let Some(ticket) = ticket else { return };
     match state.idempotency.commit(ticket).await {
         Ok(true) => {}
@@ -316,7 +328,11 @@ async fn finish_claim(state: &SharedState, ticket: Option<&Ticket>) {
 /// under its id. After an ambiguous publish, or in a takeover (the request that died may have
 /// published), it keeps the id and opens for an immediate takeover, so a retry republishes the
 /// same id (workers deduplicate it) instead of making a second job.
-async fn give_up_claim(state: &SharedState, ticket: Option<&Ticket>, may_be_queued: bool) {
+pub(super) async fn give_up_claim(
+    state: &SharedState,
+    ticket: Option<&Ticket>,
+    may_be_queued: bool,
+) {
     let Some(ticket) = ticket else { return };
     if may_be_queued || ticket.taken_over {
         abandon_claim(state, ticket).await;
@@ -345,7 +361,7 @@ async fn release_claim(state: &SharedState, ticket: &Ticket) {
     }
 }
 
-fn count_submitted(state: &SharedState, msg: &JobMessage) {
+pub(super) fn count_submitted(state: &SharedState, msg: &JobMessage) {
     state
         .metrics
         .jobs_submitted
@@ -353,7 +369,7 @@ fn count_submitted(state: &SharedState, msg: &JobMessage) {
         .inc();
 }
 
-fn count_publish_failure(state: &SharedState, e: &PublishError) {
+pub(super) fn count_publish_failure(state: &SharedState, e: &PublishError) {
     state
         .metrics
         .publish_failures
@@ -457,153 +473,4 @@ async fn signal_cancel(
         .kv
         .signal_cancel(&state.keys, id, state.cancel_ttl_s)
         .await
-}
-
-/// Re-drives a dead-lettered job: back to `queued` in the store under a new drive id, and a
-/// message rebuilt from the record (same id, its attempts so far in `x-gpuq-attempt-offset`, the
-/// drive in `x-gpuq-drive`) published with a confirm. When the broker refuses it, the job is
-/// dead-lettered again as it was.
-#[instrument(skip_all, fields(job_id = %id, tenant = %who.tenant))]
-pub async fn retry_dead_letter(
-    state: &SharedState,
-    who: &Principal,
-    id: JobId,
-) -> Result<JobId, JobError> {
-    let record = visible(state, who, id).await?;
-    if record.status != JobStatus::DeadLettered {
-        return Err(JobError::NotDeadLettered {
-            id,
-            status: record.status,
-        });
-    }
-    let max_gpus = state.quotas.limits(&record.tenant).max_gpus;
-    let msg = message_from_record(&record)?.for_tenant(&record.tenant, max_gpus);
-    // From the reset on, finish in a task of its own: a client that hangs up must not leave the
-    // job queued without a message.
-    let state = state.clone();
-    tokio::spawn(redrive(state, record, msg).instrument(Span::current()))
-        .await
-        .map_err(|e| JobError::Internal(anyhow::Error::new(e).context("retry task")))?
-}
-
-async fn redrive(
-    state: SharedState,
-    record: JobRecord,
-    msg: JobMessage,
-) -> Result<JobId, JobError> {
-    let id = record.id;
-    // A done marker would make workers skip the re-driven job; a dead letter has no result, so
-    // one left behind is stale. Needs Redis: without it the re-drive could be silently dropped.
-    state.kv.clear_done(&state.keys, id).await.map_err(|source| {
-        tracing::warn!(error.cause_chain = ?source, error.message = %source, "cannot clear the done marker");
-        JobError::Coordination {
-            action: "re-drive the job",
-            source,
-        }
-    })?;
-    // The store remembers the drive, so that a late copy of an earlier dead letter of this job
-    // cannot undo the re-drive.
-    let drive = uuid::Uuid::new_v4().to_string();
-    if !state.store.reset_for_retry(id, &drive).await? {
-        let status = state
-            .store
-            .get(id)
-            .await?
-            .map_or(JobStatus::Queued, |r| r.status);
-        return Err(JobError::NotDeadLettered { id, status });
-    }
-    // Attempt numbers go on from where the dead letter left them; the delivery budget restarts.
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ATTEMPT_OFFSET_HEADER.into(),
-        AMQPValue::LongLongInt(i64::from(record.attempts)),
-    );
-    headers.insert(
-        DRIVE_HEADER.into(),
-        AMQPValue::LongString(drive.clone().into()),
-    );
-    match state.broker.publish_job_with_headers(&msg, headers).await {
-        Ok(()) => {
-            count_submitted(&state, &msg);
-            tracing::info!(drive = %drive, "dead letter re-driven");
-            Ok(id)
-        }
-        Err(e) => {
-            count_publish_failure(&state, &e);
-            tracing::warn!(error.message = %e, "re-drive not accepted by the broker");
-            if e.ambiguous() {
-                // The message may be queued: a worker must be able to record its result, so the
-                // job stays queued (cancel it if it never runs).
-                return Err(JobError::NotAccepted {
-                    source: e,
-                    id,
-                    keyed: false,
-                    redrive: true,
-                });
-            }
-            // Refused for sure: dead-lettered again, as it was.
-            let back = FinalOutcome {
-                status: JobStatus::DeadLettered,
-                result: record.result.clone(),
-                error: record.error.clone(),
-                worker: record.worker.clone(),
-                finished_at: record.finished_at.unwrap_or_else(now_ms),
-                attempt: None,
-                events: vec![],
-            };
-            if let Err(se) = state.store.finish_drive(id, &drive, &back).await {
-                tracing::error!(
-                    error.cause_chain = ?se,
-                    error.message = %se,
-                    "could not put the job back to dead_lettered; it stays queued without a message"
-                );
-            }
-            Err(JobError::not_accepted(e, id, &msg.placement.pool, false))
-        }
-    }
-}
-
-/// The message a stored job was made from, under its own id.
-pub fn message_from_record(record: &JobRecord) -> Result<JobMessage, JobError> {
-    let corrupt = |e: serde_json::Error| {
-        JobError::Internal(anyhow::Error::new(e).context(format!("params of job {}", record.id)))
-    };
-    let payload = match record.kind {
-        JobKind::Simulate => {
-            JobPayload::Simulate(serde_json::from_value(record.params.clone()).map_err(corrupt)?)
-        }
-        JobKind::Command => {
-            JobPayload::Command(serde_json::from_value(record.params.clone()).map_err(corrupt)?)
-        }
-    };
-    let mut msg = JobMessage::new(
-        payload,
-        JobPlacement {
-            gpus: record.gpus_requested,
-            min_gpu_memory_mb: record.min_gpu_memory_mb,
-            pool: record.pool.clone(),
-            ttl_s: None,
-        },
-    );
-    msg.id = record.id;
-    Ok(msg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_record_rebuilds_the_message_it_came_from() {
-        let req: SubmitRequest = serde_json::from_str(
-            r#"{"kind":"command","params":{"program":"train","args":["--x"]},"gpus":2,"pool":"h100","min_gpu_memory_mb":1000}"#,
-        )
-        .unwrap();
-        let (payload, placement) = req.validate().unwrap();
-        let original = JobMessage::new(payload, placement);
-        let rebuilt = message_from_record(&JobRecord::queued(&original)).unwrap();
-        assert_eq!(rebuilt.id, original.id);
-        assert_eq!(rebuilt.payload, original.payload);
-        assert_eq!(rebuilt.placement, original.placement);
-    }
 }

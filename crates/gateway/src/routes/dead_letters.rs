@@ -47,6 +47,7 @@ pub async fn list_dead_letters(
         tenant: who.scope().map(str::to_string),
         status: Some(JobStatus::DeadLettered),
         pool: parse_pool(p.pool)?,
+        array: None,
         limit: parse_limit(p.limit)?,
         cursor: parse_cursor(p.cursor.as_deref())?,
     };

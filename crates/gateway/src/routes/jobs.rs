@@ -36,6 +36,8 @@ pub struct ListParams {
     /// One of queued, running, succeeded, failed, dead_lettered, cancelled.
     pub status: Option<String>,
     pub pool: Option<String>,
+    /// Only the jobs of this array (the `array_id` of its jobs: its first job's id).
+    pub array: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
@@ -80,30 +82,43 @@ pub async fn submit_job(
     headers: HeaderMap,
     ApiJson(req): ApiJson<SubmitRequest>,
 ) -> Result<Response, ApiError> {
-    let key = headers
+    let key = idempotency_key(&headers)?;
+    Ok(match ops::submit(&state, &who, req, key).await? {
+        Submitted::Accepted(id) => accepted(
+            false,
+            SubmitResponse {
+                id,
+                status: JobStatus::Queued,
+            },
+        ),
+        Submitted::Replayed { id, status } => accepted(true, SubmitResponse { id, status }),
+    })
+}
+
+/// The request's `Idempotency-Key`, checked; 400 when malformed.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(headers
         .get(IDEMPOTENCY_KEY)
         .map(|v| Idempotency::validate_key(v.as_bytes()))
         .transpose()
-        .map_err(JobError::from)?;
-    Ok(match ops::submit(&state, &who, req, key).await? {
-        Submitted::Accepted(id) => (
-            StatusCode::ACCEPTED,
-            Json(SubmitResponse {
-                id,
-                status: JobStatus::Queued,
-            }),
-        )
-            .into_response(),
-        Submitted::Replayed { id, status } => (
+        .map_err(JobError::from)?)
+}
+
+/// A submission's answer: 202, or 200 with `Idempotent-Replayed: true` for a replay.
+pub fn accepted(replayed: bool, body: impl Serialize) -> Response {
+    if replayed {
+        (
             StatusCode::OK,
             [(
                 HeaderName::from_static(IDEMPOTENT_REPLAYED),
                 HeaderValue::from_static("true"),
             )],
-            Json(SubmitResponse { id, status }),
+            Json(body),
         )
-            .into_response(),
-    })
+            .into_response()
+    } else {
+        (StatusCode::ACCEPTED, Json(body)).into_response()
+    }
 }
 
 /// A job's status, attempts, placement and result. Another tenant's job is a 404.
@@ -177,7 +192,7 @@ mod tests {
     }
 }
 
-/// Jobs, newest first, by status and pool; page with `next_cursor`. A `submit` key lists its
+/// Jobs, newest first, by status, pool and array; page with `next_cursor`. A `submit` key lists its
 /// tenant's jobs only; an `admin` key every tenant's.
 #[utoipa::path(
     get, path = "/v1/jobs", tag = "jobs",
@@ -209,21 +224,48 @@ pub async fn list_jobs(
         tenant: who.scope().map(str::to_string),
         status,
         pool: parse_pool(p.pool)?,
+        array: p
+            .array
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .map(parse_id)
+            .transpose()?,
         limit: parse_limit(p.limit)?,
         cursor: parse_cursor(p.cursor.as_deref())?,
     };
     Ok(Json(state.store.list(&query).await?))
 }
 
-/// Cancels a queued or running job; a running job's worker is told to stop it.
+/// Query of `POST /v1/jobs/{id}/cancel`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CancelParams {
+    /// `true`: `id` names an array (its `array_id`), and every job of it not final yet is
+    /// cancelled; the answer is an `ArrayCancelResponse`.
+    pub array: Option<bool>,
+}
+
+/// The answer to `POST /v1/jobs/{array_id}/cancel?array=true`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ArrayCancelResponse {
+    pub array_id: uuid::Uuid,
+    /// The array's jobs cancelled by this request.
+    pub cancelled: Vec<uuid::Uuid>,
+    /// The array's jobs that were final already (and stay as they were).
+    pub already_final: u32,
+}
+
+/// Cancels a queued or running job, or with `?array=true` every unfinished job of an array; a
+/// running job's worker is told to stop it.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
-    params(("id" = String, Path, description = "Job id (UUID)")),
+    params(("id" = String, Path, description = "Job id (UUID), or with `array=true` an array's id"), CancelParams),
     responses(
-        (status = 200, description = "Cancelled", body = JobRecord),
+        (status = 200, description = "Cancelled: the job's record, or with `array=true` an `ArrayCancelResponse` (an array whose jobs are all final already answers it too, with nothing cancelled)", body = JobRecord),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody),
+        (status = 404, description = "No such job (or array) of the key's tenant", body = ErrorBody),
         (status = 409, description = "The job already has a final status", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ),
@@ -233,7 +275,17 @@ pub async fn cancel_job(
     State(state): State<SharedState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-) -> Result<Json<JobRecord>, ApiError> {
+    ApiQuery(p): ApiQuery<CancelParams>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(ops::cancel(&state, &who, id).await?))
+    if p.array == Some(true) {
+        let (cancelled, already_final) = ops::cancel_array(&state, &who, id).await?;
+        return Ok(Json(ArrayCancelResponse {
+            array_id: id,
+            cancelled,
+            already_final,
+        })
+        .into_response());
+    }
+    Ok(Json(ops::cancel(&state, &who, id).await?).into_response())
 }

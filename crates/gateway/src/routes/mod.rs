@@ -1,6 +1,7 @@
 //! The HTTP surface: `/v1` behind bearer keys, the ops routes, `/openapi.json`, and JSON
 //! answers for everything else (unknown route 404, wrong method 405, bad query 400).
 
+pub mod batch;
 pub mod dead_letters;
 pub mod events;
 pub mod health;
@@ -35,6 +36,11 @@ pub const COMMON_ROUTES: &[(&str, &str)] = &[("get", "/healthz"), ("get", "/metr
 fn routes() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
     vec![
         ("post", "/v1/jobs", post(jobs::submit_job)),
+        (
+            "post",
+            "/v1/jobs/batch",
+            post(batch::submit_batch).layer(DefaultBodyLimit::max(batch::BATCH_MAX_BODY_BYTES)),
+        ),
         ("get", "/v1/jobs", get(jobs::list_jobs)),
         ("get", "/v1/jobs/{id}", get(jobs::get_job)),
         ("post", "/v1/jobs/{id}/cancel", post(jobs::cancel_job)),
@@ -169,9 +175,9 @@ impl From<JobError> for ApiError {
             JobError::AlreadyFinal { .. } | JobError::NotDeadLettered { .. } => {
                 ApiError::Conflict(e.to_string())
             }
-            JobError::NotAccepted { .. } | JobError::Coordination { .. } => {
-                ApiError::Unavailable(e.to_string())
-            }
+            JobError::NotAccepted { .. }
+            | JobError::BatchNotAccepted { .. }
+            | JobError::Coordination { .. } => ApiError::Unavailable(e.to_string()),
             JobError::Idempotency(e) => match e {
                 IdempotencyError::BadKey => ApiError::BadRequest(e.to_string()),
                 IdempotencyError::BodyMismatch => ApiError::Unprocessable(e.to_string()),

@@ -117,6 +117,13 @@ impl JobStore for SlowFirstInsert {
         }
         result
     }
+    async fn insert_many(
+        &self,
+        jobs: &[JobRecord],
+        owner: Option<&str>,
+    ) -> Result<Vec<JobId>, StoreError> {
+        self.inner.insert_many(jobs, owner).await
+    }
     async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
         self.inner.adopt(id, owner).await
     }

@@ -31,7 +31,13 @@ async fn leave_expired_claim(
         "state": "pending",
         "until_ms": now_ms() - 1,
     });
-    // The test app's key is a bare one: the `default` tenant's.
+    let redis_key = leave_claim(app, key, &entry).await;
+    (msg, redis_key)
+}
+
+/// Sets `entry` as the claim of `key` (the test app's key is a bare one: the `default`
+/// tenant's); answers the Redis key.
+pub async fn leave_claim(app: &mut support::TestApp, key: &str, entry: &Value) -> String {
     let redis_key = gpuq_common::coord::keys::Keys::new(&app.settings.queue_prefix)
         .idempotency(gpuq_common::tenancy::DEFAULT_TENANT, key);
     let _: () = redis::cmd("SET")
@@ -40,7 +46,7 @@ async fn leave_expired_claim(
         .query_async(&mut app.redis)
         .await
         .unwrap();
-    (msg, redis_key)
+    redis_key
 }
 
 #[tokio::test]

@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     drive TEXT,
     owner TEXT,
     tenant TEXT,
-    progress TEXT
+    progress TEXT,
+    array_id TEXT,
+    array_index INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_events (
     job TEXT NOT NULL,
@@ -98,9 +100,9 @@ pub(super) fn open_conn(path: &str) -> Result<Connection, StoreError> {
 }
 
 /// Databases made before re-drives were named lack the `drive` column, those made before
-/// submissions owned their records lack `owner`, and those made before tenants lack `tenant`:
-/// add the one missing.
-pub(super) fn add_text_column(conn: &Connection, name: &str) -> Result<(), StoreError> {
+/// submissions owned their records lack `owner`, those made before tenants lack `tenant`, and
+/// those made before arrays lack `array_id` and `array_index`: add the one missing.
+pub(super) fn add_column(conn: &Connection, name: &str, sql_type: &str) -> Result<(), StoreError> {
     let has_it = || {
         conn.prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")
             .and_then(|mut st| st.exists([name]))
@@ -109,7 +111,7 @@ pub(super) fn add_text_column(conn: &Connection, name: &str) -> Result<(), Store
     if has_it()? {
         return Ok(());
     }
-    match conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} TEXT")) {
+    match conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {sql_type}")) {
         Ok(()) => Ok(()),
         // Another process opening the same file added it first.
         Err(_) if has_it()? => Ok(()),

@@ -7,7 +7,7 @@
 /// prepared once per connection).
 macro_rules! columns {
     () => {
-        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at, tenant, progress"
+        "id, kind, params, pool, gpus_requested, min_gpu_memory_mb, status, attempts, worker, gpus, result, error, created_at, started_at, finished_at, tenant, progress, array_id, array_index"
     };
 }
 macro_rules! not_final {
@@ -26,22 +26,26 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use super::{
+    FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page, page_limit,
+};
 use crate::events::{EventKind, JobEvent, NewEvent};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
 use crate::tenancy::DEFAULT_TENANT;
-use conn::{SCHEMA, add_text_column, open_conn, unavailable};
+use conn::{SCHEMA, add_column, open_conn, unavailable};
 use writer::{GET_SQL, Op, row_to_record, writer_loop};
 
 const COLUMNS: &str = columns!();
 
-/// A tenant's listing walks its own jobs by id (made after `tenant` is added to old files).
+/// A tenant's listing walks its own jobs by id, an array's listing its members (made after the
+/// columns are added to old files; only jobs of an array have an entry in `jobs_array_id`).
 /// The per-tenant counts of unfinished jobs, asked only when a tenant is capped, walk the
 /// queued and running entries of `jobs_status_id`: an index on (status, tenant) would cost
 /// every status change a second index write.
 const TENANT_INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS jobs_tenant_id ON jobs(tenant, id);
 DROP INDEX IF EXISTS jobs_status_tenant;
+CREATE INDEX IF NOT EXISTS jobs_array_id ON jobs(array_id, id) WHERE array_id IS NOT NULL;
 ";
 
 pub struct SqliteStore {
@@ -53,10 +57,16 @@ impl SqliteStore {
     pub fn open(path: &str) -> Result<Self, StoreError> {
         let write_conn = open_conn(path)?;
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        add_text_column(&write_conn, "drive")?;
-        add_text_column(&write_conn, "owner")?;
-        add_text_column(&write_conn, "tenant")?;
-        add_text_column(&write_conn, "progress")?;
+        for (name, sql_type) in [
+            ("drive", "TEXT"),
+            ("owner", "TEXT"),
+            ("tenant", "TEXT"),
+            ("progress", "TEXT"),
+            ("array_id", "TEXT"),
+            ("array_index", "INTEGER"),
+        ] {
+            add_column(&write_conn, name, sql_type)?;
+        }
         write_conn
             .execute_batch(TENANT_INDEXES)
             .map_err(unavailable)?;
@@ -112,6 +122,15 @@ impl JobStore for SqliteStore {
         self.send(|r| Op::Insert(job, Some(owner), r)).await
     }
 
+    async fn insert_many(
+        &self,
+        jobs: &[JobRecord],
+        owner: Option<&str>,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let (jobs, owner) = (jobs.to_vec(), owner.map(str::to_string));
+        self.send(|r| Op::InsertMany(jobs, owner, r)).await
+    }
+
     async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
         let owner = owner.to_string();
         self.send(|r| Op::Adopt(id, owner, r)).await
@@ -156,6 +175,10 @@ impl JobStore for SqliteStore {
                 args.push(p.clone());
                 sql.push_str(&format!(" AND pool = ?{}", args.len()));
             }
+            if let Some(a) = q.array {
+                args.push(a.to_string());
+                sql.push_str(&format!(" AND array_id = ?{}", args.len()));
+            }
             if let Some(cur) = q.cursor {
                 args.push(cur.to_string());
                 sql.push_str(&format!(" AND id < ?{}", args.len()));
@@ -169,13 +192,7 @@ impl JobStore for SqliteStore {
             for row in rows {
                 jobs.push(row.map_err(unavailable)??);
             }
-            let next_cursor = if jobs.len() > limit as usize {
-                jobs.truncate(limit as usize);
-                jobs.last().map(|j| j.id)
-            } else {
-                None
-            };
-            Ok(JobPage { jobs, next_cursor })
+            Ok(page(jobs, limit))
         })
         .await
     }

@@ -16,7 +16,7 @@ use crate::topology::FIRST_DRIVE;
 const INSERT_SQL: &str = concat!(
     "INSERT OR IGNORE INTO jobs (",
     columns!(),
-    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"
+    ", owner) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)"
 );
 pub(super) const GET_SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = ?1");
 const MAX_BATCH: usize = 512;
@@ -27,6 +27,12 @@ pub(super) enum Op {
         JobRecord,
         Option<String>,
         oneshot::Sender<Result<(), StoreError>>,
+    ),
+    /// A batch's jobs, in the same transaction; answers the ids that existed already.
+    InsertMany(
+        Vec<JobRecord>,
+        Option<String>,
+        oneshot::Sender<Result<Vec<JobId>, StoreError>>,
     ),
     Adopt(
         JobId,
@@ -101,6 +107,9 @@ fn fail(op: Op, e: StoreError) {
         Op::Adopt(_, _, r) => {
             let _ = r.send(Err(err()));
         }
+        Op::InsertMany(_, _, r) => {
+            let _ = r.send(Err(err()));
+        }
         Op::Withdraw(_, _, r) => {
             let _ = r.send(Err(err()));
         }
@@ -137,6 +146,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op) -> Box<dyn FnOnce()> {
                 } else {
                     Ok(())
                 }
+            });
+            reply(r, v)
+        }
+        Op::InsertMany(jobs, owner, r) => {
+            let v = jobs.iter().try_fold(vec![], |mut existed, job| {
+                if insert_row(tx, job, owner.as_deref())? == 0 {
+                    existed.push(job.id);
+                }
+                Ok(existed)
             });
             reply(r, v)
         }
@@ -223,6 +241,8 @@ fn insert_row(
                 job.progress
                     .as_ref()
                     .map(|p| serde_json::to_string(p).expect("progress serializes")),
+                job.array_id.map(|a| a.to_string()),
+                job.array_index,
                 owner,
             ])
         })
@@ -467,6 +487,13 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, S
                 .map(|s| serde_json::from_str(&s))
                 .transpose()
                 .map_err(|_| corrupt("progress"))?,
+            array_id: r
+                .get::<_, Option<String>>(17)
+                .map_err(|_| corrupt("array_id"))?
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|_| corrupt("array_id"))?,
+            array_index: r.get(18).map_err(|_| corrupt("array_index"))?,
         })
     };
     Ok(build())

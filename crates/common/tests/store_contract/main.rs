@@ -16,6 +16,8 @@ use gpuq_common::topology::FIRST_DRIVE;
 use gpuq_common::{JobRecord, JobStatus};
 use serde_json::json;
 
+mod arrays;
+
 fn new_job(pool: &str) -> JobRecord {
     let msg = JobMessage::new(
         JobPayload::Simulate(SimulateParams {
@@ -338,6 +340,7 @@ async fn contract(store: Arc<dyn JobStore>) {
     assert!(counts[&JobStatus::Queued] >= 26);
     assert!(counts[&JobStatus::Succeeded] >= 1);
     tenants(&store, &pool).await;
+    arrays::arrays(&store, &pool).await;
     event_log(&store, &pool).await;
     retention(&store, &pool).await;
 }

@@ -5,79 +5,29 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use mongodb::bson::{self, Bson, Document, doc};
-use mongodb::options::{CollectionOptions, IndexOptions, ReturnDocument, WriteConcern};
-use mongodb::{Client, Collection, IndexModel};
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::{CollectionOptions, ReturnDocument, WriteConcern};
+use mongodb::{Client, Collection};
 
-use super::{FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page_limit};
+use super::{
+    FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page, page_limit,
+};
 use crate::events::{EventKind, JobEvent, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
 use crate::tenancy::DEFAULT_TENANT;
 use crate::topology::FIRST_DRIVE;
 
+mod codec;
+
+use codec::{
+    array_index, count_of, existed_of, from_doc, index, is_duplicate_key, json_to_bson, not_final,
+    tenant_filter, to_doc, unavailable,
+};
+
 pub struct MongoStore {
     jobs: Collection<Document>,
     /// Every job's event log: one document per event, `{job, offset}` unique.
     events: Collection<Document>,
-}
-
-fn index(keys: Document, name: &str) -> IndexModel {
-    IndexModel::builder()
-        .keys(keys)
-        .options(IndexOptions::builder().name(name.to_string()).build())
-        .build()
-}
-
-fn unavailable(e: mongodb::error::Error) -> StoreError {
-    StoreError::unavailable(e)
-}
-
-fn not_final() -> Document {
-    doc! { "$in": ["queued", "running"] }
-}
-
-/// Matches a tenant's jobs; documents stored before tenants have none and are the default
-/// tenant's.
-fn tenant_filter(tenant: &str) -> Bson {
-    if tenant == DEFAULT_TENANT {
-        Bson::Document(doc! { "$in": [DEFAULT_TENANT, Bson::Null] })
-    } else {
-        Bson::String(tenant.to_string())
-    }
-}
-
-fn count_of(n: Option<&Bson>) -> u64 {
-    match n {
-        Some(Bson::Int32(n)) => *n as u64,
-        Some(Bson::Int64(n)) => *n as u64,
-        _ => 0,
-    }
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    matches!(
-        e.kind.as_ref(),
-        mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000
-    )
-}
-
-fn to_doc(job: &JobRecord) -> Result<Document, StoreError> {
-    let mut d = bson::to_document(job).map_err(StoreError::corrupt)?;
-    d.remove("id");
-    d.insert("_id", job.id.to_string());
-    Ok(d)
-}
-
-fn from_doc(mut d: Document) -> Result<JobRecord, StoreError> {
-    let id = d
-        .remove("_id")
-        .ok_or_else(|| StoreError::Corrupt("document without _id".into()))?;
-    d.insert("id", id);
-    bson::from_document(d).map_err(StoreError::corrupt)
-}
-
-fn json_to_bson(v: &serde_json::Value) -> Result<Bson, StoreError> {
-    bson::to_bson(v).map_err(StoreError::corrupt)
 }
 
 /// The write concern of the jobs collection: the URL's, journaled unless the URL says otherwise.
@@ -109,6 +59,7 @@ impl MongoStore {
             index(doc! { "status": 1, "_id": -1 }, "status_id"),
             index(doc! { "tenant": 1, "_id": -1 }, "tenant_id"),
             index(doc! { "created_at": -1 }, "created_at"),
+            array_index(),
         ])
         .await
         .map_err(unavailable)?;
@@ -219,6 +170,30 @@ impl JobStore for MongoStore {
         self.insert_doc(job.id, d).await
     }
 
+    async fn insert_many(
+        &self,
+        jobs: &[JobRecord],
+        owner: Option<&str>,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let docs = jobs
+            .iter()
+            .map(|job| {
+                let mut d = to_doc(job)?;
+                if let Some(owner) = owner {
+                    d.insert("owner", owner);
+                }
+                Ok(d)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if docs.is_empty() {
+            return Ok(vec![]);
+        }
+        match self.jobs.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(vec![]),
+            Err(e) => existed_of(jobs, e),
+        }
+    }
+
     async fn adopt(&self, id: JobId, owner: &str) -> Result<Option<JobStatus>, StoreError> {
         let r = self
             .jobs
@@ -266,6 +241,9 @@ impl JobStore for MongoStore {
         if let Some(p) = &q.pool {
             filter.insert("pool", p.as_str());
         }
+        if let Some(a) = q.array {
+            filter.insert("array_id", a.to_string());
+        }
         if let Some(c) = q.cursor {
             filter.insert("_id", doc! { "$lt": c.to_string() });
         }
@@ -277,17 +255,11 @@ impl JobStore for MongoStore {
             .await
             .map_err(unavailable)?;
         let docs: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
-        let mut jobs = docs
+        let jobs = docs
             .into_iter()
             .map(from_doc)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_cursor = if jobs.len() > limit as usize {
-            jobs.truncate(limit as usize);
-            jobs.last().map(|j| j.id)
-        } else {
-            None
-        };
-        Ok(JobPage { jobs, next_cursor })
+        Ok(page(jobs, limit))
     }
 
     async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError> {

@@ -9,6 +9,9 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+mod array;
+pub use array::{ARRAY_ID_ENV, ARRAY_INDEX_ENV, MAX_ARRAY};
+
 pub type JobId = Uuid;
 
 /// Version of the message body; a worker refuses bodies of a version it does not know.
@@ -150,6 +153,10 @@ pub struct SubmitRequest {
     /// Seconds the job may wait in the queue before it is dead-lettered as `expired`.
     #[serde(default)]
     pub ttl_s: Option<u64>,
+    /// A job array: this many jobs (1 to 1000) sharing kind, params and placement, each with
+    /// its index. Only through `POST /v1/jobs/batch`.
+    #[serde(default)]
+    pub array: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -188,12 +195,17 @@ pub fn validate_pool(pool: &str) -> Result<(), String> {
 }
 
 impl SubmitRequest {
-    /// Checks every field and types the parameters.
-    pub fn validate(&self) -> Result<(JobPayload, JobPlacement), ValidationError> {
+    /// Checks every field but the params.
+    fn check_placement(&self) -> Result<(), ValidationError> {
         if self.gpus == 0 || self.gpus > MAX_GPUS {
             return Err(verr("gpus", format!("must be 1 to {MAX_GPUS}")));
         }
         validate_pool(&self.pool).map_err(|m| verr("pool", m))?;
+        if let Some(n) = self.array
+            && (n == 0 || n > MAX_ARRAY)
+        {
+            return Err(verr("array", format!("must be 1 to {MAX_ARRAY}")));
+        }
         if let Some(ttl) = self.ttl_s
             && (ttl == 0 || ttl > MAX_TTL_S)
         {
@@ -204,6 +216,12 @@ impl SubmitRequest {
         {
             return Err(verr("min_gpu_memory_mb", "is larger than any GPU"));
         }
+        Ok(())
+    }
+
+    /// Checks every field and types the parameters.
+    pub fn validate(&self) -> Result<(JobPayload, JobPlacement), ValidationError> {
+        self.check_placement()?;
         let params = if self.params.is_null() {
             Value::Object(Default::default())
         } else {
@@ -313,6 +331,16 @@ pub struct JobMessage {
     /// jobs at or under it (`coord::quota`); absent, no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_max_gpus: Option<u32>,
+    /// The array this job belongs to, and its index there (`array.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArrayMember>,
+}
+
+/// A job's place in its array: the array's id (its first job's) and the job's index, 0 to N-1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayMember {
+    pub id: JobId,
+    pub index: u32,
 }
 
 fn default_tenant() -> String {
@@ -329,6 +357,7 @@ impl JobMessage {
             created_at_ms: now_ms(),
             tenant: default_tenant(),
             tenant_max_gpus: None,
+            array: None,
         }
     }
 
@@ -382,6 +411,12 @@ pub struct JobRecord {
     /// The latest progress the job reported (its `progress` events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<crate::events::Progress>,
+    /// The array the job belongs to (its first job's id); `GET /v1/jobs?array=` lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array_id: Option<Uuid>,
+    /// The job's index in its array, 0 to N-1 (`GPUQ_ARRAY_INDEX` of a `command` job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array_index: Option<u32>,
 }
 
 impl JobRecord {
@@ -409,6 +444,8 @@ impl JobRecord {
             started_at: None,
             finished_at: None,
             progress: None,
+            array_id: msg.array.map(|a| a.id),
+            array_index: msg.array.map(|a| a.index),
         }
     }
 }
@@ -467,6 +504,9 @@ pub struct ListQuery {
     pub tenant: Option<String>,
     pub status: Option<JobStatus>,
     pub pool: Option<String>,
+    /// Only the jobs of this array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<uuid::Uuid>,
     pub limit: u32,
     pub cursor: Option<uuid::Uuid>,
 }
@@ -479,94 +519,4 @@ pub struct JobPage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn req(v: Value) -> Result<SubmitRequest, serde_json::Error> {
-        serde_json::from_value(v)
-    }
-
-    #[test]
-    fn a_simulate_job_round_trips_through_the_message_body() {
-        let r = req(json!({"kind":"simulate","params":{"duration_ms":50,"fail_times":2},"gpus":2,"ttl_s":600})).unwrap();
-        let (payload, placement) = r.validate().unwrap();
-        let msg = JobMessage::new(payload, placement);
-        let bytes = msg.to_bytes();
-        let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.contains("\"schema\":1"), "{text}");
-        assert_eq!(JobMessage::from_bytes(&bytes).unwrap(), msg);
-        assert_eq!(msg.id.get_version_num(), 7);
-    }
-
-    #[test]
-    fn unknown_fields_kinds_and_absurd_values_are_refused() {
-        assert!(req(json!({"kind":"simulate","bogus":1})).is_err());
-        assert!(req(json!({"kind":"teleport"})).is_err());
-        assert!(req(json!({"kind":"simulate","gpus":-1})).is_err());
-        let bad = [
-            json!({"kind":"simulate","gpus":0}),
-            json!({"kind":"simulate","gpus":1000}),
-            json!({"kind":"simulate","ttl_s":0}),
-            json!({"kind":"simulate","pool":"a b"}),
-            json!({"kind":"simulate","params":{"duration_ms":999999999999u64}}),
-            json!({"kind":"simulate","params":{"fail_probability":2.0}}),
-            json!({"kind":"simulate","params":{"nope":1}}),
-            json!({"kind":"simulate","params":[1]}),
-            json!({"kind":"command","params":{"program":"/bin/sh"}}),
-            json!({"kind":"command","params":{"program":"sh","env":{"CUDA_VISIBLE_DEVICES":"0"}}}),
-        ];
-        for b in bad {
-            assert!(req(b.clone()).unwrap().validate().is_err(), "accepted {b}");
-        }
-    }
-
-    #[test]
-    fn nul_bytes_and_oversized_environments_of_a_command_are_refused_naming_the_field() {
-        let field = |params: Value| {
-            req(json!({"kind": "command", "params": params}))
-                .unwrap()
-                .validate()
-                .map(drop)
-                .unwrap_err()
-                .field
-        };
-        assert_eq!(
-            field(json!({"program": "sh", "args": ["-c", "a\0b"]})),
-            "params.args[1]"
-        );
-        assert_eq!(
-            field(json!({"program": "sh", "env": {"X": "a\0"}})),
-            "params.env.X"
-        );
-        assert_eq!(field(json!({"program": "s\0h"})), "params.program");
-        let many: serde_json::Map<String, Value> = (0..=MAX_ENV)
-            .map(|i| (format!("V{i}"), json!("1")))
-            .collect();
-        assert_eq!(field(json!({"program": "sh", "env": many})), "params.env");
-        let long = "x".repeat(MAX_ENV_BYTES);
-        assert_eq!(
-            field(json!({"program": "sh", "env": {"BIG": long}})),
-            "params.env"
-        );
-        let fine = json!({"kind": "command", "params": {"program": "sh", "args": ["-c", "true"], "env": {"A": "1"}}});
-        assert!(req(fine).unwrap().validate().is_ok());
-    }
-
-    #[test]
-    fn a_body_of_an_unknown_schema_version_is_refused() {
-        let body = br#"{"schema":99,"id":"0190a0a0-0000-7000-8000-000000000000"}"#;
-        assert!(JobMessage::from_bytes(body).unwrap_err().contains("schema"));
-    }
-
-    #[test]
-    fn only_terminal_statuses_are_final() {
-        assert!(!JobStatus::Queued.is_final());
-        assert!(!JobStatus::Running.is_final());
-        assert!(JobStatus::DeadLettered.is_final());
-        assert_eq!(
-            JobStatus::parse("dead_lettered"),
-            Some(JobStatus::DeadLettered)
-        );
-    }
-}
+mod tests;
