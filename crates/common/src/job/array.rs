@@ -1,10 +1,10 @@
 //! Job arrays: a request that says `"array": N` becomes N jobs sharing its kind, params and
 //! placement. Each carries the array's id (its first job's) and its index 0..N-1 on its message
-//! and record; a `command` job also finds them in its environment, `GPUQ_ARRAY_ID` and
-//! `GPUQ_ARRAY_INDEX`, set here in its params so that a re-drive rebuilt from the record keeps
-//! them and the worker needs nothing array-specific.
+//! and record (a re-drive rebuilt from the record keeps them); the worker gives a `command` job
+//! them in its environment, `GPUQ_ARRAY_ID` and `GPUQ_ARRAY_INDEX` (gpuq's names, which a job's
+//! own `env` may not set: `job_env`).
 
-use super::{ArrayMember, JobMessage, JobPayload, SubmitRequest, ValidationError, verr};
+use super::{ArrayMember, JobMessage, SubmitRequest, ValidationError};
 
 /// The most jobs one array may have (and the most one batch may ask for, arrays counted whole).
 pub const MAX_ARRAY: u32 = 1000;
@@ -27,25 +27,11 @@ impl SubmitRequest {
         let Some(n) = self.array else {
             return Ok(vec![JobMessage::new(payload, placement)]);
         };
-        if let JobPayload::Command(p) = &payload
-            && let Some(key) = [ARRAY_INDEX_ENV, ARRAY_ID_ENV]
-                .into_iter()
-                .find(|k| p.env.contains_key(*k))
-        {
-            return Err(verr(
-                &format!("params.env.{key}"),
-                "is set by gpuq for the jobs of an array",
-            ));
-        }
         let mut jobs: Vec<JobMessage> = Vec::with_capacity(n as usize);
         for index in 0..n {
             let mut msg = JobMessage::new(payload.clone(), placement.clone());
             let id = jobs.first().map_or(msg.id, |first| first.id);
             msg.array = Some(ArrayMember { id, index });
-            if let JobPayload::Command(p) = &mut msg.payload {
-                p.env.insert(ARRAY_ID_ENV.into(), id.to_string());
-                p.env.insert(ARRAY_INDEX_ENV.into(), index.to_string());
-            }
             jobs.push(msg);
         }
         Ok(jobs)
@@ -57,6 +43,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::job::JobPayload;
 
     fn req(v: serde_json::Value) -> SubmitRequest {
         serde_json::from_value(v).unwrap()
@@ -71,11 +58,11 @@ mod tests {
         for (i, job) in jobs.iter().enumerate() {
             let member = job.array.unwrap();
             assert_eq!((member.id, member.index), (jobs[0].id, i as u32));
+            // The worker sets the variables from the message; its params are the request's.
             let JobPayload::Command(p) = &job.payload else {
                 panic!("a command job")
             };
-            assert_eq!(p.env[ARRAY_INDEX_ENV], i.to_string());
-            assert_eq!(p.env[ARRAY_ID_ENV], jobs[0].id.to_string());
+            assert!(p.env.is_empty());
         }
         let ids: std::collections::HashSet<_> = jobs.iter().map(|j| j.id).collect();
         assert_eq!(ids.len(), 3);

@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use gpuq_common::coord::idempotency::{BatchClaim, Ticket, fingerprint};
-use gpuq_common::job::{
-    ARRAY_ID_ENV, JobId, JobMessage, JobPayload, JobRecord, JobStatus, SubmitRequest,
-};
+use gpuq_common::job::{JobId, JobMessage, JobRecord, JobStatus, SubmitRequest};
 use gpuq_common::store::StoreError;
 use gpuq_common::tenancy::Principal;
 use tracing::{Instrument, Span, instrument};
@@ -185,9 +183,6 @@ fn renumber(msgs: &mut [JobMessage], ids: &[JobId]) -> Result<(), JobError> {
         msg.id = new[&msg.id];
         if let Some(member) = &mut msg.array {
             member.id = new[&member.id];
-            if let JobPayload::Command(p) = &mut msg.payload {
-                p.env.insert(ARRAY_ID_ENV.into(), member.id.to_string());
-            }
         }
     }
     Ok(())
@@ -344,10 +339,6 @@ mod tests {
         renumber(&mut msgs, &ids).unwrap();
         assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
         assert_eq!(msgs[2].array.unwrap().id, ids[1]);
-        let JobPayload::Command(p) = &msgs[2].payload else {
-            panic!("a command")
-        };
-        assert_eq!(p.env[ARRAY_ID_ENV], ids[1].to_string());
         assert!(renumber(&mut msgs, &ids[..2]).is_err());
     }
 

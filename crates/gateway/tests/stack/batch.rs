@@ -63,7 +63,6 @@ async fn a_batch_claim_abandoned_by_a_dead_gateway_is_taken_over_under_its_job_i
             (member.array_id, member.array_index),
             (Some(ids[1]), Some(index))
         );
-        assert_eq!(member.params["env"]["GPUQ_ARRAY_ID"], json!(ids[1]));
     }
 
     let again = app

@@ -193,6 +193,7 @@ async fn run_attempt(
         worker: w.engine_id.clone(),
         programs: w.programs.clone(),
         sandbox: w.sandbox.clone(),
+        array: msg.array,
         job_timeout: Duration::from_secs(w.config.job_timeout_s),
         progress_timeout: (w.config.progress_timeout_s > 0)
             .then(|| Duration::from_secs(w.config.progress_timeout_s)),

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use gpuq_common::job::{CommandParams, JobPayload, SimulateParams, now_ms};
+use gpuq_common::job::{
+    ARRAY_ID_ENV, ARRAY_INDEX_ENV, ArrayMember, CommandParams, JobPayload, SimulateParams, now_ms,
+};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, watch};
@@ -49,6 +51,8 @@ pub struct RunContext {
     pub programs: Arc<BTreeMap<String, String>>,
     /// The box `command` jobs run in.
     pub sandbox: Arc<Sandbox>,
+    /// The job's place in its array, if it is one's member (`GPUQ_ARRAY_ID`, `GPUQ_ARRAY_INDEX`).
+    pub array: Option<ArrayMember>,
     pub job_timeout: Duration,
     /// Kill an engine silent for this long (None = never).
     pub progress_timeout: Option<Duration>,
@@ -369,8 +373,12 @@ fn engine_command(
         .env("CUDA_VISIBLE_DEVICES", devices)
         .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         .env("GPUQ_JOB_ID", ctx.job.to_string())
-        .env("GPUQ_ATTEMPT", ctx.attempt.to_string())
-        .stdin(Stdio::null())
+        .env("GPUQ_ATTEMPT", ctx.attempt.to_string());
+    if let Some(a) = ctx.array {
+        cmd.env(ARRAY_ID_ENV, a.id.to_string())
+            .env(ARRAY_INDEX_ENV, a.index.to_string());
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -35,6 +35,7 @@ fn ctx_with_events(
                 stop: rx,
                 events: sink,
                 sandbox: test_sandbox(),
+                array: None,
             },
             tx,
         ),
