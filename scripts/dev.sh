@@ -218,8 +218,11 @@ start_service() { # "LINE" BIN_DIR
         export GPUQ_WORKER_BIND="127.0.0.1:$port"
         export GPUQ_GPUS=sim:2
         export GPUQ_FAULT_INJECTION=true
-        # The README's `command` examples run sh and python3.
-        export GPUQ_PROGRAMS="sh=/bin/sh,python3=$(command -v python3 || echo /usr/bin/python3)"
+        # The README's `command` examples run sh and python3 — the system's, which the job user
+        # (GPUQ_JOB_USER) can run; a python3 first on root's PATH may live under /root.
+        local py=/usr/bin/python3
+        [ -x "$py" ] || py="$(command -v python3 || echo /usr/bin/python3)"
+        export GPUQ_PROGRAMS="sh=/bin/sh,python3=$py"
         ;;
     esac
     exec setsid bash "$SELF" __supervise "$name" "${argv[@]}" >>"$LOG_DIR/$name.log" 2>&1 </dev/null

@@ -155,6 +155,7 @@ impl Application {
         let _ = consumer.await;
         tracker.close();
         tracker.wait().await;
+        w.sandbox.close();
         crate::monitor::goodbye(&w).await;
         let _ = w.coord.forget_alive().await;
         if why == Stopped::Restart {

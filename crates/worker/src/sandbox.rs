@@ -333,7 +333,8 @@ fn prepare_base(dir: &Path) -> std::io::Result<()> {
 /// This process's cgroup for its jobs, under the one it runs in: v2 first, then v1's `pids`.
 fn find_cgroups(engine_id: &str) -> Result<Cgroups, String> {
     let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-    let name = format!("gpuq-{engine_id}-{}", std::process::id());
+    let prefix = format!("gpuq-{engine_id}-");
+    let name = format!("{prefix}{}", std::process::id());
     let mut tried = vec![];
     let v2_path = own
         .lines()
@@ -349,7 +350,10 @@ fn find_cgroups(engine_id: &str) -> Result<Cgroups, String> {
             }
             let dir = base.join(&name);
             match make_parent(&dir) {
-                Ok(()) => return Ok(Cgroups::V2(dir)),
+                Ok(()) => {
+                    sweep_dead(&base, &prefix);
+                    return Ok(Cgroups::V2(dir));
+                }
                 Err(e) => tried.push(format!("{}: {e}", dir.display())),
             }
         }
@@ -362,9 +366,13 @@ fn find_cgroups(engine_id: &str) -> Result<Cgroups, String> {
             .then(|| path.trim_start_matches('/').to_string())
     });
     if let Some(rel) = pids {
-        let dir = Path::new("/sys/fs/cgroup/pids").join(rel).join(&name);
+        let base = Path::new("/sys/fs/cgroup/pids").join(rel);
+        let dir = base.join(&name);
         match make_parent(&dir) {
-            Ok(()) => return Ok(Cgroups::V1Pids(dir)),
+            Ok(()) => {
+                sweep_dead(&base, &prefix);
+                return Ok(Cgroups::V1Pids(dir));
+            }
             Err(e) => tried.push(format!("{}: {e}", dir.display())),
         }
     }
@@ -381,6 +389,34 @@ fn favors_dynamic_cgroups() -> bool {
         m.lines()
             .any(|l| l.contains(" cgroup") && l.contains("favordynmods"))
     })
+}
+
+/// Removes what earlier processes of this engine that died without `Sandbox::close` (a crash, a
+/// kill -9) left under `base`: their jobs' cgroups, emptied by the kernel as the jobs ended, and
+/// their own. A cgroup that still holds a process is not removable, and is left.
+fn sweep_dead(base: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(jobs) = std::fs::read_dir(e.path()) {
+            for j in jobs.flatten().filter(|j| j.path().is_dir()) {
+                let _ = std::fs::remove_dir(j.path());
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
+    }
 }
 
 fn make_parent(dir: &Path) -> std::io::Result<()> {
