@@ -20,6 +20,7 @@ use crate::wait::{WaitOptions, wait_all};
 use crate::{Ctx, Exit, fleet};
 use gpuq_client::endpoint::http_client;
 use gpuq_client::gateway::SubmitBody;
+use gpuq_common::engine::{EngineState, GpuHealth};
 
 pub use report::{BenchInput, BenchReport};
 
@@ -48,6 +49,7 @@ pub async fn measure(ctx: &Ctx, a: &BenchArgs) -> anyhow::Result<BenchReport> {
     let visible = show_progress(a.json);
     let gw = ctx.gateway_with(http_client(a.concurrency));
     let workers = ctx.workers();
+    let slots = pool_slots(ctx, a.pool.as_deref()).await;
     let before = fleet::snapshot(&workers, Duration::from_secs(2)).await;
 
     let mut body = SubmitBody::simulate(a.duration_ms);
@@ -94,6 +96,7 @@ pub async fn measure(ctx: &Ctx, a: &BenchArgs) -> anyhow::Result<BenchReport> {
         load: &load,
         waited: &waited,
         counters: &counters,
+        slots,
     });
     if let Some(e) = &waited.last_error {
         report
@@ -101,4 +104,24 @@ pub async fn measure(ctx: &Ctx, a: &BenchArgs) -> anyhow::Result<BenchReport> {
             .push(format!("{} polls failed; last: {e}", waited.poll_errors));
     }
     Ok(report)
+}
+
+/// GPU slots of the healthy engines that serve `pool`, as the manager sees them; `None` when
+/// no manager is configured or it does not answer.
+async fn pool_slots(ctx: &Ctx, pool: Option<&str>) -> Option<u32> {
+    let pool = pool.map_or_else(gpuq_common::job::default_pool, str::to_string);
+    let engines = ctx.manager().engines().await.ok()?;
+    let slots = engines
+        .iter()
+        .filter(|e| e.state == EngineState::Healthy)
+        .filter_map(|e| e.heartbeat.as_ref())
+        .filter(|hb| hb.pools.contains(&pool))
+        .map(|hb| {
+            hb.gpus
+                .iter()
+                .filter(|g| g.health == GpuHealth::Healthy)
+                .count() as u32
+        })
+        .sum();
+    Some(slots)
 }

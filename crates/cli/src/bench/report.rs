@@ -17,6 +17,8 @@ pub struct BenchInput<'a> {
     pub load: &'a LoadResult,
     pub waited: &'a WaitOutcome,
     pub counters: &'a CounterDelta,
+    /// GPU slots of the healthy engines serving the run's pool, when the manager said.
+    pub slots: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +59,14 @@ pub struct BenchReport {
     /// waits for this and for the broker's commit of the ack.
     pub worker_overhead_start_ms: Option<f64>,
     pub worker_overhead_finish_ms: Option<f64>,
+    /// Sum over the final jobs of `finished_at − started_at` (their last attempt's run, with the
+    /// worker's hold after it), in seconds.
+    pub busy_seconds: f64,
+    /// GPU slots of the healthy engines serving the pool at the start (from the manager).
+    pub slots: Option<u32>,
+    /// `busy_seconds / (slots × end_to_end_seconds)`: how much of the fleet's GPU time the run
+    /// kept busy.
+    pub slot_utilisation: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -76,6 +86,16 @@ impl BenchReport {
             _ => None,
         };
         let submit_seconds = i.load.wall.as_secs_f64();
+        let busy_ms: i64 = finals
+            .iter()
+            .filter_map(|r| Some(r.finished_at? - r.started_at?))
+            .map(|ms| ms.max(0))
+            .sum();
+        let busy_seconds = busy_ms as f64 / 1000.0;
+        let slot_utilisation = match (i.slots, end_to_end) {
+            (Some(n), Some(e)) if n > 0 => Some(busy_seconds / (f64::from(n) * e)),
+            _ => None,
+        };
         let mut notes = i.counters.notes();
         if !i.waited.missing.is_empty() {
             notes.push(format!(
@@ -108,6 +128,9 @@ impl BenchReport {
             redeliveries: i.counters.redeliveries,
             worker_overhead_start_ms: i.counters.overhead_start_ms,
             worker_overhead_finish_ms: i.counters.overhead_finish_ms,
+            busy_seconds,
+            slots: i.slots,
+            slot_utilisation,
             notes,
         }
     }
@@ -165,6 +188,14 @@ impl BenchReport {
         ) {
             s.push_str(&format!(
                 "worker hold  {a:.2} ms before the run + {b:.2} ms after it (lease; result, done marker, ack), mean per job\n"
+            ));
+        }
+        if let (Some(n), Some(u)) = (self.slots, self.slot_utilisation) {
+            s.push_str(&format!(
+                "GPU slots    {n}, busy {:.1} s of {:.1} s = {:.1}% utilised\n",
+                self.busy_seconds,
+                f64::from(n) * self.end_to_end_seconds.unwrap_or(0.0),
+                u * 100.0
             ));
         }
         for n in &self.notes {
@@ -227,6 +258,7 @@ mod tests {
             load: &load,
             waited: &waited,
             counters: &counters,
+            slots: Some(2),
         });
         assert_eq!((r.accepted, r.rejected, r.lost), (3, 1, 0));
         assert_eq!((r.succeeded, r.dead_lettered), (2, 1));
@@ -241,6 +273,13 @@ mod tests {
         assert!(text.contains("duplicates   0 ") && text.contains("suppressed n/a"));
         assert!(
             text.contains("worker hold  0.75 ms before the run + 1.50 ms after it"),
+            "{text}"
+        );
+        // Runs of 9, 27 and 995 ms over 2 slots for 1 s.
+        assert!((r.busy_seconds - 1.031).abs() < 1e-9);
+        assert!((r.slot_utilisation.unwrap() - 0.5155).abs() < 1e-9);
+        assert!(
+            text.contains("GPU slots    2, busy 1.0 s of 2.0 s = 51.5% utilised"),
             "{text}"
         );
         let json = serde_json::to_value(&r).unwrap();

@@ -162,7 +162,8 @@ pub struct SubmitRequest {
 fn one() -> u32 {
     1
 }
-fn default_pool() -> String {
+/// The pool of a job that names none.
+pub fn default_pool() -> String {
     "default".into()
 }
 
