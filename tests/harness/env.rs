@@ -52,8 +52,13 @@ pub fn test_store_url(prefix: &str, dir: &Path) -> String {
         Err(std::env::VarError::NotPresent) | Ok("" | "sqlite") => {
             format!("sqlite://{}", dir.join("gpuq.db").display())
         }
+        // Commits not synced to the disk (the many-engines benchmark's comparison).
+        Ok("sqlite-normal") => format!(
+            "sqlite://{}?synchronous=normal",
+            dir.join("gpuq.db").display()
+        ),
         Ok("mongodb") => mongodb_url_with_database(&test_env("GPUQ_TEST_MONGODB_URL"), prefix),
-        other => panic!("{TEST_STORE_ENV}={other:?}: use sqlite or mongodb"),
+        other => panic!("{TEST_STORE_ENV}={other:?}: use sqlite, sqlite-normal or mongodb"),
     }
 }
 

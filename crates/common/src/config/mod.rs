@@ -89,7 +89,7 @@ pub struct Settings {
     /// Every RabbitMQ node, comma separated; services connect to any that answers.
     pub amqp_urls: String,
     pub redis_url: String,
-    /// `sqlite://path` (embedded) or `mongodb://…` (MongoDB).
+    /// `sqlite://path[?synchronous=normal]` (embedded) or `mongodb://…` (MongoDB).
     pub store_url: String,
     /// Prefix of every queue, exchange and Redis key, so tests can share one cluster.
     pub queue_prefix: String,

@@ -203,13 +203,14 @@ pub trait JobStore: Send + Sync + 'static {
 
 /// Opens the backend named by the URL.
 pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        Ok(Arc::new(SqliteStore::open(path)?))
+    if let Some(location) = url.strip_prefix("sqlite://") {
+        let (path, sync) = sqlite::parse_location(location)?;
+        Ok(Arc::new(SqliteStore::open_with(path, sync)?))
     } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
         Ok(Arc::new(MongoStore::connect(url).await?))
     } else {
         Err(StoreError::BadUrl(
-            "use sqlite://PATH or mongodb://HOST/DB".into(),
+            "use sqlite://PATH[?synchronous=normal] or mongodb://HOST/DB".into(),
         ))
     }
 }

@@ -1,4 +1,5 @@
-//! SQLite connections: the schema, the pragmas every connection needs (WAL, synced commits), a
+//! SQLite connections: the schema, the pragmas every connection needs (WAL, synced commits unless
+//! the URL says `synchronous=normal`), a
 //! busy handler that retries in short steps, and the columns older databases lack.
 
 use std::time::Duration;
@@ -78,7 +79,43 @@ fn busy_retry(attempt: i32) -> bool {
     true
 }
 
+/// How a commit reaches the disk (`sqlite://PATH?synchronous=…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Every commit syncs the WAL: a result the worker acked survives a crash of the machine.
+    #[default]
+    Full,
+    /// Commits do not wait for the disk (WAL `NORMAL`): they survive a crash of the process but
+    /// the last ones may be lost with the machine's power — jobs acked meanwhile would be lost.
+    Normal,
+}
+
+/// `PATH` or `PATH?synchronous=full|normal`: the file and its commit mode.
+pub fn parse_location(location: &str) -> Result<(&str, Synchronous), StoreError> {
+    let Some((path, query)) = location.split_once('?') else {
+        return Ok((location, Synchronous::Full));
+    };
+    let mut sync = Synchronous::Full;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        sync = match pair {
+            "synchronous=full" => Synchronous::Full,
+            "synchronous=normal" => Synchronous::Normal,
+            other => {
+                return Err(StoreError::BadUrl(format!(
+                    "unknown SQLite option {other:?}: the one option is synchronous=full|normal"
+                )));
+            }
+        };
+    }
+    Ok((path, sync))
+}
+
+#[cfg(test)]
 pub(super) fn open_conn(path: &str) -> Result<Connection, StoreError> {
+    open_conn_with(path, Synchronous::Full)
+}
+
+pub(super) fn open_conn_with(path: &str, sync: Synchronous) -> Result<Connection, StoreError> {
     if let Some(dir) = std::path::Path::new(path).parent()
         && !dir.as_os_str().is_empty()
     {
@@ -91,10 +128,16 @@ pub(super) fn open_conn(path: &str) -> Result<Connection, StoreError> {
     conn.busy_handler(Some(busy_retry)).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
-    // FULL: each commit syncs the WAL. A worker acks a job to the broker once its result is
-    // committed, and the broker then forgets the job; with NORMAL the last commits of a WAL
-    // database survive a crash of the process but not of the machine.
-    conn.pragma_update(None, "synchronous", "FULL")
+    // FULL (the default): each commit syncs the WAL. A worker acks a job to the broker once its
+    // result is committed, and the broker then forgets the job; with NORMAL the last commits of
+    // a WAL database survive a crash of the process but not of the machine. The sync holds the
+    // file's write lock, and processes cannot share one: many processes on one file commit at
+    // most once per sync between them (see README, "Which store").
+    let mode = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", mode)
         .map_err(unavailable)?;
     Ok(conn)
 }
@@ -116,5 +159,28 @@ pub(super) fn add_column(conn: &Connection, name: &str, sql_type: &str) -> Resul
         // Another process opening the same file added it first.
         Err(_) if has_it()? => Ok(()),
         Err(e) => Err(unavailable(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_location_may_name_the_commit_mode() {
+        assert_eq!(
+            parse_location("a/b.db").unwrap(),
+            ("a/b.db", Synchronous::Full)
+        );
+        assert_eq!(
+            parse_location("/x.db?synchronous=normal").unwrap(),
+            ("/x.db", Synchronous::Normal)
+        );
+        assert_eq!(
+            parse_location("x.db?synchronous=full").unwrap(),
+            ("x.db", Synchronous::Full)
+        );
+        let e = parse_location("x.db?sync=off").unwrap_err();
+        assert!(e.to_string().contains("synchronous=full|normal"), "{e}");
     }
 }

@@ -32,7 +32,10 @@ use super::{
 use crate::events::{EventKind, JobEvent, NewEvent};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
 use crate::tenancy::DEFAULT_TENANT;
-use conn::{SCHEMA, add_column, open_conn, unavailable};
+#[cfg(test)]
+use conn::open_conn;
+use conn::{SCHEMA, add_column, open_conn_with, unavailable};
+pub use conn::{Synchronous, parse_location};
 use writer::{GET_SQL, Op, row_to_record, writer_loop};
 
 const COLUMNS: &str = columns!();
@@ -55,7 +58,12 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &str) -> Result<Self, StoreError> {
-        let write_conn = open_conn(path)?;
+        Self::open_with(path, Synchronous::Full)
+    }
+
+    /// `open`, with commits synced to the disk as `sync` says.
+    pub fn open_with(path: &str, sync: Synchronous) -> Result<Self, StoreError> {
+        let write_conn = open_conn_with(path, sync)?;
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
         for (name, sql_type) in [
             ("drive", "TEXT"),
@@ -70,7 +78,7 @@ impl SqliteStore {
         write_conn
             .execute_batch(TENANT_INDEXES)
             .map_err(unavailable)?;
-        let reader = open_conn(path)?;
+        let reader = open_conn_with(path, sync)?;
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
             .name("gpuq-sqlite-writer".into())
