@@ -7,6 +7,7 @@
 //! `disruptive` stops broker nodes and Redis: it runs alone, one test at a time, last. `compose`'s
 //! live tests are `#[ignore]`d here and run against scripts/compose.sh's stack.
 
+mod backlog;
 mod batch;
 mod compose;
 mod deploy;
@@ -20,5 +21,6 @@ mod monitoring;
 mod observability;
 mod pipeline;
 mod sandbox;
+mod scale;
 mod tenancy;
 mod watch;

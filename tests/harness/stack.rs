@@ -78,15 +78,17 @@ pub struct Stack {
 }
 
 /// Starts the stack's workers (`worker-1`…), each on a free port; answers them and their URLs.
+/// `first` is the index of the first one (0: `worker-1`).
 fn spawn_workers(
     opts: &StackOptions,
+    first: usize,
     base_env: &[(String, String)],
     worker_secret: &str,
     dir: &Path,
 ) -> anyhow::Result<(Vec<Supervised>, Vec<String>)> {
     let mut workers = vec![];
     let mut worker_urls = vec![];
-    for i in 0..opts.workers {
+    for i in first..first + opts.workers {
         let port = free_port();
         let mut env = base_env.to_vec();
         let id = format!("worker-{}", i + 1);
@@ -196,7 +198,7 @@ impl Stack {
             format!("127.0.0.1:{gateway_port}"),
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
-        let (workers, worker_urls) = spawn_workers(&opts, &base_env, &worker_secret, &dir)?;
+        let (workers, worker_urls) = spawn_workers(&opts, 0, &base_env, &worker_secret, &dir)?;
         let stack = Stack {
             prefix,
             dir,
@@ -221,6 +223,24 @@ impl Stack {
         };
         stack.wait_ready().await?;
         Ok(stack)
+    }
+
+    /// Starts `opts.workers` more workers (numbered after the running ones) with `opts.gpus`,
+    /// `opts.fault_injection` and `opts.worker_env` (indexed from the first new one); the
+    /// stack's other options are ignored. A stack started with no workers fills its queue first.
+    pub fn add_workers(&mut self, opts: &StackOptions) -> anyhow::Result<()> {
+        let first = self.workers.len();
+        let mut opts = opts.clone();
+        opts.worker_env = opts
+            .worker_env
+            .into_iter()
+            .map(|(i, env)| (i + first, env))
+            .collect();
+        let (workers, urls) =
+            spawn_workers(&opts, first, &self.base_env, &self.worker_secret, &self.dir)?;
+        self.workers.extend(workers);
+        self.worker_urls.extend(urls);
+        Ok(())
     }
 
     /// The environment every service got (for running the CLI against this stack).
