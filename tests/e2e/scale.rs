@@ -71,6 +71,13 @@ async fn measure(engines: usize) -> Value {
         ..StackOptions::default()
     })
     .await;
+    // The overview's own cost: polled for 3 s with the fleet idle.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopper = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop_tx.send(true).unwrap();
+    };
+    let (idle, ()) = tokio::join!(poll_overview(&stack, stop_rx), stopper);
     bench(&stack, &["--jobs", "300", "--duration-ms", "0"]).await;
     let full = bench(&stack, &["--jobs", "3000", "--duration-ms", "0"]).await;
 
@@ -106,6 +113,7 @@ async fn measure(engines: usize) -> Value {
         "one_second_wall_s": long["end_to_end_seconds"],
         "slot_utilisation": long["slot_utilisation"],
         "one_second_worker_hold_ms": [long["worker_overhead_start_ms"], long["worker_overhead_finish_ms"]],
+        "overview_idle_ms": {"p50": percentile(&idle, 0.5), "p99": percentile(&idle, 0.99)},
         "overview_ms": {
             "count": overview.len(),
             "p50": percentile(&overview, 0.5),

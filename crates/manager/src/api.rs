@@ -59,6 +59,8 @@ async fn set_admin(
     tracing::info!(worker_id = %id, admin = what, "operator changed engine intent");
     let view = known_view(&state, &id).await?;
     state.gauges().observe(&view);
+    // The overview shows the new intent at once, not at the next refresh.
+    let _ = state.engine_views().refresh(state.registry()).await;
     Ok(Json(view))
 }
 
@@ -121,6 +123,7 @@ pub async fn restart(
         .request_restart(&id, &hb.instance_id, RESTART_REQUEST_TTL)
         .await?;
     tracing::info!(worker_id = %id, instance = %hb.instance_id, "operator asked the engine to restart");
+    let _ = state.engine_views().refresh(state.registry()).await;
     Ok(Json(known_view(&state, &id).await?))
 }
 

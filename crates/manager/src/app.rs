@@ -108,6 +108,7 @@ impl Application {
             broker_connected: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
             feed: crate::overview::Feed::default(),
+            engine_views: crate::overview::EngineViews::default(),
             config,
         }));
         Ok(Self {
@@ -153,6 +154,10 @@ impl Application {
         };
         tracker.spawn(consumer.run(token.child_token()));
         tracker.spawn(crate::overview::Feed::run(
+            state.clone(),
+            token.child_token(),
+        ));
+        tracker.spawn(crate::overview::EngineViews::run(
             state.clone(),
             token.child_token(),
         ));

@@ -160,6 +160,12 @@ pub async fn post_heartbeat(
         restart_requested: false,
     };
     state.gauges().observe(&view);
+    if receipt.sighting == Sighting::Same {
+        state.engine_views().observe(&view);
+    } else {
+        // A new engine or process shows in the overview at once.
+        let _ = state.engine_views().refresh(state.registry()).await;
+    }
     Ok(Json(HeartbeatAck {
         engine: view.id,
         state: engine_state,

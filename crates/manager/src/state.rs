@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     /// The overview every event stream shares.
     pub(crate) feed: crate::overview::Feed,
+    /// The engines' views the overview shows.
+    pub(crate) engine_views: crate::overview::EngineViews,
 }
 
 /// Shared state of every handler and loop; cheap to clone.
@@ -54,6 +56,9 @@ impl AppState {
     }
     pub fn queues(&self) -> &QueuePoller {
         &self.0.queues
+    }
+    pub fn engine_views(&self) -> &crate::overview::EngineViews {
+        &self.0.engine_views
     }
     pub fn throughput(&self) -> &ThroughputTracker {
         &self.0.throughput
