@@ -132,7 +132,7 @@ pub(super) fn open_conn_with(path: &str, sync: Synchronous) -> Result<Connection
     // result is committed, and the broker then forgets the job; with NORMAL the last commits of
     // a WAL database survive a crash of the process but not of the machine. The sync holds the
     // file's write lock, and processes cannot share one: many processes on one file commit at
-    // most once per sync between them (see README, "Which store").
+    // most once per sync between them (see README, "Many engines, and which store").
     let mode = match sync {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
