@@ -21,4 +21,5 @@ mod observability;
 mod pipeline;
 mod sandbox;
 mod tenancy;
+mod tls;
 mod watch;

@@ -16,7 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url};
+use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url, test_tls};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
 
@@ -35,6 +35,9 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// Extra environment per worker (index 0 = worker-1).
     pub worker_env: HashMap<usize, Vec<(String, String)>>,
+    /// Serve HTTPS with the native stack's certificate and trust its CA everywhere (`test_tls`);
+    /// the broker and Redis URLs stay what `env` says.
+    pub https: bool,
 }
 
 impl Default for StackOptions {
@@ -46,6 +49,7 @@ impl Default for StackOptions {
             fault_injection: false,
             env: vec![],
             worker_env: HashMap::new(),
+            https: false,
         }
     }
 }
@@ -74,12 +78,15 @@ pub struct Stack {
     pub workers: Vec<Supervised>,
     pub store: Arc<dyn JobStore>,
     pub http: reqwest::Client,
+    /// The CA the services' HTTPS certificate is checked with, when they serve HTTPS.
+    pub tls_ca: Option<PathBuf>,
     base_env: Vec<(String, String)>,
 }
 
 /// Starts the stack's workers (`worker-1`…), each on a free port; answers them and their URLs.
 fn spawn_workers(
     opts: &StackOptions,
+    scheme: &str,
     base_env: &[(String, String)],
     worker_secret: &str,
     dir: &Path,
@@ -112,7 +119,7 @@ fn spawn_workers(
             env,
             dir,
         )?);
-        worker_urls.push(format!("http://127.0.0.1:{port}"));
+        worker_urls.push(format!("{scheme}://127.0.0.1:{port}"));
     }
     Ok((workers, worker_urls))
 }
@@ -148,8 +155,10 @@ impl Stack {
         );
         let gateway_port = free_port();
         let manager_port = free_port();
-        let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-        let manager_url = format!("http://127.0.0.1:{manager_port}");
+        let tls = opts.https.then(test_tls);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let gateway_url = format!("{scheme}://127.0.0.1:{gateway_port}");
+        let manager_url = format!("{scheme}://127.0.0.1:{manager_port}");
         let mut base_env: Vec<(String, String)> = vec![
             ("GPUQ_AMQP_URLS".into(), test_env("GPUQ_TEST_AMQP_URLS")),
             ("GPUQ_REDIS_URL".into(), test_env("GPUQ_TEST_REDIS_URL")),
@@ -169,6 +178,13 @@ impl Stack {
         ];
         if opts.manager {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
+        }
+        if let Some(tls) = &tls {
+            base_env.extend([
+                ("GPUQ_TLS_CERT_FILE".into(), tls.cert.display().to_string()),
+                ("GPUQ_TLS_KEY_FILE".into(), tls.key.display().to_string()),
+                ("GPUQ_TLS_CA_FILE".into(), tls.ca.display().to_string()),
+            ]);
         }
         base_env.extend(opts.env.iter().cloned());
         // The store (file, or database indexes) is created before the services race to create it.
@@ -196,7 +212,11 @@ impl Stack {
             format!("127.0.0.1:{gateway_port}"),
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
-        let (workers, worker_urls) = spawn_workers(&opts, &base_env, &worker_secret, &dir)?;
+        let (workers, worker_urls) = spawn_workers(&opts, scheme, &base_env, &worker_secret, &dir)?;
+        let trust = match &tls {
+            Some(tls) => gpuq_common::tls::Trust::with_ca_file(&tls.ca)?,
+            None => gpuq_common::tls::Trust::default(),
+        };
         let stack = Stack {
             prefix,
             dir,
@@ -213,10 +233,11 @@ impl Stack {
             manager,
             workers,
             store,
-            http: reqwest::Client::builder()
+            http: gpuq_common::tls::http_client_builder_trusting(&trust)
                 .timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(64)
                 .build()?,
+            tls_ca: tls.map(|t| t.ca),
             base_env,
         };
         stack.wait_ready().await?;
@@ -497,6 +518,9 @@ impl Stack {
             .env("GPUQ_READ_TOKEN", &self.read_token)
             .env("GPUQ_WORKER_URLS", self.worker_urls.join(","))
             .current_dir(&self.dir);
+        if let Some(ca) = &self.tls_ca {
+            cmd.env("GPUQ_TLS_CA_FILE", ca);
+        }
         cmd
     }
 

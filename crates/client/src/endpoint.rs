@@ -83,8 +83,7 @@ impl ClientError {
 /// directly), bounded connect and request times; `https://` trusts the process's CA file
 /// (`gpuq_common::tls::trust`).
 pub fn http_client(max_idle_per_host: usize) -> reqwest::Client {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(gpuq_common::tls::trust().client_config())
+    gpuq_common::tls::http_client_builder()
         .pool_max_idle_per_host(max_idle_per_host)
         .tcp_nodelay(true)
         .no_proxy()

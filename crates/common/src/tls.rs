@@ -2,7 +2,8 @@
 //! ([`server_acceptor`], served by `http::serve`) and the [`Trust`] of every outgoing TLS
 //! connection — `amqps://`, `rediss://`, MongoDB with `tls=true`, `https://` — which is the
 //! system's roots plus the CA file `GPUQ_TLS_CA_FILE` names. A process sets its trust once at
-//! start (`config::startup`, the CLI); the connection code reads it with [`trust`].
+//! start (`config::startup`, the CLI); the connection code reads it with [`trust`], and every
+//! HTTP client starts from [`http_client_builder`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -114,6 +115,18 @@ impl Trust {
             .with_root_certificates(roots)
             .with_no_client_auth()
     }
+}
+
+/// The start of every gpuq HTTP client: reqwest with the process's trust ([`trust`]) for
+/// `https://`. (reqwest's own default would panic: it has no crypto provider in this build.)
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    http_client_builder_trusting(trust())
+}
+
+/// [`http_client_builder`] with an explicit trust.
+#[allow(clippy::disallowed_methods)]
+pub fn http_client_builder_trusting(trust: &Trust) -> reqwest::ClientBuilder {
+    reqwest::Client::builder().tls_backend_preconfigured(trust.client_config())
 }
 
 static TRUST: OnceLock<Trust> = OnceLock::new();

@@ -88,8 +88,7 @@ impl Application {
         let metrics = ManagerMetrics::new(&prometheus);
         // No redirects: a GPU fault is sent, with the admin token, to the admin URL the engine
         // registered with and nowhere else. https:// admin URLs: the process's trust.
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(gpuq_common::tls::trust().client_config())
+        let http = gpuq_common::tls::http_client_builder()
             .connect_timeout(Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none())
             .build()

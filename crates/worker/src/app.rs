@@ -119,8 +119,7 @@ impl Application {
             broker_connected: AtomicBool::new(false),
             started_at_ms: gpuq_common::job::now_ms(),
             // Heartbeats to an https:// manager: the process's trust.
-            http: reqwest::Client::builder()
-                .tls_backend_preconfigured(gpuq_common::tls::trust().client_config())
+            http: gpuq_common::tls::http_client_builder()
                 .timeout(Duration::from_secs(2))
                 .build()?,
             shutdown: CancellationToken::new(),
