@@ -128,7 +128,8 @@ async fn tls_jobs_flow_over_amqps_and_rediss_and_the_services_serve_https_with_t
             "{url}: a plaintext AMQP handshake was answered with {answer:?}"
         );
         let plain = url.replacen("amqps://", "amqp://", 1);
-        let refused = gpuq_common::amqp::connect_any(&[plain.clone()], "gpuq-e2e-plain").await;
+        let refused =
+            gpuq_common::amqp::connect_any(std::slice::from_ref(&plain), "gpuq-e2e-plain").await;
         assert!(
             refused.is_err(),
             "{plain}: a plaintext AMQP connection opened"

@@ -38,6 +38,20 @@ pub struct TestTls {
     pub key: PathBuf,
 }
 
+impl TestTls {
+    /// The settings of a service that serves HTTPS with the stack's certificate and trusts its CA.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        [
+            ("GPUQ_TLS_CERT_FILE", &self.cert),
+            ("GPUQ_TLS_KEY_FILE", &self.key),
+            ("GPUQ_TLS_CA_FILE", &self.ca),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .collect()
+    }
+}
+
 /// The stack's TLS files; panics with what is missing (scripts/test.sh sets the variable,
 /// scripts/stack.sh up makes the files).
 pub fn test_tls() -> TestTls {

@@ -124,6 +124,20 @@ fn spawn_workers(
     Ok((workers, worker_urls))
 }
 
+/// A fresh admin key, a `submit` key per tenant of `TENANTS`, and the `GPUQ_API_KEYS` of both.
+fn new_api_keys() -> (String, Vec<(String, String)>, String) {
+    let api_key = Uuid::new_v4().simple().to_string();
+    let tenant_keys: Vec<(String, String)> = TENANTS
+        .iter()
+        .map(|t| (t.to_string(), Uuid::new_v4().simple().to_string()))
+        .collect();
+    let keys = std::iter::once(api_key.clone())
+        .chain(tenant_keys.iter().map(|(t, k)| format!("{t}:submit:{k}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    (api_key, tenant_keys, keys)
+}
+
 /// Engine `engine_id`'s credential under the fleet secret `worker_secret`.
 pub fn worker_token(worker_secret: &str, engine_id: &str) -> Secret {
     gpuq_common::credentials::worker_token(&Secret::new(worker_secret), engine_id)
@@ -135,15 +149,7 @@ impl Stack {
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let dir = repo_root().join("target/e2e").join(&prefix);
         std::fs::create_dir_all(&dir)?;
-        let api_key = Uuid::new_v4().simple().to_string();
-        let tenant_keys: Vec<(String, String)> = TENANTS
-            .iter()
-            .map(|t| (t.to_string(), Uuid::new_v4().simple().to_string()))
-            .collect();
-        let keys = std::iter::once(api_key.clone())
-            .chain(tenant_keys.iter().map(|(t, k)| format!("{t}:submit:{k}")))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (api_key, tenant_keys, keys) = new_api_keys();
         let admin_token = Uuid::new_v4().simple().to_string();
         let read_token = Uuid::new_v4().simple().to_string();
         let worker_secret = Uuid::new_v4().simple().to_string();
@@ -180,11 +186,7 @@ impl Stack {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
         }
         if let Some(tls) = &tls {
-            base_env.extend([
-                ("GPUQ_TLS_CERT_FILE".into(), tls.cert.display().to_string()),
-                ("GPUQ_TLS_KEY_FILE".into(), tls.key.display().to_string()),
-                ("GPUQ_TLS_CA_FILE".into(), tls.ca.display().to_string()),
-            ]);
+            base_env.extend(tls.service_env());
         }
         base_env.extend(opts.env.iter().cloned());
         // The store (file, or database indexes) is created before the services race to create it.
@@ -213,10 +215,7 @@ impl Stack {
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
         let (workers, worker_urls) = spawn_workers(&opts, scheme, &base_env, &worker_secret, &dir)?;
-        let trust = match &tls {
-            Some(tls) => gpuq_common::tls::Trust::with_ca_file(&tls.ca)?,
-            None => gpuq_common::tls::Trust::default(),
-        };
+        let trust = gpuq_common::tls::Trust::load(tls.as_ref().map(|t| t.ca.as_path()))?;
         let stack = Stack {
             prefix,
             dir,
