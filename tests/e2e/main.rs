@@ -10,6 +10,7 @@
 mod batch;
 mod compose;
 mod deploy;
+mod deploy_tls;
 mod disruptive;
 mod events;
 mod faults;
