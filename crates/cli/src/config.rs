@@ -42,6 +42,8 @@ pub struct Config {
     /// The manager's read-only token; reads fall back to the admin token without it.
     pub read_token: Setting<Option<Secret>>,
     pub worker_urls: Setting<Vec<String>>,
+    /// The CA file `https://` service URLs are trusted with (besides the system's roots).
+    pub tls_ca_file: Setting<Option<String>>,
     /// The `.dev/env` file that was read, if any.
     pub dev_env: Option<PathBuf>,
 }
@@ -202,6 +204,7 @@ impl Config {
                 value: split_urls(workers.value.as_deref().unwrap_or_default()),
                 source: workers.source,
             },
+            tls_ca_file: pick(&conn.tls_ca_file, dev, "GPUQ_TLS_CA_FILE", None),
             dev_env: dev.path.clone(),
         }
     }
@@ -224,6 +227,7 @@ impl Config {
             "admin_token": secret_json(&self.admin_token),
             "read_token": secret_json(&self.read_token),
             "worker_urls": {"value": self.worker_urls.value, "source": self.worker_urls.source},
+            "tls_ca_file": {"value": self.tls_ca_file.value, "source": self.tls_ca_file.source},
             "dev_env": self.dev_env,
         })
     }
@@ -250,7 +254,7 @@ impl Config {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(none found)".into());
         format!(
-            "gateway_url  {} ({})\napi_key      {}\nmanager_url  {} ({})\nadmin_token  {}\nread_token   {}\nworker_urls  {} ({})\ndev_env      {}\n",
+            "gateway_url  {} ({})\napi_key      {}\nmanager_url  {} ({})\nadmin_token  {}\nread_token   {}\nworker_urls  {} ({})\ntls_ca_file  {} ({})\ndev_env      {}\n",
             self.gateway_url.value,
             src(self.gateway_url.source),
             masked(&self.api_key),
@@ -260,6 +264,11 @@ impl Config {
             masked(&self.read_token),
             self.worker_urls.value.join(","),
             src(self.worker_urls.source),
+            self.tls_ca_file
+                .value
+                .as_deref()
+                .unwrap_or("(system roots only)"),
+            src(self.tls_ca_file.source),
             dev,
         )
     }

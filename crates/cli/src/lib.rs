@@ -94,7 +94,11 @@ impl Ctx {
 
 /// Runs one command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
-    let ctx = Ctx::new(Config::load(&cli.conn));
+    let cfg = Config::load(&cli.conn);
+    // Before the first client is built: every https:// URL is trusted with it.
+    let ca = cfg.tls_ca_file.value.as_deref().map(std::path::Path::new);
+    gpuq_common::tls::set_trust(gpuq_common::tls::Trust::load(ca)?);
+    let ctx = Ctx::new(cfg);
     match &cli.command {
         Command::Submit(a) => submit::run(&ctx, a).await,
         Command::Jobs { cmd } => jobs::run(&ctx, cmd).await,

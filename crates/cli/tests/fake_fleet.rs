@@ -215,6 +215,7 @@ async fn spawn(fake: Fake) -> (Arc<Fake>, Ctx) {
         admin_token: Some("t".into()),
         read_token: None,
         worker_urls: Some(url),
+        tls_ca_file: None,
     };
     (fake, Ctx::new(Config::resolve(&conn, &DevEnv::default())))
 }

@@ -80,16 +80,17 @@ impl ClientError {
 }
 
 /// One HTTP client for a whole run: keep-alive connections, no proxy (the fleet is reached
-/// directly), bounded connect and request times.
+/// directly), bounded connect and request times; `https://` trusts the process's CA file
+/// (`gpuq_common::tls::trust`).
 pub fn http_client(max_idle_per_host: usize) -> reqwest::Client {
-    reqwest::Client::builder()
+    gpuq_common::tls::http_client_builder()
         .pool_max_idle_per_host(max_idle_per_host)
         .tcp_nodelay(true)
         .no_proxy()
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .build()
-        .expect("an HTTP client without TLS always builds")
+        .expect("an HTTP client with a rustls configuration always builds")
 }
 
 #[derive(Deserialize)]

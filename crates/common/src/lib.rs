@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;
+pub mod tls;
 pub mod topology;
 
 pub use config::Settings;

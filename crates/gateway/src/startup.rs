@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use gpuq_common::config::GatewayConfig;
 use gpuq_common::http::{Limits, serve};
+use gpuq_common::tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +24,8 @@ const FIRST_LINK_WAIT: Duration = Duration::from_secs(10);
 pub struct Application {
     port: u16,
     listener: TcpListener,
+    /// Present when the gateway serves HTTPS (`GPUQ_TLS_CERT_FILE` and `GPUQ_TLS_KEY_FILE`).
+    tls: Option<TlsAcceptor>,
     state: SharedState,
     shutdown: CancellationToken,
     broker_stop: CancellationToken,
@@ -32,6 +35,10 @@ pub struct Application {
 impl Application {
     pub async fn build(config: GatewayConfig) -> anyhow::Result<Self> {
         let common = &config.common;
+        let tls = common
+            .tls
+            .acceptor()
+            .context("loading the HTTPS certificate")?;
         let store = gpuq_common::store::open(&common.store_url)
             .await
             .context("opening the store")?;
@@ -76,6 +83,7 @@ impl Application {
         Ok(Self {
             port,
             listener,
+            tls,
             state,
             shutdown: CancellationToken::new(),
             broker_stop,
@@ -100,9 +108,14 @@ impl Application {
     /// Serves until the shutdown token is cancelled: stops accepting, lets in-flight requests
     /// finish, then closes the broker connection with `200 OK`.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        tracing::info!(port = self.port, "gateway listening");
+        tracing::info!(
+            port = self.port,
+            https = self.tls.is_some(),
+            "gateway listening"
+        );
         let app = router(self.state.clone());
-        serve(self.listener, app, Limits::default(), self.shutdown.clone()).await;
+        let stop = self.shutdown.clone();
+        serve(self.listener, app, Limits::default(), self.tls, stop).await;
         tracing::info!("HTTP drained; closing the broker connection");
         self.broker_stop.cancel();
         self.tracker.close();

@@ -17,6 +17,7 @@ use gpuq_common::config::ManagerConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::http::{Limits, serve, service_router};
 use gpuq_common::metrics::{HttpMetrics, ManagerMetrics, new_registry};
+use gpuq_common::tls::TlsAcceptor;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,8 @@ impl Default for Intervals {
 
 pub struct Application {
     listener: TcpListener,
+    /// Present when the manager serves HTTPS (`GPUQ_TLS_CERT_FILE` and `GPUQ_TLS_KEY_FILE`).
+    tls: Option<TlsAcceptor>,
     port: u16,
     state: AppState,
     intervals: Intervals,
@@ -71,6 +74,10 @@ impl Application {
         if config.worker_secret.is_empty() {
             tracing::warn!("GPUQ_WORKER_SECRET is empty: every heartbeat will be refused");
         }
+        let tls = common
+            .tls
+            .acceptor()
+            .context("loading the HTTPS certificate")?;
         let store = gpuq_common::store::open(&common.store_url)
             .await
             .context("opening the job store")?;
@@ -80,8 +87,8 @@ impl Application {
         let prometheus = new_registry("manager");
         let metrics = ManagerMetrics::new(&prometheus);
         // No redirects: a GPU fault is sent, with the admin token, to the admin URL the engine
-        // registered with and nowhere else.
-        let http = reqwest::Client::builder()
+        // registered with and nowhere else. https:// admin URLs: the process's trust.
+        let http = gpuq_common::tls::http_client_builder()
             .connect_timeout(Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -113,6 +120,7 @@ impl Application {
         }));
         Ok(Self {
             listener,
+            tls,
             port,
             state,
             intervals,
@@ -136,6 +144,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self {
             listener,
+            tls,
             state,
             intervals,
             ..
@@ -183,8 +192,15 @@ impl Application {
         }
         tracker.close();
 
-        tracing::info!(addr = %listener.local_addr()?, "manager listening");
-        serve(listener, router(state), Limits::default(), token.clone()).await;
+        tracing::info!(addr = %listener.local_addr()?, https = tls.is_some(), "manager listening");
+        serve(
+            listener,
+            router(state),
+            Limits::default(),
+            tls,
+            token.clone(),
+        )
+        .await;
         token.cancel();
         if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
             .await

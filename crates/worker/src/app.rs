@@ -11,6 +11,7 @@ use gpuq_common::config::WorkerConfig;
 use gpuq_common::coord::keys::Keys;
 use gpuq_common::http::{Limits, serve};
 use gpuq_common::metrics::{HttpMetrics, WorkerMetrics, new_registry};
+use gpuq_common::tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,8 @@ pub const EXIT_RESTART: i32 = 75;
 pub struct Application {
     worker: Arc<Worker>,
     listener: TcpListener,
+    /// Present when the admin API is served over HTTPS (`GPUQ_TLS_CERT_FILE`, `GPUQ_TLS_KEY_FILE`).
+    tls: Option<TlsAcceptor>,
     port: u16,
 }
 
@@ -49,6 +52,10 @@ impl Application {
         if !config.manager_url.is_empty() && config.worker_token.is_empty() {
             tracing::warn!(worker_id = %engine_id, "GPUQ_WORKER_TOKEN is empty: the manager will refuse this engine's heartbeats (gpuq admin worker-token ENGINE_ID makes one)");
         }
+        let tls = common
+            .tls
+            .acceptor()
+            .context("loading the HTTPS certificate")?;
         let instance_id = format!("{engine_id}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let gpus = crate::gpu::detect(&config).context("detecting GPUs")?;
         tracing::info!(worker_id = %engine_id, backend = gpus.kind(), gpus = gpus.count(), "GPUs ready");
@@ -111,7 +118,8 @@ impl Application {
             consuming: AtomicBool::new(false),
             broker_connected: AtomicBool::new(false),
             started_at_ms: gpuq_common::job::now_ms(),
-            http: reqwest::Client::builder()
+            // Heartbeats to an https:// manager: the process's trust.
+            http: gpuq_common::tls::http_client_builder()
                 .timeout(Duration::from_secs(2))
                 .build()?,
             shutdown: CancellationToken::new(),
@@ -121,6 +129,7 @@ impl Application {
         Ok(Self {
             worker,
             listener,
+            tls,
             port,
         })
     }
@@ -144,7 +153,14 @@ impl Application {
         let consumer = tracker.spawn(crate::consumer::run(w.clone()));
         let router = crate::admin::router(w.clone());
         let http_stop = w.shutdown.clone();
-        tracker.spawn(serve(self.listener, router, Limits::default(), http_stop));
+        let tls = self.tls;
+        tracker.spawn(serve(
+            self.listener,
+            router,
+            Limits::default(),
+            tls,
+            http_stop,
+        ));
         tracing::info!(worker_id = %w.engine_id, instance = %w.instance_id, port = self.port, "worker running");
         let why = tokio::select! {
             _ = stop.cancelled() => Stopped::Requested,

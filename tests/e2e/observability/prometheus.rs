@@ -141,7 +141,7 @@ impl Prometheus {
         let mut p = Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder()
+            http: gpuq_common::tls::http_client_builder()
                 .timeout(Duration::from_secs(20))
                 .build()?,
             log,

@@ -9,8 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::runtime::default_runtime;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::tls::Trust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -29,15 +33,30 @@ pub enum AmqpError {
 static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
 
 /// Connects to the first node that answers, starting at a rotating offset so that services
-/// spread over the cluster and a reconnect tries another node first.
+/// spread over the cluster and a reconnect tries another node first. An `amqps://` node is
+/// reached over TLS with the process's trust (`tls::trust`).
 pub async fn connect_any(urls: &[String], name: &str) -> Result<(Connection, String), AmqpError> {
+    connect_any_trusting(urls, name, crate::tls::trust()).await
+}
+
+/// [`connect_any`] with an explicit trust for `amqps://` nodes.
+pub async fn connect_any_trusting(
+    urls: &[String],
+    name: &str,
+    trust: &Trust,
+) -> Result<(Connection, String), AmqpError> {
     let start = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
     let mut last = String::from("no URL configured");
     for i in 0..urls.len() {
         let url = &urls[(start + i) % urls.len()];
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(name.to_string()));
-        match tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, props)).await {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: trust.ca_pem().map(str::to_string),
+        };
+        let connect = Connection::connect_with_config(url, props, tls, default_runtime()?);
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
             Ok(Ok(conn)) => {
                 tracing::info!(node = %redact(url), "connected to broker");
                 return Ok((conn, url.clone()));

@@ -8,7 +8,7 @@ pub mod startup;
 
 pub use sections::{
     Common, GatewayConfig, GpuSource, GpuThresholds, JobSandboxConfig, LogFormat, MAX_SIM_GPUS,
-    ManagerConfig, ServiceConfig, WorkerConfig,
+    ManagerConfig, ServiceConfig, TlsSettings, WorkerConfig,
 };
 
 use std::collections::BTreeMap;
@@ -30,6 +30,9 @@ pub const CLIENT_ENV_KEYS: &[&str] = &[
     "GPUQ_TEST_REDIS_URL",
     "GPUQ_TEST_MONGODB_URL",
     "GPUQ_TEST_STACK_SCRIPT",
+    "GPUQ_TEST_TLS_CA",
+    "GPUQ_TEST_AMQPS_URLS",
+    "GPUQ_TEST_REDISS_URL",
     "GPUQ_STACK_SCRIPT",
 ];
 
@@ -118,6 +121,13 @@ pub struct Settings {
     pub log_format: String,
     /// tracing filter, e.g. `info,gpuq_worker=debug`.
     pub log: String,
+    /// The service's HTTPS certificate chain and private key (PEM files): with both set it
+    /// serves HTTPS instead of HTTP.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// A CA certificate file (PEM) outgoing TLS connections trust besides the system's roots:
+    /// `amqps://`, `rediss://`, MongoDB with `tls=true`, `https://` manager and worker URLs.
+    pub tls_ca_file: String,
 
     // --- gateway ---
     pub gateway_bind: String,
@@ -207,6 +217,9 @@ impl Default for Settings {
             worker_token: Secret::default(),
             log_format: "json".into(),
             log: "info".into(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_ca_file: String::new(),
             gateway_bind: "0.0.0.0:8080".into(),
             max_body_bytes: 64 * 1024,
             confirm_timeout_ms: 5000,
@@ -338,6 +351,12 @@ impl Settings {
         for pool in self.worker_pool_list() {
             crate::job::validate_pool(&pool).map_err(|m| invalid("worker_pools", &m))?;
         }
+        if self.tls_cert_file.trim().is_empty() != self.tls_key_file.trim().is_empty() {
+            return Err(invalid(
+                "tls_cert_file/tls_key_file",
+                "set both (HTTPS) or neither (HTTP)",
+            ));
+        }
         if self.lease_ttl_ms < 1000 || self.heartbeat_interval_ms == 0 {
             return Err(invalid("lease_ttl_ms", "at least 1000, heartbeat above 0"));
         }
@@ -380,8 +399,13 @@ impl Settings {
         if !self.worker_advertise_url.is_empty() {
             return self.worker_advertise_url.trim_end_matches('/').to_string();
         }
+        let scheme = if self.tls_cert_file.trim().is_empty() {
+            "http"
+        } else {
+            "https"
+        };
         format!(
-            "http://{}",
+            "{scheme}://{}",
             self.worker_bind.replace("0.0.0.0", "127.0.0.1")
         )
     }

@@ -4,6 +4,7 @@
 //! only its section; a bad value stops it at start with the variable's name.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{ConfigError, Secret, Settings};
@@ -41,6 +42,64 @@ pub struct Common {
     pub log_format: LogFormat,
     /// A tracing filter, e.g. `info,gpuq_worker=debug`.
     pub log_filter: String,
+    pub tls: TlsSettings,
+}
+
+/// TLS files (`GPUQ_TLS_*`; see `crate::tls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The HTTPS certificate chain and key; `None`: the service serves HTTP.
+    pub server: Option<(PathBuf, PathBuf)>,
+    /// The CA outgoing TLS connections trust besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    fn from_settings(s: &Settings) -> Self {
+        let path = |v: &str| Some(PathBuf::from(v.trim())).filter(|p| !p.as_os_str().is_empty());
+        Self {
+            server: path(&s.tls_cert_file).zip(path(&s.tls_key_file)),
+            ca_file: path(&s.tls_ca_file),
+        }
+    }
+
+    /// The HTTPS listener's acceptor, when the service serves HTTPS.
+    pub fn acceptor(&self) -> Result<Option<crate::tls::TlsAcceptor>, crate::tls::TlsError> {
+        self.server
+            .as_ref()
+            .map(|(cert, key)| crate::tls::server_acceptor(cert, key))
+            .transpose()
+    }
+}
+
+/// A `mongodb://` URL that asks for TLS (`tls=true` or `ssl=true`) and names no CA file gets
+/// `tlsCAFile=ca_file`; any other URL is left as it is.
+fn mongodb_url_with_ca(url: &str, ca_file: Option<&Path>) -> String {
+    let Some(ca) = ca_file else {
+        return url.to_string();
+    };
+    let Some((_, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let options: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_ascii_lowercase()))
+        .collect();
+    let tls_on = options
+        .iter()
+        .any(|(k, v)| (k == "tls" || k == "ssl") && v == "true");
+    if !url.starts_with("mongodb") || !tls_on || options.iter().any(|(k, _)| k == "tlscafile") {
+        return url.to_string();
+    }
+    // Percent-encoded where a path's character would end the value or mean an escape.
+    let ca = ca
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('&', "%26")
+        .replace(' ', "%20")
+        .replace('#', "%23");
+    format!("{url}&tlsCAFile={ca}")
 }
 
 impl Common {
@@ -185,13 +244,15 @@ impl Common {
             "pretty" => LogFormat::Pretty,
             _ => return Err(ConfigError::invalid("log_format", "json or pretty")),
         };
+        let tls = TlsSettings::from_settings(s);
         Ok(Self {
             amqp_urls: s.amqp_url_list(),
             redis_url: s.redis_url.clone(),
-            store_url: s.store_url.clone(),
+            store_url: mongodb_url_with_ca(&s.store_url, tls.ca_file.as_deref()),
             topology: Topology::from_settings(s),
             log_format,
             log_filter: s.log.clone(),
+            tls,
         })
     }
 }
@@ -333,6 +394,62 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_mongodb_url_asking_for_tls_trusts_the_ca_file_unless_it_names_one() {
+        let ca = Some(Path::new("/etc/gpuq/tls/ca.pem"));
+        let with = |url| mongodb_url_with_ca(url, ca);
+        assert_eq!(
+            with("mongodb://m:27017/gpuq?tls=true"),
+            "mongodb://m:27017/gpuq?tls=true&tlsCAFile=/etc/gpuq/tls/ca.pem"
+        );
+        assert!(
+            with("mongodb://m/gpuq?replicaSet=r&SSL=TRUE")
+                .ends_with("&tlsCAFile=/etc/gpuq/tls/ca.pem")
+        );
+        for unchanged in [
+            "mongodb://m:27017/gpuq",
+            "mongodb://m/gpuq?tls=false",
+            "mongodb://m/gpuq?tls=true&tlsCAFile=/other.pem",
+            "sqlite://gpuq.db",
+        ] {
+            assert_eq!(with(unchanged), unchanged);
+        }
+        assert_eq!(
+            mongodb_url_with_ca("mongodb://m/?tls=true", None),
+            "mongodb://m/?tls=true"
+        );
+        assert!(
+            mongodb_url_with_ca("mongodb://m/?tls=true", Some(Path::new("/a b&c.pem")))
+                .ends_with("tlsCAFile=/a%20b%26c.pem")
+        );
+    }
+
+    #[test]
+    fn https_needs_both_files_and_makes_the_worker_admin_url_https() {
+        let s = Settings {
+            tls_cert_file: "/tls/server.pem".into(),
+            ..Settings::default()
+        };
+        let env: BTreeMap<String, String> = serde_json::from_value(serde_json::json!({
+            "GPUQ_TLS_CERT_FILE": "/tls/server.pem"
+        }))
+        .unwrap();
+        let e = Settings::from_sources(&env).unwrap_err().to_string();
+        assert!(e.contains("tls_cert_file/tls_key_file"), "{e}");
+        let s = Settings {
+            tls_key_file: "/tls/server.key".into(),
+            worker_bind: "0.0.0.0:9001".into(),
+            ..s
+        };
+        let w = WorkerConfig::from_settings(&s).unwrap();
+        assert_eq!(w.admin_url, "https://127.0.0.1:9001");
+        assert_eq!(
+            w.common.tls.server,
+            Some(("/tls/server.pem".into(), "/tls/server.key".into()))
+        );
+        assert_eq!(w.common.tls.ca_file, None);
     }
 
     #[test]

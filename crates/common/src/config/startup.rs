@@ -1,7 +1,7 @@
 //! How every service's `main` starts: `--help` and `--version`, `--config FILE` (or
 //! `GPUQ_CONFIG`), the settings loaded and parsed into the service's typed section (a bad value
-//! prints the variable's name and exits with `EXIT_BAD_CONFIG`), telemetry, and a warning per
-//! unknown `GPUQ_*` variable (likely a typo).
+//! prints the variable's name and exits with `EXIT_BAD_CONFIG`), the TLS trust (`tls::set_trust`),
+//! telemetry, and a warning per unknown `GPUQ_*` variable (likely a typo).
 
 use std::collections::BTreeMap;
 
@@ -55,6 +55,16 @@ pub fn start<C: ServiceConfig>(
         }
     };
     let common = config.common();
+    // The CA outgoing TLS connections trust, before any connection is made.
+    match crate::tls::Trust::load(common.tls.ca_file.as_deref()) {
+        Ok(trust) => {
+            crate::tls::set_trust(trust);
+        }
+        Err(e) => {
+            eprintln!("{binary}: configuration: tls_ca_file: {e}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        }
+    }
     // lapin logs every returned (unroutable) message with its body at WARN; the services log
     // those themselves, once.
     let filter = format!("{},lapin::returned_messages=error", common.log_filter);

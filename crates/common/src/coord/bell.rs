@@ -119,7 +119,7 @@ impl Bell {
         requests: &mut mpsc::UnboundedReceiver<Uuid>,
         stop: &CancellationToken,
     ) -> redis::RedisResult<()> {
-        let client = redis::Client::open(redis_url)?;
+        let client = super::conn::client(redis_url)?;
         let (mut sink, mut messages) = client.get_async_pubsub().await?.split();
         for job in self.watched() {
             sink.subscribe(keys.events_channel(job)).await?;

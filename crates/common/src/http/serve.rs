@@ -7,6 +7,10 @@
 //!   closed (an idle keep-alive connection, a client that stopped reading).
 //! - **A cap on open connections**: past it, new connections wait in the kernel's backlog instead
 //!   of taking file descriptors the service needs for its broker, Redis and store.
+//! - **HTTPS** when given a TLS acceptor (`tls::server_acceptor`): the handshake must be done
+//!   within the header-read timeout, counted from the connection's start, so a client that
+//!   never finishes it is cut off like one that never sends its head; every other limit holds
+//!   as for HTTP.
 //! - **Graceful stop**: on `shutdown` it stops accepting, lets each connection finish the
 //!   request in flight, and gives up on connections still open after the drain time (a stream
 //!   that never ends, a client that never reads).
@@ -27,6 +31,8 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::tls::TlsAcceptor;
 
 /// The server's limits.
 #[derive(Debug, Clone, Copy)]
@@ -51,11 +57,13 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown`, then drains (see the module's doc).
+/// Serves `app` on `listener` until `shutdown`, then drains (see the module's doc); HTTPS when
+/// `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -81,8 +89,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let stop = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _permit = permit;
+            let started = Instant::now();
             // A connection that sends nothing is not worth a task and a permit for long.
             // (`peek` waits for a byte; `readable` may answer at once for a fresh socket.)
             let mut byte = [0u8; 1];
@@ -91,22 +101,16 @@ pub async fn serve(
                 return;
             }
             let stream = IdleTimeout::new(stream, limits.idle_timeout);
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match tls {
+                None => serve_connection(stream, service, limits, stop).await,
+                Some(acceptor) => {
+                    let deadline = started + limits.header_read_timeout;
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, limits, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error.message = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake not done in time"),
+                    }
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error.message = %e, "connection ended with an error");
             }
         });
     }
@@ -120,6 +124,35 @@ pub async fn serve(
             open = connections.len(),
             "connections still open after the drain time; closing them"
         );
+    }
+}
+
+/// HTTP/1.1 on one accepted connection (plain or TLS) until it ends or `stop`, when the request
+/// in flight is finished first.
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    limits: Limits,
+    stop: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error.message = %e, "connection ended with an error");
     }
 }
 
@@ -219,7 +252,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", get(|| async { "ok" }));
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, app, limits, stop.clone()));
+        tokio::spawn(serve(listener, app, limits, None, stop.clone()));
         (addr, stop)
     }
 
@@ -310,6 +343,83 @@ mod tests {
         stop.cancel();
     }
 
+    /// An HTTPS server on loopback with a throwaway CA: its address, its stop, the CA file.
+    async fn start_https(
+        limits: Limits,
+        dir: &std::path::Path,
+    ) -> (std::net::SocketAddr, CancellationToken, std::path::PathBuf) {
+        let (ca, cert, key) = crate::tls::test_certs(dir);
+        let acceptor = crate::tls::server_acceptor(&cert, &key).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, app, limits, Some(acceptor), stop.clone()));
+        (addr, stop, ca)
+    }
+
+    /// GET / over TLS, trusting `ca`.
+    async fn get_root_https(
+        addr: std::net::SocketAddr,
+        ca: &std::path::Path,
+    ) -> std::io::Result<String> {
+        let trust = crate::tls::Trust::with_ca_file(ca).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(trust.client_config()));
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut s = connector.connect(name, tcp).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn https_is_served_to_a_client_that_trusts_the_ca_and_plain_http_gets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, stop, ca) = start_https(Limits::default(), dir.path()).await;
+        assert!(get_root_https(addr, &ca).await.unwrap().ends_with("ok"));
+        // Another CA: the client refuses the server's certificate.
+        let other = tempfile::tempdir().unwrap();
+        let (other_ca, _, _) = crate::tls::test_certs(other.path());
+        let e = get_root_https(addr, &other_ca).await.unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        // Plain HTTP on the HTTPS port: no HTTP answer.
+        let mut out = String::new();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(!out.contains("HTTP/1.1 200"), "{out}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_the_tls_handshake_is_cut_off_at_the_header_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let (addr, stop, ca) = start_https(limits, dir.path()).await;
+        // The first bytes of a ClientHello record, then nothing.
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(3), stalled.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "cut off only after {:?}",
+            started.elapsed()
+        );
+        assert!(get_root_https(addr, &ca).await.unwrap().ends_with("ok"));
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn a_stop_finishes_the_request_in_flight_and_returns() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -322,7 +432,7 @@ mod tests {
             }),
         );
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, app, Limits::default(), stop.clone()));
+        let server = tokio::spawn(serve(listener, app, Limits::default(), None, stop.clone()));
         let request = tokio::spawn(get_root(addr));
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.cancel();

@@ -109,7 +109,7 @@ async fn close_gateway_connections(app: &TestApp) {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| app.settings.rabbitmq_mgmt_urls.clone());
-    let http = reqwest::Client::new();
+    let http = gpuq_common::tls::http_client_builder().build().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         for base in mgmt.split(',').map(str::trim).filter(|b| !b.is_empty()) {

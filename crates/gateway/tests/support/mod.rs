@@ -200,7 +200,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         .expect("test connection to Redis");
     TestApp {
         base,
-        http: reqwest::Client::new(),
+        http: gpuq_common::tls::http_client_builder().build().unwrap(),
         topology: Topology::from_settings(&settings),
         settings,
         state,

@@ -104,7 +104,7 @@ pub async fn spawn_app() -> TestApp {
         keys: Keys::new(&prefix),
         prefix,
         state,
-        http: reqwest::Client::new(),
+        http: gpuq_common::tls::http_client_builder().build().unwrap(),
         redis,
         token,
         handle,
