@@ -139,6 +139,10 @@ phase_tests() {
   local rc1 rc2 rc3 rc_mongo=0 mongo
   export GPUQ_TEST_AMQP_URLS="amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.1:5673/%2f,amqp://guest:guest@127.0.0.1:5674/%2f"
   export GPUQ_TEST_REDIS_URL="redis://127.0.0.1:6379/0"
+  # The stack's TLS listeners (scripts/stack.sh): its dev CA, AMQPS 5681-5683, Redis TLS on 6380.
+  export GPUQ_TEST_TLS_CA="$ROOT/.stack/tls/ca.pem"
+  export GPUQ_TEST_AMQPS_URLS="amqps://guest:guest@127.0.0.1:5681/%2f,amqps://guest:guest@127.0.0.1:5682/%2f,amqps://guest:guest@127.0.0.1:5683/%2f"
+  export GPUQ_TEST_REDISS_URL="rediss://127.0.0.1:6380/0"
   export GPUQ_TEST_STACK_SCRIPT="$STACK"
   export GPUQ_BIN_DIR="$ROOT/target/debug"
   # The MongoDB store contract always runs: without a server it fails, it is never skipped.
