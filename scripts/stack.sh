@@ -9,6 +9,7 @@
 #   scripts/stack.sh redis-stop    stop Redis, keeping its data
 #   scripts/stack.sh redis-start   start Redis again
 #   scripts/stack.sh ctl N ARGS…   rabbitmqctl ARGS… against node N (with its cookie)
+#   scripts/stack.sh credentials   the services' own URLs (least privilege), KEY=value lines
 #
 # Nodes: rabbitN@localhost, AMQP 5671+N, AMQPS (TLS) 5680+N, management 15671+N, prometheus
 # 15691+N, Erlang distribution 25671+N. Redis: 127.0.0.1:6379, with TLS 127.0.0.1:6380 (no client
@@ -16,6 +17,9 @@
 # TLS: `up` makes, once, a private dev CA and a server certificate for localhost and 127.0.0.1
 # in <repo>/.stack/tls/ (ca.pem, server.pem, server.key; clients trust ca.pem). Kept across
 # restarts; the server certificate is renewed when it expires within 30 days.
+# Users: guest/guest (RabbitMQ) and Redis's password-less default user stay, for tests and
+# operators; each service has its own user, limited to what it needs (gpuq-gateway, gpuq-worker,
+# gpuq-manager; scripts/stack-access.sh), its password made once in .stack/credentials.
 # Environment: GPUQ_STACK_START_TIMEOUT (seconds, default 120) bounds each wait;
 # GPUQ_STACK_LOCK_TIMEOUT (default 600) bounds the wait for another stack.sh holding .stack/.lock.
 set -euo pipefail
@@ -557,7 +561,10 @@ EOF
     log "started redis on 127.0.0.1:$REDIS_PORT (TLS :$REDIS_TLS_PORT)"
   fi
   for ((i = 0; i < START_TIMEOUT * 5; i++)); do
-    if redis_ping; then return 0; fi
+    if redis_ping; then
+      ensure_redis_users
+      return 0
+    fi
     if [ "$i" -gt 10 ] && ! redis_pid >/dev/null; then break; fi
     sleep 0.2
   done
@@ -591,6 +598,7 @@ cmd_up() {
   ensure_tls
   redis_start
   rabbit_up_all
+  ensure_rabbit_users
   log "stack is up in $(elapsed "$t0")s: RabbitMQ amqp://guest:guest@127.0.0.1:5672,5673,5674 and amqps://…:5681,5682,5683 (management http://127.0.0.1:15672 guest/guest), Redis redis://127.0.0.1:$REDIS_PORT and rediss://127.0.0.1:$REDIS_TLS_PORT (TLS CA: $TLS_DIR/ca.pem)"
 }
 
@@ -716,6 +724,7 @@ main() {
       shift 2
       rmqctl "$n" "$@"
       ;;
+    credentials) cmd_credentials ;;
     redis-stop) redis_stop ;;
     redis-start)
       ensure_installed

@@ -144,6 +144,13 @@ phase_tests() {
   export GPUQ_TEST_AMQPS_URLS="amqps://guest:guest@127.0.0.1:5681/%2f,amqps://guest:guest@127.0.0.1:5682/%2f,amqps://guest:guest@127.0.0.1:5683/%2f"
   export GPUQ_TEST_REDISS_URL="rediss://127.0.0.1:6380/0"
   export GPUQ_TEST_STACK_SCRIPT="$STACK"
+  # Least privilege: the services the suites spawn log in as their own users (the harness reads
+  # GPUQ_TEST_AMQP_URLS_<SERVICE>, GPUQ_TEST_REDIS_URL_<SERVICE>, GPUQ_TEST_RABBITMQ_MGMT_URLS_MANAGER).
+  local line creds
+  creds="$(bash "$STACK" credentials)" || return 1
+  while IFS= read -r line; do
+    export "GPUQ_TEST_$line"
+  done <<<"$creds"
   export GPUQ_BIN_DIR="$ROOT/target/debug"
   # The MongoDB store contract always runs: without a server it fails, it is never skipped.
   if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then

@@ -4,9 +4,10 @@
 //! a SQLite file, or with `GPUQ_TEST_STORE=mongodb` a MongoDB database of the stack's own.
 //! Workers run under a restart loop like `scripts/dev.sh`, so crash tests see them come back.
 //!
-//! `env` (environment, paths, ports, polling), `stack` (spawn, submit, wait, stop), `fleet`
+//! `access` (each service's own broker and Redis users), `env` (environment, paths, ports, polling), `stack` (spawn, submit, wait, stop), `fleet`
 //! (engines through the manager), `metrics` (exposition checks), `procs` (supervised processes).
 
+pub mod access;
 pub mod env;
 pub mod fleet;
 pub mod metrics;

@@ -16,6 +16,7 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::access::{least_privilege, provision_topology, service_env};
 use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
@@ -89,6 +90,7 @@ fn spawn_workers(
     for i in 0..opts.workers {
         let port = free_port();
         let mut env = base_env.to_vec();
+        env.extend(service_env("worker"));
         let id = format!("worker-{}", i + 1);
         env.extend([
             (
@@ -125,7 +127,9 @@ pub fn worker_token(worker_secret: &str, engine_id: &str) -> Secret {
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
-        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        // Under `gpuq-`: the services' own users may use the prefix gpuq and its sub-prefixes
+        // gpuq-<name> only (scripts/stack-access.sh).
+        let prefix = format!("gpuq-t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let dir = repo_root().join("target/e2e").join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let api_key = Uuid::new_v4().simple().to_string();
@@ -171,10 +175,16 @@ impl Stack {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
         }
         base_env.extend(opts.env.iter().cloned());
+        if least_privilege() {
+            provision_topology(&base_env)
+                .await
+                .context("provisioning the stack's queues as the admin")?;
+        }
         // The store (file, or database indexes) is created before the services race to create it.
         let store = store::open(&store_url).await?;
         let manager = if opts.manager {
             let mut env = base_env.clone();
+            env.extend(service_env("manager"));
             env.push((
                 "GPUQ_MANAGER_BIND".into(),
                 format!("127.0.0.1:{manager_port}"),
@@ -191,6 +201,7 @@ impl Stack {
             None
         };
         let mut env = base_env.clone();
+        env.extend(service_env("gateway"));
         env.push((
             "GPUQ_GATEWAY_BIND".into(),
             format!("127.0.0.1:{gateway_port}"),
