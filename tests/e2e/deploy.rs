@@ -1452,6 +1452,56 @@ fn rabbitmq_definitions_give_each_services_user_only_what_it_needs() {
                 }
             }
         }
+        for (exchange, kind) in [
+            (topo.jobs_exchange(), "direct"),
+            (topo.dead_letter_exchange(), "fanout"),
+        ] {
+            match exchanges.get(&exchange) {
+                Some((k, true)) if k == kind => {}
+                other => errors.push(format!(
+                    "exchange {exchange}: definitions say {other:?}, gpuq declares a durable {kind}"
+                )),
+            }
+        }
+        // Queues are left to the services (declared once all three nodes run, so with three
+        // replicas); any queue the definitions do declare must match what the services declare.
+        for q in defs["queues"].as_array().into_iter().flatten() {
+            let qname = q["name"].as_str().unwrap_or_default();
+            let want = if qname == topo.dead_queue() {
+                BTreeMap::from([("x-queue-type".to_string(), serde_json::json!("quorum"))])
+            } else if let Some(pool) = qname.strip_prefix(&format!("{}.jobs.", topo.prefix)) {
+                let _ = pool;
+                topo.pool_queue_args()
+                    .inner()
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            AMQPValue::LongString(s) => {
+                                serde_json::json!(String::from_utf8_lossy(s.as_bytes()))
+                            }
+                            AMQPValue::LongInt(i) => serde_json::json!(i),
+                            AMQPValue::LongLongInt(i) => serde_json::json!(i),
+                            other => serde_json::json!(format!("{other:?}")),
+                        };
+                        (k.to_string(), v)
+                    })
+                    .collect()
+            } else {
+                errors.push(format!(
+                    "definitions declare queue {qname}, which gpuq does not use"
+                ));
+                continue;
+            };
+            let got: BTreeMap<String, serde_json::Value> = q["arguments"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            if got != want {
+                errors.push(format!(
+                    "queue {qname}: definitions {got:?}, the services declare {want:?}"
+                ));
+            }
+        }
     }
     assert_no_errors("deploy/rabbitmq/definitions.json", errors);
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use gpuq_common::Settings;
 use gpuq_common::topology::Topology;
 
-use crate::env::test_env;
+use crate::env::admin_amqp_urls;
 
 /// The services that have users of their own.
 pub const SERVICES: [&str; 3] = ["gateway", "worker", "manager"];
@@ -58,14 +58,22 @@ pub fn required_service_url(what: &str, service: &str) -> String {
 /// only a pool's workers may create its queue (RabbitMQ asks for read on a queue declared with a
 /// dead-letter exchange), so a stack without workers would have nowhere to put jobs. `env` is
 /// the stack's base environment: the queues get the arguments the services declare them with.
+/// Nothing to do when the services run as the admin (they declare it all themselves).
 pub async fn provision_topology(env: &[(String, String)]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if !least_privilege() {
+        return Ok(());
+    }
+    provision(env)
+        .await
+        .context("provisioning the stack's queues as the admin")
+}
+
+async fn provision(env: &[(String, String)]) -> anyhow::Result<()> {
     let map: BTreeMap<String, String> = env.iter().cloned().collect();
     let settings = Settings::from_sources(&map)?;
     let topology = Topology::from_settings(&settings);
-    let urls: Vec<String> = test_env("GPUQ_TEST_AMQP_URLS")
-        .split(',')
-        .map(String::from)
-        .collect();
+    let urls = admin_amqp_urls();
     let (conn, _) = gpuq_common::amqp::connect_any(&urls, "gpuq-e2e-provision").await?;
     let ch = conn.create_channel().await?;
     topology.declare(&ch, &["default".to_string()]).await?;

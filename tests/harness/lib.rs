@@ -15,8 +15,8 @@ pub mod procs;
 pub mod stack;
 
 pub use env::{
-    TEST_STORE_ENV, bin_dir, eventually, free_port, mongodb_url_with_database, repo_root, test_env,
-    test_store_url,
+    TEST_STORE_ENV, admin_amqp_urls, bin_dir, eventually, free_port, mongodb_url_with_database,
+    repo_root, test_env, test_store_url,
 };
 pub use metrics::{by_status, percentile, promtool_lint, sum_metric};
 pub use procs::Supervised;

@@ -16,8 +16,8 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::access::{least_privilege, provision_topology, service_env};
-use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url};
+use crate::access::{provision_topology, service_env};
+use crate::env::{admin_amqp_urls, bin_dir, free_port, repo_root, test_env, test_store_url};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
 
@@ -175,11 +175,7 @@ impl Stack {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
         }
         base_env.extend(opts.env.iter().cloned());
-        if least_privilege() {
-            provision_topology(&base_env)
-                .await
-                .context("provisioning the stack's queues as the admin")?;
-        }
+        provision_topology(&base_env).await?;
         // The store (file, or database indexes) is created before the services race to create it.
         let store = store::open(&store_url).await?;
         let manager = if opts.manager {
@@ -450,10 +446,7 @@ impl Stack {
     }
 
     pub async fn passive_count(&self, queue: &str) -> anyhow::Result<u32> {
-        let urls: Vec<String> = test_env("GPUQ_TEST_AMQP_URLS")
-            .split(',')
-            .map(String::from)
-            .collect();
+        let urls = admin_amqp_urls();
         let (conn, _) = gpuq_common::amqp::connect_any(&urls, "gpuq-e2e").await?;
         let ch = conn.create_channel().await?;
         let q = ch
@@ -562,10 +555,7 @@ impl Stack {
         if let Some(m) = &mut self.manager {
             m.stop().await;
         }
-        let urls: Vec<String> = test_env("GPUQ_TEST_AMQP_URLS")
-            .split(',')
-            .map(String::from)
-            .collect();
+        let urls = admin_amqp_urls();
         if let Ok((conn, _)) = gpuq_common::amqp::connect_any(&urls, "gpuq-e2e-cleanup").await {
             if let Ok(ch) = conn.create_channel().await {
                 for q in [
