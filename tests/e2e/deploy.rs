@@ -1513,15 +1513,25 @@ fn redis_gives_each_service_a_user_with_gpuq_keys_only_and_no_dangerous_command(
     let c = main_compose();
     let mut errors = Vec::new();
     let command = str_list(c.services.get("redis").expect("redis").get("command"));
-    let users: BTreeMap<String, Vec<String>> = command
-        .iter()
-        .zip(command.iter().skip(1))
-        .filter(|(flag, _)| *flag == "--user")
-        .filter_map(|(_, rule)| {
-            let mut words = rule.split_whitespace().map(String::from);
-            Some((words.next()?, words.collect()))
-        })
-        .collect();
+    // `--user NAME RULE…`: every word up to the next `--option` (Redis reads an argument with
+    // spaces as one word, so each rule is an argument of its own).
+    let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut args = command.iter().peekable();
+    while let Some(arg) = args.next() {
+        if arg != "--user" {
+            continue;
+        }
+        let mut words = vec![];
+        while let Some(w) = args.next_if(|w| !w.starts_with("--")) {
+            if w.contains(' ') {
+                errors.push(format!("redis: {w:?} holds a space (Redis reads it as one word)"));
+            }
+            words.push(w.clone());
+        }
+        if let Some((name, rules)) = words.split_first() {
+            users.insert(name.clone(), rules.to_vec());
+        }
+    }
     for (name, s) in c.services.iter().filter(|(_, s)| is_gpuq(s)) {
         let settings = settings_of(s).unwrap();
         let binary = gpuq_binary(s);
