@@ -1524,7 +1524,9 @@ fn redis_gives_each_service_a_user_with_gpuq_keys_only_and_no_dangerous_command(
         let mut words = vec![];
         while let Some(w) = args.next_if(|w| !w.starts_with("--")) {
             if w.contains(' ') {
-                errors.push(format!("redis: {w:?} holds a space (Redis reads it as one word)"));
+                errors.push(format!(
+                    "redis: {w:?} holds a space (Redis reads it as one word)"
+                ));
             }
             words.push(w.clone());
         }
