@@ -168,6 +168,15 @@ sweep_leftovers() {
   done
 }
 
+# credential KEY : a line of `scripts/stack.sh credentials` (read once, by cmd_up, into CREDENTIALS).
+CREDENTIALS=""
+credential() {
+  local v
+  v="$(sed -n "s/^$1=//p" <<<"$CREDENTIALS")"
+  [ -n "$v" ] || die "scripts/stack.sh credentials printed no $1"
+  printf '%s' "$v"
+}
+
 start_service() { # "LINE" BIN_DIR
   local line="$1" bin_dir="$2" name prog port pid
   name="$(svc_field "$line" 0)"
@@ -203,9 +212,21 @@ start_service() { # "LINE" BIN_DIR
     export GPUQ_LOG_FORMAT=json
     export GPUQDEV_MARKER="$DEV_DIR"
     export GPUQDEV_SERVICE="$name"
+    # Least privilege: each service logs in to RabbitMQ and Redis as its own user
+    # (scripts/stack.sh credentials).
+    local svc="${name%%-*}"
+    case "$svc" in
+      gateway | manager | worker)
+        svc="$(printf '%s' "$svc" | tr 'a-z' 'A-Z')"
+        GPUQ_AMQP_URLS="$(credential "AMQP_URLS_$svc")"
+        GPUQ_REDIS_URL="$(credential "REDIS_URL_$svc")"
+        ;;
+    esac
     case "$name" in
       gateway) export GPUQ_GATEWAY_BIND="127.0.0.1:$port" ;;
       manager)
+        GPUQ_RABBITMQ_MGMT_URLS="$(credential RABBITMQ_MGMT_URLS_MANAGER)"
+        export GPUQ_RABBITMQ_MGMT_URLS
         export GPUQ_MANAGER_BIND="127.0.0.1:$port"
         # Only the manager holds the fleet secret; each worker gets its own credential.
         export GPUQ_READ_TOKEN="$READ_TOKEN"
@@ -384,6 +405,7 @@ cmd_up() {
   mkdir -p "$LOG_DIR" "$PID_DIR"
 
   bash "$STACK" up
+  CREDENTIALS="$(bash "$STACK" credentials)"
 
   profile=debug
   [ "$release" -eq 1 ] && profile=release
@@ -442,7 +464,8 @@ cmd_up() {
   gateway      $GATEWAY_URL        (API keys in .dev/env: GPUQ_API_KEY, tenant dev, admin; GPUQ_API_KEY_2, tenant team-b)
   manager UI   $MANAGER_URL/ui   (token in .dev/env: GPUQ_READ_TOKEN, or GPUQ_ADMIN_TOKEN to act)
   workers      http://127.0.0.1:9001  http://127.0.0.1:9002  http://127.0.0.1:9003
-  RabbitMQ     http://127.0.0.1:15672  (guest / guest)
+  RabbitMQ     http://127.0.0.1:15672  (guest / guest; the services log in as their own users:
+               scripts/stack.sh credentials)
   Redis        $REDIS_URL
   store        $STORE_URL
 EOF

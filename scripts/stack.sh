@@ -9,15 +9,26 @@
 #   scripts/stack.sh redis-stop    stop Redis, keeping its data
 #   scripts/stack.sh redis-start   start Redis again
 #   scripts/stack.sh ctl N ARGS…   rabbitmqctl ARGS… against node N (with its cookie)
+#   scripts/stack.sh credentials   the services' own URLs (least privilege), KEY=value lines
 #
-# Nodes: rabbitN@localhost, AMQP 5671+N, management 15671+N, prometheus 15691+N,
-# Erlang distribution 25671+N. Redis: 127.0.0.1:6379. Data and logs: <repo>/.stack/.
+# Nodes: rabbitN@localhost, AMQP 5671+N, AMQPS (TLS) 5680+N, management 15671+N, prometheus
+# 15691+N, Erlang distribution 25671+N. Redis: 127.0.0.1:6379, with TLS 127.0.0.1:6380 (no client
+# certificates asked). Data and logs: <repo>/.stack/.
+# TLS: `up` makes, once, a private dev CA and a server certificate for localhost and 127.0.0.1
+# in <repo>/.stack/tls/ (ca.pem, server.pem, server.key; clients trust ca.pem). Kept across
+# restarts; the server certificate is renewed when it expires within 30 days.
+# Users: guest/guest (RabbitMQ) and Redis's password-less default user stay, for tests and
+# operators; each service has its own user, limited to what it needs (gpuq-gateway, gpuq-worker,
+# gpuq-manager; scripts/stack-access.sh), its password made once in .stack/credentials.
 # Environment: GPUQ_STACK_START_TIMEOUT (seconds, default 120) bounds each wait;
 # GPUQ_STACK_LOCK_TIMEOUT (default 600) bounds the wait for another stack.sh holding .stack/.lock.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/lib.sh"
+# TLS certificates and the per-service users (sourced: it uses the variables set below).
+# shellcheck source=scripts/stack-access.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/stack-access.sh"
 
 ROOT="$GPUQ_REPO_ROOT"
 STACK_DIR="$ROOT/.stack"
@@ -27,7 +38,9 @@ NODES=(1 2 3)
 START_TIMEOUT="${GPUQ_STACK_START_TIMEOUT:-120}"
 STOP_TIMEOUT=60
 REDIS_PORT=6379
+REDIS_TLS_PORT=6380
 REDIS_DIR="$STACK_DIR/redis"
+TLS_DIR="$STACK_DIR/tls"
 
 case "$ROOT" in
   *[[:space:]]*) die "the repository path '$ROOT' contains whitespace; RabbitMQ's scripts cannot cope with that" ;;
@@ -36,6 +49,7 @@ esac
 node_name() { printf 'rabbit%s@localhost' "$1"; }
 node_dir() { printf '%s/rabbit%s' "$STACK_DIR" "$1"; }
 amqp_port() { printf '%s' $((5671 + $1)); }
+amqps_port() { printf '%s' $((5680 + $1)); }
 mgmt_port() { printf '%s' $((15671 + $1)); }
 prom_port() { printf '%s' $((15691 + $1)); }
 dist_port() { printf '%s' $((25671 + $1)); }
@@ -137,6 +151,7 @@ prepare_node() {
   fi
   chmod 400 "$d/home/.erlang.cookie"
   sed -e "s/@MGMT_PORT@/$(mgmt_port "$n")/g" -e "s/@PROM_PORT@/$(prom_port "$n")/g" \
+    -e "s/@AMQPS_PORT@/$(amqps_port "$n")/g" -e "s|@TLS_DIR@|$TLS_DIR|g" \
     "$RMQ_TEMPLATE" >"$d/rabbitmq.conf.tmp"
   local peers=""
   if [ "$n" != 1 ]; then
@@ -244,7 +259,7 @@ node_failure_logs() {
 
 check_node_ports_free() {
   local n="$1" p bad=0
-  for p in "$(amqp_port "$n")" "$(mgmt_port "$n")" "$(prom_port "$n")" "$(dist_port "$n")"; do
+  for p in "$(amqp_port "$n")" "$(amqps_port "$n")" "$(mgmt_port "$n")" "$(prom_port "$n")" "$(dist_port "$n")"; do
     if port_listening "$p"; then
       printf '[%s] ERROR: port %s, needed by %s, is already in use by:\n%s\n' "$(_ts)" "$p" "$(node_name "$n")" "$(port_holder "$p")" >&2
       bad=1
@@ -280,7 +295,7 @@ launch_node() {
   ) &
   pid=$!
   printf '%s\n' "$pid" >"$d/server.pid"
-  log "started $(node_name "$n") (pid $pid, amqp $(amqp_port "$n"), management $(mgmt_port "$n"))"
+  log "started $(node_name "$n") (pid $pid, amqp $(amqp_port "$n"), amqps $(amqps_port "$n"), management $(mgmt_port "$n"))"
 }
 
 # listening_all PORT... : true when every port listens (one `ss` call: this is polled).
@@ -331,7 +346,7 @@ await_node() {
     # and slows down the booting nodes: wait until the node's AMQP, management and prometheus
     # ports listen (the end of its boot), then let one await_startup call confirm. It fails at
     # once while the node is not reachable, hence the loop.
-    if listening_all "$(amqp_port "$n")" "$(mgmt_port "$n")" "$(prom_port "$n")" ||
+    if listening_all "$(amqp_port "$n")" "$(amqps_port "$n")" "$(mgmt_port "$n")" "$(prom_port "$n")" ||
       [ $(($(date +%s) - start)) -ge 45 ]; then
       if out="$(rmqctl "$n" -q await_startup --timeout "$left" 2>&1)"; then
         return 0
@@ -514,15 +529,24 @@ redis_start() {
   if pid="$(redis_pid)"; then
     log "redis already runs (pid $pid)"
   else
-    if port_listening "$REDIS_PORT"; then
-      printf '[%s] ERROR: port %s is already in use by:\n%s\n' "$(_ts)" "$REDIS_PORT" "$(port_holder "$REDIS_PORT")" >&2
-      die "cannot start redis: stop what holds port $REDIS_PORT first"
-    fi
+    local p
+    for p in "$REDIS_PORT" "$REDIS_TLS_PORT"; do
+      if port_listening "$p"; then
+        printf '[%s] ERROR: port %s is already in use by:\n%s\n' "$(_ts)" "$p" "$(port_holder "$p")" >&2
+        die "cannot start redis: stop what holds port $p first"
+      fi
+    done
     mkdir -p "$REDIS_DATA"
     cat >"$REDIS_DIR/redis.conf" <<EOF
 # Generated by scripts/stack.sh
 bind 127.0.0.1
 port $REDIS_PORT
+# TLS beside the plain port, with the dev CA's server certificate (ensure_tls); no client certs.
+tls-port $REDIS_TLS_PORT
+tls-cert-file $TLS_DIR/server.pem
+tls-key-file $TLS_DIR/server.key
+tls-ca-cert-file $TLS_DIR/ca.pem
+tls-auth-clients no
 protected-mode yes
 daemonize yes
 pidfile $REDIS_DIR/redis.pid
@@ -534,10 +558,13 @@ save 60 1
 EOF
     rm -f "$REDIS_DIR/redis.pid"
     (cd "$REDIS_DATA" && setsid redis-server "$REDIS_DIR/redis.conf" </dev/null >>"$REDIS_DIR/redis.log" 2>&1 9>&-)
-    log "started redis on 127.0.0.1:$REDIS_PORT"
+    log "started redis on 127.0.0.1:$REDIS_PORT (TLS :$REDIS_TLS_PORT)"
   fi
   for ((i = 0; i < START_TIMEOUT * 5; i++)); do
-    if redis_ping; then return 0; fi
+    if redis_ping; then
+      ensure_redis_users
+      return 0
+    fi
     if [ "$i" -gt 10 ] && ! redis_pid >/dev/null; then break; fi
     sleep 0.2
   done
@@ -568,9 +595,11 @@ cmd_up() {
   t0="$(now_s)"
   ensure_installed
   mkdir -p "$STACK_DIR"
+  ensure_tls
   redis_start
   rabbit_up_all
-  log "stack is up in $(elapsed "$t0")s: RabbitMQ amqp://guest:guest@127.0.0.1:5672,5673,5674 (management http://127.0.0.1:15672 guest/guest), Redis redis://127.0.0.1:$REDIS_PORT"
+  ensure_rabbit_users
+  log "stack is up in $(elapsed "$t0")s: RabbitMQ amqp://guest:guest@127.0.0.1:5672,5673,5674 and amqps://…:5681,5682,5683 (management http://127.0.0.1:15672 guest/guest), Redis redis://127.0.0.1:$REDIS_PORT and rediss://127.0.0.1:$REDIS_TLS_PORT (TLS CA: $TLS_DIR/ca.pem)"
 }
 
 cmd_down() {
@@ -625,10 +654,10 @@ cmd_status() {
       printf '%-20s starting or stopped app (pid %s, amqp %s)\n' "$(node_name "$n")" "$pid" "$(amqp_port "$n")"
       ok=1
     elif [ "$(json_list "$json" running_nodes | wc -l)" -lt "${#NODES[@]}" ]; then
-      printf '%-20s up (pid %s, amqp %s), cluster incomplete: running %s\n' "$(node_name "$n")" "$pid" "$(amqp_port "$n")" "$running"
+      printf '%-20s up (pid %s, amqp %s, amqps %s), cluster incomplete: running %s\n' "$(node_name "$n")" "$pid" "$(amqp_port "$n")" "$(amqps_port "$n")" "$running"
       ok=1
     else
-      printf '%-20s up (pid %s, amqp %s), cluster: %s\n' "$(node_name "$n")" "$pid" "$(amqp_port "$n")" "$running"
+      printf '%-20s up (pid %s, amqp %s, amqps %s), cluster: %s\n' "$(node_name "$n")" "$pid" "$(amqp_port "$n")" "$(amqps_port "$n")" "$running"
     fi
   done
   if [ -s "$tmp/ff" ]; then
@@ -643,7 +672,7 @@ cmd_status() {
   fi
   rm -rf "$tmp"
   if pid="$(redis_pid)" && redis_ping; then
-    printf '%-20s up (pid %s, 127.0.0.1:%s)\n' redis "$pid" "$REDIS_PORT"
+    printf '%-20s up (pid %s, 127.0.0.1:%s, TLS :%s)\n' redis "$pid" "$REDIS_PORT" "$REDIS_TLS_PORT"
   elif pid="$(redis_pid)"; then
     printf '%-20s not answering (pid %s)\n' redis "$pid"
     ok=1
@@ -685,6 +714,7 @@ main() {
     node-start)
       check_node_arg "${2:-}"
       ensure_installed
+      ensure_tls
       node_start "$2"
       ;;
     ctl)
@@ -694,9 +724,11 @@ main() {
       shift 2
       rmqctl "$n" "$@"
       ;;
+    credentials) cmd_credentials ;;
     redis-stop) redis_stop ;;
     redis-start)
       ensure_installed
+      ensure_tls
       redis_start
       ;;
     -h | --help | help) usage 0 ;;

@@ -139,7 +139,23 @@ phase_tests() {
   local rc1 rc2 rc3 rc_mongo=0 mongo
   export GPUQ_TEST_AMQP_URLS="amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.1:5673/%2f,amqp://guest:guest@127.0.0.1:5674/%2f"
   export GPUQ_TEST_REDIS_URL="redis://127.0.0.1:6379/0"
+  # The stack's TLS listeners (scripts/stack.sh): its dev CA, AMQPS 5681-5683, Redis TLS on 6380.
+  export GPUQ_TEST_TLS_CA="$ROOT/.stack/tls/ca.pem"
+  export GPUQ_TEST_AMQPS_URLS="amqps://guest:guest@127.0.0.1:5681/%2f,amqps://guest:guest@127.0.0.1:5682/%2f,amqps://guest:guest@127.0.0.1:5683/%2f"
+  export GPUQ_TEST_REDISS_URL="rediss://127.0.0.1:6380/0"
   export GPUQ_TEST_STACK_SCRIPT="$STACK"
+  # Least privilege: the services the suites spawn log in as their own users (the harness reads
+  # GPUQ_TEST_AMQP_URLS_<SERVICE>, GPUQ_TEST_REDIS_URL_<SERVICE>, GPUQ_TEST_RABBITMQ_MGMT_URLS_MANAGER).
+  # A stack started by an older stack.sh has no such users: the suites then run as the admin and
+  # tests/e2e/least_privilege.rs fails, naming what is missing (`scripts/stack.sh up` adds them).
+  local line creds
+  if creds="$(bash "$STACK" credentials)"; then
+    while IFS= read -r line; do
+      export "GPUQ_TEST_$line"
+    done <<<"$creds"
+  else
+    log "WARNING: no per-service credentials from scripts/stack.sh credentials: the services run as the admin"
+  fi
   export GPUQ_BIN_DIR="$ROOT/target/debug"
   # The MongoDB store contract always runs: without a server it fails, it is never skipped.
   if [ -n "${GPUQ_TEST_MONGODB_URL:-}" ]; then

@@ -4,14 +4,17 @@
 #
 # RabbitMQ creates no default user when definitions are imported at boot, and a definitions file
 # cannot read the environment, so this script renders the mounted definitions template: it puts
-# the salted SHA-256 hashes of RABBITMQ_ADMIN_PASSWORD and RABBITMQ_GPUQ_PASSWORD (from .env)
-# where the template says @RABBITMQ_ADMIN_PASSWORD_HASH@ and @RABBITMQ_GPUQ_PASSWORD_HASH@, writes
-# the result where rabbitmq.conf's load_definitions points, and starts the server. The passwords
-# never reach a file; a fresh salt is drawn at every start.
+# the salted SHA-256 hash of each password of PASSWORDS (from .env: the admin's and each gpuq
+# service's own, least privilege) where the template says @<NAME>_HASH@, writes the result where
+# rabbitmq.conf's load_definitions points, and starts the server. The passwords never reach a
+# file; a fresh salt is drawn at every start.
 #
 #   gpuq-entrypoint.sh rabbitmq-server                 (the container's command)
 #   gpuq-entrypoint.sh --render TEMPLATE OUTPUT        (render only: scripts/checks/compose.sh)
 set -euo pipefail
+
+PASSWORDS=(RABBITMQ_ADMIN_PASSWORD RABBITMQ_GATEWAY_PASSWORD RABBITMQ_WORKER_PASSWORD
+  RABBITMQ_MANAGER_PASSWORD)
 
 TEMPLATE=/etc/rabbitmq/gpuq/definitions.json
 RENDERED=/etc/rabbitmq/definitions.json
@@ -51,17 +54,17 @@ check_password() {
 }
 
 render() {
-  local template="$1" out="$2" admin_hash gpuq_hash
+  local template="$1" out="$2" name
+  local -a subst=()
   [ -r "$template" ] || die "definitions template $template is missing (is deploy/rabbitmq mounted?)"
-  check_password RABBITMQ_ADMIN_PASSWORD
-  check_password RABBITMQ_GPUQ_PASSWORD
-  admin_hash="$(rabbit_hash "$RABBITMQ_ADMIN_PASSWORD")"
-  gpuq_hash="$(rabbit_hash "$RABBITMQ_GPUQ_PASSWORD")"
-  # Base64 holds '/', hence '|' as the delimiter; it holds no '|', '&' or '\'.
+  for name in "${PASSWORDS[@]}"; do
+    check_password "$name"
+    # Base64 holds '/', hence '|' as the delimiter; it holds no '|', '&' or '\'.
+    subst+=(-e "s|@${name}_HASH@|$(rabbit_hash "${!name}")|g")
+  done
   (
     umask 077
-    sed -e "s|@RABBITMQ_ADMIN_PASSWORD_HASH@|$admin_hash|g" \
-      -e "s|@RABBITMQ_GPUQ_PASSWORD_HASH@|$gpuq_hash|g" "$template" >"$out.tmp"
+    sed "${subst[@]}" "$template" >"$out.tmp"
   )
   if grep -q '@[A-Z_]*_HASH@' "$out.tmp"; then
     rm -f "$out.tmp"
@@ -84,5 +87,5 @@ if [ "$(id -u)" = 0 ]; then
 fi
 chmod 0400 "$RENDERED"
 # The server needs the hashes only, not the passwords.
-unset RABBITMQ_ADMIN_PASSWORD RABBITMQ_GPUQ_PASSWORD
+unset "${PASSWORDS[@]}"
 exec docker-entrypoint.sh "$@"

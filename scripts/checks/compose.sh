@@ -13,8 +13,8 @@
 #     sources, form a workspace that Cargo.lock satisfies (`cargo metadata --locked`).
 #  d. A throwaway RabbitMQ node of the local Debian package (3.10) loads deploy/rabbitmq/
 #     rabbitmq.conf (a generated copy, see below) and the definitions that gpuq-entrypoint.sh
-#     renders: the users, permissions, exchanges, the management tag's access to queue stats, the
-#     gpuq user's rights on gpuq.* only, the password hashes and consumer_timeout are checked,
+#     renders: the users (one per gpuq service), permissions, exchanges, the manager's access to
+#     queue stats and no more, the password hashes and consumer_timeout are checked,
 #     then the node is stopped and its directories removed. Node gpuqcheck<pid>@localhost on
 #     loopback, AMQP 5699, management 15699, prometheus 15799, Erlang distribution 25699 (or the
 #     next free set below them): nothing of the local stack (scripts/stack.sh: 5672-5674,
@@ -216,7 +216,8 @@ prepare_rabbitmq() {
   RMQ_COOKIE="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
   RMQ_ADMIN_PW="$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
   RMQ_GPUQ_PW="$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
-  RABBITMQ_ADMIN_PASSWORD="$RMQ_ADMIN_PW" RABBITMQ_GPUQ_PASSWORD="$RMQ_GPUQ_PW" \
+  RABBITMQ_ADMIN_PASSWORD="$RMQ_ADMIN_PW" RABBITMQ_GATEWAY_PASSWORD="$RMQ_GPUQ_PW" \
+    RABBITMQ_WORKER_PASSWORD="$RMQ_GPUQ_PW" RABBITMQ_MANAGER_PASSWORD="$RMQ_GPUQ_PW" \
     bash deploy/rabbitmq/gpuq-entrypoint.sh --render deploy/rabbitmq/definitions.json "$RMQ_DIR/definitions.json" ||
     return 1
   grep -Ev "$RMQ_COMPOSE_ONLY" deploy/rabbitmq/rabbitmq.conf >"$RMQ_DIR/rabbitmq.conf" || return 1
@@ -336,22 +337,31 @@ rmq_users_from_definitions() {
   users="$(api admin "$RMQ_ADMIN_PW" GET /users | json '" ".join(sorted(u["name"] + ":" + ",".join(u["tags"] if isinstance(u["tags"], list) else u["tags"].split(",")) for u in d))')"
   [ "$(status)" = 200 ] || { echo "GET /api/users as admin: HTTP $(status)"; return 1; }
   echo "users: $users"
-  [ "$users" = "admin:administrator gpuq:management" ] || { echo "expected exactly admin:administrator gpuq:management (no guest)"; return 1; }
+  [ "$users" = "admin:administrator gpuq-gateway: gpuq-manager:monitoring gpuq-worker:" ] || {
+    echo "expected exactly admin (administrator), gpuq-gateway, gpuq-worker and gpuq-manager (monitoring), no guest"
+    return 1
+  }
 }
 
 rmq_passwords_hash_right() {
-  rmqctl -q authenticate_user gpuq "$RMQ_GPUQ_PW" >/dev/null || { echo "gpuq cannot log in with its password"; return 1; }
-  if rmqctl -q authenticate_user gpuq "wrong-$RMQ_GPUQ_PW" >/dev/null 2>&1; then
-    echo "gpuq logs in with a wrong password"
+  local u
+  for u in gpuq-gateway gpuq-worker gpuq-manager; do
+    rmqctl -q authenticate_user "$u" "$RMQ_GPUQ_PW" >/dev/null || { echo "$u cannot log in with its password"; return 1; }
+  done
+  # (each rabbitmqctl call starts an Erlang VM: one wrong password is enough)
+  if rmqctl -q authenticate_user gpuq-worker "wrong-$RMQ_GPUQ_PW" >/dev/null 2>&1; then
+    echo "gpuq-worker logs in with a wrong password"
     return 1
   fi
 }
 
 rmq_permissions() {
-  local perms
-  perms="$(api admin "$RMQ_ADMIN_PW" GET /permissions | json '" ".join(sorted("%s@%s:%s|%s|%s" % (p["user"], p["vhost"], p["configure"], p["write"], p["read"]) for p in d))')"
+  local perms want fmt
+  fmt='" ".join(sorted("%s@%s:%s|%s|%s" % (p["user"], p["vhost"], p["configure"], p["write"], p["read"]) for p in d))'
+  perms="$(api admin "$RMQ_ADMIN_PW" GET /permissions | json "$fmt")"
+  want="$(python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['permissions']; print($fmt)" "$RMQ_DIR/definitions.json")"
   echo "permissions: $perms"
-  [ "$perms" = 'admin@/:.*|.*|.* gpuq@/:^gpuq\.|^gpuq\.|^gpuq\.' ] || { echo "unexpected permissions"; return 1; }
+  [ "$perms" = "$want" ] || { echo "unexpected permissions; the definitions say: $want"; return 1; }
 }
 
 rmq_exchanges() {
@@ -361,30 +371,30 @@ rmq_exchanges() {
   [ "$ex" = "gpuq.dlx:fanout:True gpuq.jobs:direct:True" ] || { echo "expected gpuq.jobs (direct) and gpuq.dlx (fanout), durable"; return 1; }
 }
 
-# The gpuq user (tag management) declares a quorum pool queue with the arguments of
-# crates/common/src/topology.rs, binds it, reads the queue list as the manager does, and is
-# refused anything outside gpuq.*.
-rmq_gpuq_user_rights() {
-  local q="gpuq.jobs.composecheck" args code
+# Least privilege over the management API: the manager's user (tag monitoring) reads the queue
+# list as the manager does, and may neither declare a queue nor list users; the gateway's and the
+# workers' users have no management access at all. (What they may do over AMQP is proven on the
+# native stack by tests/e2e/least_privilege.rs, with the same permissions.)
+rmq_service_users_rights() {
+  local q="gpuq.jobs.composecheck" args code names
   args='{"durable":true,"auto_delete":false,"arguments":{"x-queue-type":"quorum","x-delivery-limit":5,"x-dead-letter-exchange":"gpuq.dlx","x-dead-letter-strategy":"at-least-once","x-overflow":"reject-publish","x-message-ttl":86400000,"x-max-length":1000000}}'
-  api gpuq "$RMQ_GPUQ_PW" PUT "/queues/%2f/$q" "$args" >/dev/null
+  api admin "$RMQ_ADMIN_PW" PUT "/queues/%2f/$q" "$args" >/dev/null
   code="$(status)"
-  case "$code" in 201 | 204) ;; *) echo "gpuq could not declare $q: HTTP $code $(cat "$TMP/body")"; return 1 ;; esac
-  api gpuq "$RMQ_GPUQ_PW" POST "/bindings/%2f/e/gpuq.jobs/q/$q" '{"routing_key":"composecheck"}' >/dev/null
-  case "$(status)" in 201 | 204) ;; *) echo "gpuq could not bind $q: HTTP $(status) $(cat "$TMP/body")"; return 1 ;; esac
-  local names
-  names="$(api gpuq "$RMQ_GPUQ_PW" GET '/queues/%2f?columns=name,messages,messages_ready,messages_unacknowledged,consumers' | json '" ".join(q["name"] for q in d)')"
-  [ "$(status)" = 200 ] || { echo "the manager's queue query as gpuq: HTTP $(status)"; return 1; }
-  grep -qw "$q" <<<"$names" || { echo "$q missing from the gpuq user's queue list: $names"; return 1; }
-  local type
-  type="$(api admin "$RMQ_ADMIN_PW" GET "/queues/%2f/$q" | json 'd["type"]')"
-  [ "$type" = quorum ] || { echo "$q is $type, not quorum"; return 1; }
-  api gpuq "$RMQ_GPUQ_PW" PUT /queues/%2f/other.composecheck '{"durable":true}' >/dev/null
-  case "$(status)" in 401 | 403) ;; *) echo "gpuq may declare other.composecheck (HTTP $(status))"; return 1 ;; esac
-  api gpuq "$RMQ_GPUQ_PW" GET /users >/dev/null
-  case "$(status)" in 401 | 403) ;; *) echo "gpuq may list users (HTTP $(status))"; return 1 ;; esac
-  api gpuq "$RMQ_GPUQ_PW" DELETE "/queues/%2f/$q" >/dev/null
-  case "$(status)" in 204) ;; *) echo "gpuq could not delete $q: HTTP $(status)"; return 1 ;; esac
+  case "$code" in 201 | 204) ;; *) echo "admin could not declare $q: HTTP $code $(cat "$TMP/body")"; return 1 ;; esac
+  names="$(api gpuq-manager "$RMQ_GPUQ_PW" GET '/queues/%2f?columns=name,messages,messages_ready,messages_unacknowledged,consumers' | json '" ".join(q["name"] for q in d)')"
+  [ "$(status)" = 200 ] || { echo "the manager's queue query as gpuq-manager: HTTP $(status)"; return 1; }
+  grep -qw "$q" <<<"$names" || { echo "$q missing from gpuq-manager's queue list: $names"; return 1; }
+  api gpuq-manager "$RMQ_GPUQ_PW" PUT /queues/%2f/gpuq.jobs.composecheck2 "$args" >/dev/null
+  case "$(status)" in 401 | 403) ;; *) echo "gpuq-manager may declare a pool queue (HTTP $(status))"; return 1 ;; esac
+  api gpuq-manager "$RMQ_GPUQ_PW" GET /users >/dev/null
+  case "$(status)" in 401 | 403) ;; *) echo "gpuq-manager may list users (HTTP $(status))"; return 1 ;; esac
+  local u
+  for u in gpuq-gateway gpuq-worker; do
+    api "$u" "$RMQ_GPUQ_PW" GET /queues/%2f >/dev/null
+    case "$(status)" in 401 | 403) ;; *) echo "$u may use the management API (HTTP $(status))"; return 1 ;; esac
+  done
+  api admin "$RMQ_ADMIN_PW" DELETE "/queues/%2f/$q" >/dev/null
+  case "$(status)" in 204) ;; *) echo "admin could not delete $q: HTTP $(status)"; return 1 ;; esac
   echo "no queue comes from the definitions (the services declare them): $(rmqctl -q list_queues name | tr '\n' ' ')"
 }
 
@@ -431,9 +441,10 @@ EOF
 entrypoint_refuses_bad_passwords() {
   local bad
   for bad in "" short "with space 0123456789" "p@ss:word/0123456789"; do
-    if RABBITMQ_ADMIN_PASSWORD=0123456789abcdef RABBITMQ_GPUQ_PASSWORD="$bad" \
+    if RABBITMQ_ADMIN_PASSWORD=0123456789abcdef RABBITMQ_GATEWAY_PASSWORD=0123456789abcdef \
+      RABBITMQ_WORKER_PASSWORD="$bad" RABBITMQ_MANAGER_PASSWORD=0123456789abcdef \
       bash deploy/rabbitmq/gpuq-entrypoint.sh --render deploy/rabbitmq/definitions.json "$TMP/bad.json" 2>/dev/null; then
-      echo "gpuq-entrypoint.sh accepted RABBITMQ_GPUQ_PASSWORD=\"$bad\""
+      echo "gpuq-entrypoint.sh accepted RABBITMQ_WORKER_PASSWORD=\"$bad\""
       return 1
     fi
   done
@@ -474,11 +485,11 @@ fi
 t_rmq="$(now_s)"
 check "RabbitMQ $RMQ_NODE starts with rabbitmq.conf + definitions" start_rabbitmq
 if [ "$LAST_RC" -eq 0 ]; then
-  check "RabbitMQ: users admin (administrator) and gpuq (management), no guest" rmq_users_from_definitions
+  check "RabbitMQ: users admin and one per gpuq service, no guest" rmq_users_from_definitions
   check "RabbitMQ: password hashes of gpuq-entrypoint.sh log in" rmq_passwords_hash_right
-  check "RabbitMQ: permissions (gpuq: ^gpuq\\. only)" rmq_permissions
+  check "RabbitMQ: permissions as the definitions say (each service its own user)" rmq_permissions
   check "RabbitMQ: exchanges gpuq.jobs and gpuq.dlx" rmq_exchanges
-  check "RabbitMQ: gpuq declares quorum gpuq.* queues, nothing else" rmq_gpuq_user_rights
+  check "RabbitMQ: the services' users over the management API" rmq_service_users_rights
   check "RabbitMQ: consumer_timeout took effect" rmq_consumer_timeout
   check "RabbitMQ: prometheus plugin serves metrics" rmq_prometheus_plugin
 fi

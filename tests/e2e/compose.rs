@@ -538,8 +538,13 @@ fn init_writes_every_secret_and_never_overwrites_an_env_file() {
     let text = std::fs::read_to_string(&path).unwrap();
     for key in [
         "RABBITMQ_ERLANG_COOKIE",
-        "RABBITMQ_GPUQ_PASSWORD",
+        "RABBITMQ_GATEWAY_PASSWORD",
+        "RABBITMQ_WORKER_PASSWORD",
+        "RABBITMQ_MANAGER_PASSWORD",
         "REDIS_PASSWORD",
+        "REDIS_GATEWAY_PASSWORD",
+        "REDIS_WORKER_PASSWORD",
+        "REDIS_MANAGER_PASSWORD",
         "MONGO_GPUQ_PASSWORD",
         "GPUQ_API_KEYS",
         "GPUQ_ADMIN_TOKEN",

@@ -564,19 +564,63 @@ fn shell_var(rel: &str, name: &str) -> String {
         .to_string()
 }
 
-/// The regex RabbitMQ permissions must hold for gpuq's names: `^<prefix>\.`.
-fn prefix_regex(prefix: &str) -> String {
-    let escaped: String = prefix
-        .chars()
-        .map(|c| {
-            if c == '.' {
-                "\\.".to_string()
-            } else {
-                c.to_string()
-            }
-        })
+/// What a service's own broker user must be allowed (`true`) and refused (`false`): (permission,
+/// 0 configure, 1 write, 2 read; a resource's name). Least privilege, as docs/production.md's
+/// table explains: RabbitMQ asks configure to declare, write on an exchange to publish and on a
+/// queue to bind it, read on an exchange to bind from it and on a queue to consume or get.
+fn broker_needs(binary: &str, topo: &Topology, pools: &[String]) -> Vec<(usize, String, bool)> {
+    const CONFIGURE: usize = 0;
+    const WRITE: usize = 1;
+    const READ: usize = 2;
+    let (jobs, dlx, dead) = (
+        topo.jobs_exchange(),
+        topo.dead_letter_exchange(),
+        topo.dead_queue(),
+    );
+    let default_queue = topo.pool_queue("default");
+    // Every service declares the exchanges and the dead queue, and binds the latter.
+    let mut v: Vec<(usize, String, bool)> = [&jobs, &dlx, &dead]
+        .into_iter()
+        .map(|n| (CONFIGURE, n.clone(), true))
+        .chain([(WRITE, dead.clone(), true), (READ, dlx.clone(), true)])
         .collect();
-    format!("^{escaped}\\.")
+    match binary {
+        // Publishes jobs and re-drives; reads (consumes) no queue, creates no pool queue.
+        "gpuq-gateway" => v.extend([
+            (WRITE, jobs.clone(), true),
+            (READ, jobs.clone(), true),
+            (READ, default_queue.clone(), false),
+            (READ, dead.clone(), false),
+            (CONFIGURE, default_queue, false),
+            (WRITE, dlx, false),
+        ]),
+        // Declares and consumes its pools, gives jobs back, dead-letters; never reads dead letters.
+        "gpuq-worker" => {
+            for q in pools.iter().map(|p| topo.pool_queue(p)) {
+                v.extend([
+                    (CONFIGURE, q.clone(), true),
+                    (WRITE, q.clone(), true),
+                    (READ, q, true),
+                ]);
+            }
+            v.extend([
+                (WRITE, jobs.clone(), true),
+                (READ, jobs, true),
+                (WRITE, dlx, true),
+                (READ, dead, false),
+            ]);
+        }
+        // Consumes dead letters; publishes nothing, reads no job queue.
+        "gpuq-manager" => v.extend([
+            (READ, dead, true),
+            (READ, default_queue.clone(), false),
+            (CONFIGURE, default_queue, false),
+            (WRITE, jobs, false),
+            (WRITE, dlx, false),
+        ]),
+        other => panic!("no broker needs known for {other}"),
+    }
+    v
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1262,7 +1306,7 @@ fn rabbitmq_consumer_timeout_outlasts_the_longest_job() {
 }
 
 #[test]
-fn rabbitmq_definitions_give_the_gpuq_user_exactly_the_topology_it_declares() {
+fn rabbitmq_definitions_give_each_services_user_only_what_it_needs() {
     let defs = json_file("deploy/rabbitmq/definitions.json");
     let c = main_compose();
     let mut errors = Vec::new();
@@ -1290,7 +1334,17 @@ fn rabbitmq_definitions_give_the_gpuq_user_exactly_the_topology_it_declares() {
     let script = read("deploy/rabbitmq/gpuq-entrypoint.sh");
     for u in defs["users"].as_array().unwrap() {
         let hash = u["password_hash"].as_str().unwrap_or_default();
-        if !(hash.starts_with('@') && hash.ends_with("_HASH@") && script.contains(hash)) {
+        // @<NAME>_HASH@, where NAME is a password the entrypoint hashes (its PASSWORDS).
+        let name = hash
+            .trim_matches('@')
+            .strip_suffix("_HASH")
+            .unwrap_or_default();
+        let listed = script
+            .lines()
+            .skip_while(|l| !l.starts_with("PASSWORDS=("))
+            .take_while(|l| !l.is_empty())
+            .any(|l| l.split([' ', '(', ')']).any(|w| w == name));
+        if !(hash.starts_with('@') && hash.ends_with("_HASH@") && !name.is_empty() && listed) {
             errors.push(format!(
                 "user {}: password_hash {hash:?} is not a placeholder the entrypoint fills",
                 u["name"]
@@ -1371,12 +1425,31 @@ fn rabbitmq_definitions_give_the_gpuq_user_exactly_the_topology_it_declares() {
                     "{name} logs in as administrator {user}: use the gpuq user"
                 ));
             }
-            let want = prefix_regex(&topo.prefix);
-            match perms.get(&user) {
-                Some(p) if p.iter().all(|r| *r == want) => {}
-                other => errors.push(format!(
-                    "{user}'s permissions are {other:?}, want {want} for configure, write and read"
-                )),
+            let binary = gpuq_binary(s);
+            if user != binary {
+                errors.push(format!(
+                    "{name} logs in as {user}: each service has its own user, {binary}"
+                ));
+            }
+            let Some(p) = perms.get(&user) else {
+                errors.push(format!("{user} has no permissions on vhost /"));
+                continue;
+            };
+            for (perm, resource, allowed) in
+                broker_needs(&binary, &topo, &settings.worker_pool_list())
+            {
+                let kind = ["configure", "write", "read"][perm];
+                let granted = regex::Regex::new(&p[perm])
+                    .map(|r| r.is_match(&resource))
+                    .unwrap_or(false);
+                if granted != allowed {
+                    errors.push(format!(
+                        "{user} ({kind} {:?}) {} {kind} {resource}; it must {}",
+                        p[perm],
+                        if granted { "may" } else { "may not" },
+                        if allowed { "be allowed" } else { "be refused" }
+                    ));
+                }
             }
         }
         for (exchange, kind) in [
@@ -1431,6 +1504,77 @@ fn rabbitmq_definitions_give_the_gpuq_user_exactly_the_topology_it_declares() {
         }
     }
     assert_no_errors("deploy/rabbitmq/definitions.json", errors);
+}
+
+/// Least privilege in Redis: each gpuq service logs in as its own ACL user, which the redis
+/// service defines (`--user …`) with gpuq's keys and channels only and nothing of @dangerous.
+#[test]
+fn redis_gives_each_service_a_user_with_gpuq_keys_only_and_no_dangerous_command() {
+    let c = main_compose();
+    let mut errors = Vec::new();
+    let command = str_list(c.services.get("redis").expect("redis").get("command"));
+    // `--user NAME RULE…`: every word up to the next `--option` (Redis reads an argument with
+    // spaces as one word, so each rule is an argument of its own).
+    let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut args = command.iter().peekable();
+    while let Some(arg) = args.next() {
+        if arg != "--user" {
+            continue;
+        }
+        let mut words = vec![];
+        while let Some(w) = args.next_if(|w| !w.starts_with("--")) {
+            if w.contains(' ') {
+                errors.push(format!(
+                    "redis: {w:?} holds a space (Redis reads it as one word)"
+                ));
+            }
+            words.push(w.clone());
+        }
+        if let Some((name, rules)) = words.split_first() {
+            users.insert(name.clone(), rules.to_vec());
+        }
+    }
+    for (name, s) in c.services.iter().filter(|(_, s)| is_gpuq(s)) {
+        let settings = settings_of(s).unwrap();
+        let binary = gpuq_binary(s);
+        let user = user_of_url(&settings.redis_url).unwrap_or_default();
+        if user != binary {
+            errors.push(format!(
+                "{name} logs in to Redis as {user:?}: each service has its own user, {binary}"
+            ));
+        }
+        let Some(rules) = users.get(&user) else {
+            errors.push(format!("{name}: redis defines no user {user:?}"));
+            continue;
+        };
+        let has = |w: &str| rules.iter().any(|r| r == w);
+        for want in ["on", "~gpuq:*", "resetchannels", "&gpuq:*", "-@all"] {
+            if !has(want) {
+                errors.push(format!("{user}: the rules lack {want}: {rules:?}"));
+            }
+        }
+        if rules.last().map(String::as_str) != Some("-@dangerous") {
+            errors.push(format!(
+                "{user}: the rules must end with -@dangerous: {rules:?}"
+            ));
+        }
+        for r in rules {
+            let broad = (r.starts_with('~') || r.starts_with('%')) && !r.ends_with("gpuq:*")
+                || (r.starts_with('&') && r != "&gpuq:*")
+                || matches!(
+                    r.as_str(),
+                    "allkeys" | "allchannels" | "allcommands" | "nopass"
+                )
+                || (r.starts_with("+@") && r != "+@connection");
+            if broad {
+                errors.push(format!("{user}: {r} reaches beyond what it needs"));
+            }
+        }
+        if !rules.iter().any(|r| r.starts_with('>')) {
+            errors.push(format!("{user} has no password"));
+        }
+    }
+    assert_no_errors("the redis service's users", errors);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1581,11 +1725,28 @@ fn observability_configs_point_into_their_mounts() {
             "promtail listens on {port}, its healthcheck probes {health:?}"
         ));
     }
-    if !mounts(promtail)
+    // Least privilege: the containers' log files, read-only; never the Docker socket (root on
+    // the host). The scrape paths are checked against this mount in tests/e2e/monitoring.rs.
+    let logs = "/var/lib/docker/containers";
+    let read_only = |v: &Value| match v {
+        Value::Mapping(_) => v.get("read_only").and_then(Value::as_bool) == Some(true),
+        _ => scalar(v).ends_with(":ro"),
+    };
+    let vols = promtail.get("volumes").and_then(Value::as_sequence);
+    if !vols.into_iter().flatten().any(|v| {
+        let src = match v {
+            Value::Mapping(_) => v.get("source").map(scalar).unwrap_or_default(),
+            _ => scalar(v).split(':').next().unwrap_or_default().to_string(),
+        };
+        src == logs && read_only(v)
+    }) {
+        errors.push(format!("promtail: {logs} is not mounted read-only"));
+    }
+    if mounts(promtail)
         .iter()
-        .any(|(src, _, _)| src == "/var/run/docker.sock")
+        .any(|(src, _, _)| src.ends_with("docker.sock"))
     {
-        errors.push("promtail: the Docker socket is not mounted (service discovery)".into());
+        errors.push("promtail: the Docker socket is mounted (root on the host)".into());
     }
     assert_no_errors("observability mounts", errors);
 }
@@ -1843,5 +2004,4 @@ fn the_helpers_read_durations_urls_and_prefixes() {
             .collect::<Vec<_>>(),
         vec![("r1".to_string(), 5672), ("m".to_string(), 8090)]
     );
-    assert_eq!(prefix_regex("gpuq"), "^gpuq\\.");
 }

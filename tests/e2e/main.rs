@@ -17,6 +17,7 @@ mod events;
 mod faults;
 mod gpus;
 mod http;
+mod least_privilege;
 mod manager_auth;
 mod monitoring;
 mod observability;

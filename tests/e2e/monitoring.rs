@@ -400,11 +400,17 @@ fn check_loki_and_promtail(errors: &mut Vec<String>) -> BTreeSet<String> {
     let mut stream_labels = BTreeSet::new();
     let mut json_fields = BTreeSet::new();
     for sc in arr(&pt["scrape_configs"]) {
-        for sd in arr(&sc["docker_sd_configs"]) {
-            if sd["host"] != "unix:///var/run/docker.sock" {
-                errors.push(
-                    "promtail.yml: docker_sd_configs must use unix:///var/run/docker.sock".into(),
-                );
+        // Docker's json-file logs from their read-only mount (docker-compose.yml), not the
+        // Docker API: no socket, no service discovery.
+        if !arr(&sc["docker_sd_configs"]).is_empty() {
+            errors.push("promtail.yml: no docker_sd_configs (they need the Docker socket)".into());
+        }
+        for st in arr(&sc["static_configs"]) {
+            let path = s(&st["labels"]["__path__"]);
+            if !path.starts_with("/var/lib/docker/containers/") || !path.ends_with("-json.log") {
+                errors.push(format!(
+                    "promtail.yml: {path:?} is not Docker's json-file logs under /var/lib/docker/containers"
+                ));
             }
         }
         for rc in arr(&sc["relabel_configs"]) {

@@ -241,3 +241,39 @@ async fn budget_bench_command_start_overhead() {
     );
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_program_the_job_user_may_not_execute_fails_at_once_without_retries() {
+    use std::os::unix::fs::PermissionsExt;
+    // Executable by its owner (the worker's user) only: the job user gets EACCES at exec.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = dir.path().join("owner-only.sh");
+    std::fs::write(&program, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o744)).unwrap();
+    let programs = format!("sh=/bin/sh,owner-only={}", program.display());
+    let stack = Stack::start_healthy(StackOptions {
+        workers: 1,
+        env: vec![
+            ("GPUQ_PROGRAMS".into(), programs),
+            ("GPUQ_DELIVERY_LIMIT".into(), "3".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let id = stack
+        .submit_ok(&json!({"kind": "command", "params": {"program": "owner-only"}}))
+        .await
+        .unwrap();
+    let r = stack.wait_one(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, JobStatus::Failed, "{r:?}");
+    assert_eq!(
+        r.attempts, 1,
+        "failed at its first attempt, not retried: {r:?}"
+    );
+    let error = r.error.clone().unwrap_or_default();
+    assert!(error.contains("may not execute"), "{error}");
+    // Final: nothing of it is left to deliver.
+    assert_eq!(stack.queue_depth("default").await.unwrap(), 0);
+    stack.stop().await;
+}

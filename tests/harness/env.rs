@@ -71,6 +71,15 @@ pub fn test_tls() -> TestTls {
     tls
 }
 
+/// The broker URLs of the admin (`GPUQ_TEST_AMQP_URLS`): what the harness and the tests' own
+/// checks use; the services may log in as their own users (`access`).
+pub fn admin_amqp_urls() -> Vec<String> {
+    test_env("GPUQ_TEST_AMQP_URLS")
+        .split(',')
+        .map(String::from)
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -16,7 +16,10 @@ use lapin::types::{FieldTable, ShortString};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::env::{bin_dir, free_port, repo_root, test_env, test_store_url, test_tls};
+use crate::access::{provision_topology, service_env};
+use crate::env::{
+    admin_amqp_urls, bin_dir, free_port, repo_root, test_env, test_store_url, test_tls,
+};
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
 
@@ -98,6 +101,7 @@ fn spawn_workers(
     for i in first..first + opts.workers {
         let port = free_port();
         let mut env = base_env.to_vec();
+        env.extend(own_users("worker", opts));
         let id = format!("worker-{}", i + 1);
         env.extend([
             (
@@ -126,6 +130,15 @@ fn spawn_workers(
     Ok((workers, worker_urls))
 }
 
+/// `service`'s own RabbitMQ and Redis users (`access::service_env`), but for the settings the
+/// test sets itself in `opts.env` (a TLS stack's `amqps://` URLs, say), which win.
+fn own_users(service: &str, opts: &StackOptions) -> Vec<(String, String)> {
+    service_env(service)
+        .into_iter()
+        .filter(|(k, _)| !opts.env.iter().any(|(set, _)| set == k))
+        .collect()
+}
+
 /// A fresh admin key, a `submit` key per tenant of `TENANTS`, and the `GPUQ_API_KEYS` of both.
 fn new_api_keys() -> (String, Vec<(String, String)>, String) {
     let api_key = Uuid::new_v4().simple().to_string();
@@ -148,7 +161,9 @@ pub fn worker_token(worker_secret: &str, engine_id: &str) -> Secret {
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Stack> {
-        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+        // Under `gpuq-`: the services' own users may use the prefix gpuq and its sub-prefixes
+        // gpuq-<name> only (scripts/stack-access.sh).
+        let prefix = format!("gpuq-t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let dir = repo_root().join("target/e2e").join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let (api_key, tenant_keys, keys) = new_api_keys();
@@ -191,10 +206,12 @@ impl Stack {
             base_env.extend(tls.service_env());
         }
         base_env.extend(opts.env.iter().cloned());
+        provision_topology(&base_env).await?;
         // The store (file, or database indexes) is created before the services race to create it.
         let store = store::open(&store_url).await?;
         let manager = if opts.manager {
             let mut env = base_env.clone();
+            env.extend(own_users("manager", &opts));
             env.push((
                 "GPUQ_MANAGER_BIND".into(),
                 format!("127.0.0.1:{manager_port}"),
@@ -211,6 +228,7 @@ impl Stack {
             None
         };
         let mut env = base_env.clone();
+        env.extend(own_users("gateway", &opts));
         env.push((
             "GPUQ_GATEWAY_BIND".into(),
             format!("127.0.0.1:{gateway_port}"),
@@ -487,10 +505,7 @@ impl Stack {
     }
 
     pub async fn passive_count(&self, queue: &str) -> anyhow::Result<u32> {
-        let urls: Vec<String> = test_env("GPUQ_TEST_AMQP_URLS")
-            .split(',')
-            .map(String::from)
-            .collect();
+        let urls = admin_amqp_urls();
         let (conn, _) = gpuq_common::amqp::connect_any(&urls, "gpuq-e2e").await?;
         let ch = conn.create_channel().await?;
         let q = ch
@@ -602,10 +617,7 @@ impl Stack {
         if let Some(m) = &mut self.manager {
             m.stop().await;
         }
-        let urls: Vec<String> = test_env("GPUQ_TEST_AMQP_URLS")
-            .split(',')
-            .map(String::from)
-            .collect();
+        let urls = admin_amqp_urls();
         if let Ok((conn, _)) = gpuq_common::amqp::connect_any(&urls, "gpuq-e2e-cleanup").await {
             if let Ok(ch) = conn.create_channel().await {
                 for q in [

@@ -4,7 +4,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::Settings;
 
@@ -125,25 +125,93 @@ impl Topology {
             )
             .await?;
         for pool in pools {
-            channel
-                .queue_declare(
-                    ShortString::from(self.pool_queue(pool)),
-                    qopts,
-                    self.pool_queue_args(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    ShortString::from(self.pool_queue(pool)),
-                    ShortString::from(self.jobs_exchange()),
-                    ShortString::from(pool.as_str()),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            self.declare_pool(channel, pool).await?;
         }
         Ok(())
     }
+
+    /// Declares a pool's queue and binds it to the jobs exchange.
+    async fn declare_pool(&self, channel: &Channel, pool: &str) -> lapin::Result<()> {
+        let qopts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(
+                ShortString::from(self.pool_queue(pool)),
+                qopts,
+                self.pool_queue_args(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                ShortString::from(self.pool_queue(pool)),
+                ShortString::from(self.jobs_exchange()),
+                ShortString::from(pool),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes sure a pool's queue exists, declaring it when the broker lets this user; `false`
+    /// when it is missing and the broker refuses (ACCESS_REFUSED). RabbitMQ lets only a user who
+    /// may read (consume) a queue create it with a dead-letter exchange, so under least
+    /// privilege the gateway and the manager leave the pool queues to the workers that serve
+    /// them (docs/production.md). A passive declare first: a refused declare closes its channel,
+    /// which the client logs as an error, and the queue exists nearly always.
+    pub async fn declare_pool_if_permitted(
+        &self,
+        connection: &Connection,
+        pool: &str,
+    ) -> lapin::Result<bool> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = channel
+            .queue_declare(
+                ShortString::from(self.pool_queue(pool)),
+                passive,
+                FieldTable::default(),
+            )
+            .await;
+        match exists {
+            Ok(_) => {
+                // Best effort: the channel served its purpose either way.
+                let _ = channel.close(200, ShortString::from("OK")).await;
+                return Ok(true);
+            }
+            // NOT_FOUND (and the channel is closed): declare it.
+            Err(e) if protocol_code(&e) == Some(404) => {}
+            Err(e) => return Err(e),
+        }
+        let channel = connection.create_channel().await?;
+        match self.declare_pool(&channel, pool).await {
+            Ok(()) => {
+                let _ = channel.close(200, ShortString::from("OK")).await;
+                Ok(true)
+            }
+            Err(e) if access_refused(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The reply code of a broker's channel or connection close (403 ACCESS_REFUSED, 404
+/// NOT_FOUND, …); `None` for other errors.
+fn protocol_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
+
+/// True for the broker's ACCESS_REFUSED (403): the user lacks a permission.
+pub fn access_refused(e: &lapin::Error) -> bool {
+    protocol_code(e) == Some(403)
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Pools the gateway declares itself; the others are declared by the workers that serve them.
+/// Pools the gateway declares itself when its broker user may (not under least privilege);
+/// the others, and then these too, are declared by the workers that serve them.
 pub const GATEWAY_POOLS: &[&str] = &["default"];
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -107,7 +108,8 @@ impl Broker {
             urls,
             name: format!("gpuq-gateway {}", topology.prefix),
             topology: topology.clone(),
-            pools: GATEWAY_POOLS.iter().map(|p| p.to_string()).collect(),
+            pools: Vec::new(),
+            pools_if_permitted: GATEWAY_POOLS.iter().map(|p| p.to_string()).collect(),
         };
         let broker = Self::unconnected(topology, confirm_timeout);
         let this = broker.clone();

@@ -23,6 +23,7 @@ pub async fn run(w: Arc<Worker>) {
         name: format!("gpuq-worker {}", w.instance_id),
         topology: w.topology.clone(),
         pools: w.pools.clone(),
+        pools_if_permitted: Vec::new(),
     };
     supervisor
         .run(&w.shutdown, |link| session(w.clone(), jobs.clone(), link))

@@ -172,7 +172,24 @@ pub fn promtail() -> Promtail {
                 labels.insert(t.to_string());
             }
         }
+        // Stages before `output` read Docker's json-file envelope (its stream, the compose
+        // labels): labels made from them are stream metadata, no field of gpuq's lines.
+        let mut in_envelope = sc["pipeline_stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|stage| stage.get("output").is_some());
         for stage in sc["pipeline_stages"].as_array().into_iter().flatten() {
+            if stage.get("output").is_some() {
+                in_envelope = false;
+                continue;
+            }
+            if in_envelope {
+                if let Some(ls) = stage["labels"].as_object() {
+                    labels.extend(ls.keys().cloned());
+                }
+                continue;
+            }
             if let Some(exprs) = stage["json"]["expressions"].as_object() {
                 for (k, e) in exprs {
                     let src = e.as_str().filter(|s| !s.is_empty()).unwrap_or(k);

@@ -60,8 +60,13 @@ pub struct Supervisor {
     /// The connection name the broker's management UI shows.
     pub name: String,
     pub topology: Topology,
-    /// The pools whose queues this service declares on every connect.
+    /// The pools whose queues this service declares on every connect (a worker's: it must
+    /// consume them, so a refusal fails the session).
     pub pools: Vec<String>,
+    /// Pools whose queues this service declares on every connect when its broker user may
+    /// (the gateway's and the manager's courtesy, so jobs wait for a pool's first worker);
+    /// a refusal is logged and ignored (`Topology::declare_pool_if_permitted`).
+    pub pools_if_permitted: Vec<String>,
 }
 
 impl Supervisor {
@@ -137,6 +142,19 @@ impl Supervisor {
             .declare(&channel, &self.pools)
             .await
             .context("declaring the topology")?;
+        for pool in &self.pools_if_permitted {
+            let declared = self
+                .topology
+                .declare_pool_if_permitted(&connection, pool)
+                .await
+                .with_context(|| format!("declaring the queue of pool {pool}"))?;
+            if !declared {
+                tracing::debug!(
+                    pool = %pool,
+                    "this broker user may not create the pool's queue; its workers do"
+                );
+            }
+        }
         Ok(Session {
             connection,
             channel,

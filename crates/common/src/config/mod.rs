@@ -317,6 +317,8 @@ impl Settings {
         let known = known.as_object().expect("object");
         env.into_iter()
             .filter(|k| k.starts_with("GPUQ_"))
+            // The suites' environment (scripts/test.sh), which spawned services inherit.
+            .filter(|k| !k.starts_with("GPUQ_TEST_"))
             .filter(|k| !CLIENT_ENV_KEYS.contains(&k.as_str()))
             .filter(|k| !known.contains_key(&k["GPUQ_".len()..].to_ascii_lowercase()))
             .cloned()

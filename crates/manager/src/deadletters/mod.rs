@@ -53,7 +53,8 @@ impl DeadLetterConsumer {
             urls: self.amqp_urls.clone(),
             name: format!("gpuq-manager/{}", self.topology.prefix),
             topology: self.topology.clone(),
-            pools,
+            pools: Vec::new(),
+            pools_if_permitted: pools,
         };
         let (this, cancel) = (&self, &token);
         supervisor

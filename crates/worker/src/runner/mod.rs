@@ -260,6 +260,19 @@ fn spawn_readers(
     (readers, out_tail, err_tail)
 }
 
+/// A program that could not be started. EACCES (the job user may not execute it, or search a
+/// directory on its path) fails the job at once: every attempt, on any worker, would meet the
+/// same file. Anything else may pass (a busy machine, a program being replaced): retried.
+fn spawn_failed(p: &CommandParams, path: &str, e: &std::io::Error) -> RunOutcome {
+    if e.raw_os_error() == Some(nix::errno::Errno::EACCES as i32) {
+        return RunOutcome::Failed {
+            result: json!({"program": p.program, "path": path}),
+            error: format!("cannot start {path}: the job user may not execute it ({e})"),
+        };
+    }
+    RunOutcome::Retry(format!("cannot start {path}: {e}"))
+}
+
 async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
     let Some(path) = ctx.programs.get(&p.program) else {
         return RunOutcome::Failed {
@@ -290,7 +303,7 @@ async fn command(p: &CommandParams, mut ctx: RunContext) -> RunOutcome {
         Ok(c) => c,
         Err(e) => {
             jail.close(0).await;
-            return RunOutcome::Retry(format!("cannot start {path}: {e}"));
+            return spawn_failed(p, path, &e);
         }
     };
     let pgid = child.id().unwrap_or_default();

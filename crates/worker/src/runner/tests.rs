@@ -186,6 +186,33 @@ async fn exit_codes_are_classified() {
 }
 
 #[tokio::test]
+async fn a_program_that_cannot_be_executed_fails_at_once_and_a_missing_one_is_retried() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hello\n").unwrap();
+    // No execute bit for anyone: execve refuses it even to root (EACCES).
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = script.to_str().unwrap();
+    let job = JobPayload::Command(CommandParams {
+        program: "tool".into(),
+        ..Default::default()
+    });
+    let (c, _tx) = ctx(1, &[("tool", path)]);
+    match run(&job, c).await {
+        RunOutcome::Failed { result, error } => {
+            assert!(error.contains("may not execute"), "{error}");
+            assert_eq!(result["path"], path);
+        }
+        other => panic!("not failed at once: {other:?}"),
+    }
+    // A program that is not there (yet) is another matter: retried.
+    let gone = dir.path().join("gone");
+    let (c, _tx) = ctx(1, &[("tool", gone.to_str().unwrap())]);
+    assert!(matches!(run(&job, c).await, RunOutcome::Retry(_)));
+}
+
+#[tokio::test]
 async fn a_silent_engine_is_killed_with_its_children() {
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("child.pid");
