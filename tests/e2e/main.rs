@@ -20,5 +20,6 @@ mod monitoring;
 mod observability;
 mod pipeline;
 mod sandbox;
+mod store;
 mod tenancy;
 mod watch;

@@ -35,6 +35,8 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// Extra environment per worker (index 0 = worker-1).
     pub worker_env: HashMap<usize, Vec<(String, String)>>,
+    /// A store prepared beforehand (`GPUQ_STORE_URL`), instead of a fresh one per stack.
+    pub store_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -46,6 +48,7 @@ impl Default for StackOptions {
             fault_injection: false,
             env: vec![],
             worker_env: HashMap::new(),
+            store_url: None,
         }
     }
 }
@@ -140,7 +143,10 @@ impl Stack {
         let admin_token = Uuid::new_v4().simple().to_string();
         let read_token = Uuid::new_v4().simple().to_string();
         let worker_secret = Uuid::new_v4().simple().to_string();
-        let store_url = test_store_url(&prefix, &dir);
+        let store_url = opts
+            .store_url
+            .clone()
+            .unwrap_or_else(|| test_store_url(&prefix, &dir));
         // Shown with the output of a test that fails: which store, where the logs are.
         eprintln!(
             "e2e stack {prefix}: store {store_url}, logs in {}",
