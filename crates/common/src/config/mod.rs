@@ -249,7 +249,7 @@ impl Default for Settings {
             engine_forget_after_s: 24 * 3600,
             retention_days: 30.0,
             retention_batch: 500,
-            retention_pause_ms: 20,
+            retention_pause_ms: 150,
         }
     }
 }

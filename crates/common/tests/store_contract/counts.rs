@@ -40,7 +40,7 @@ async fn tallied(store: &dyn JobStore) -> (BTreeMap<JobStatus, u64>, BTreeMap<St
 }
 
 /// Asserts that the counts agree with the records, after `step`.
-pub async fn assert_exact(store: &dyn JobStore, step: &str) {
+async fn assert_exact(store: &dyn JobStore, step: &str) {
     let (by_status, active) = tallied(store).await;
     assert_eq!(
         store.count_by_status().await.unwrap(),
@@ -213,7 +213,7 @@ async fn concurrent_writers(store: &Arc<dyn JobStore>, pool: &str, tenant: &str)
 
 /// One write of the property test, on the `n`th job made so far (modulo).
 #[derive(Debug, Clone)]
-pub enum Write {
+enum Write {
     Insert { tenant: u8, old: bool },
     InsertMany { tenant: u8, n: u8 },
     Start(usize),
@@ -224,7 +224,7 @@ pub enum Write {
     Delete(u32),
 }
 
-pub fn write() -> impl proptest::strategy::Strategy<Value = Write> {
+fn write() -> impl proptest::strategy::Strategy<Value = Write> {
     use proptest::prelude::*;
     prop_oneof![
         (0..3u8, any::<bool>()).prop_map(|(tenant, old)| Write::Insert { tenant, old }),
@@ -239,7 +239,7 @@ pub fn write() -> impl proptest::strategy::Strategy<Value = Write> {
 }
 
 /// Applies `w`; `made` is every job made so far (gone or not).
-pub async fn apply(store: &dyn JobStore, made: &mut Vec<JobRecord>, w: &Write) {
+async fn apply(store: &dyn JobStore, made: &mut Vec<JobRecord>, w: &Write) {
     let tenants = ["default", "team-a", "team-b"];
     let pick = |i: usize| made.get(i % made.len().max(1)).cloned();
     match w {
@@ -294,5 +294,26 @@ pub async fn apply(store: &dyn JobStore, made: &mut Vec<JobRecord>, w: &Write) {
         Write::Delete(limit) => {
             store.delete_final_before(100, *limit).await.unwrap();
         }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    /// Whatever sequence of writes a SQLite store takes, its counters say what its records say.
+    #[test]
+    fn the_sqlite_counts_match_the_records_after_any_sequence_of_writes(
+        writes in proptest::collection::vec(write(), 1..40)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+            let store = gpuq_common::store::open(&url).await.unwrap();
+            let mut made = vec![];
+            for w in &writes {
+                apply(store.as_ref(), &mut made, w).await;
+                assert_exact(store.as_ref(), &format!("{w:?}")).await;
+            }
+        });
     }
 }

@@ -557,24 +557,3 @@ async fn the_mongodb_store_keeps_the_contract() {
     });
     contract(store::open(&url).await.unwrap()).await;
 }
-
-proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
-    /// Whatever sequence of writes a SQLite store takes, its counters say what its records say.
-    #[test]
-    fn the_sqlite_counts_match_the_records_after_any_sequence_of_writes(
-        writes in proptest::collection::vec(counts::write(), 1..40)
-    ) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
-            let store = store::open(&url).await.unwrap();
-            let mut made = vec![];
-            for w in &writes {
-                counts::apply(store.as_ref(), &mut made, w).await;
-                counts::assert_exact(store.as_ref(), &format!("{w:?}")).await;
-            }
-        });
-    }
-}
