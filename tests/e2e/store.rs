@@ -19,6 +19,8 @@ const DAYS: i64 = 40;
 const DAY_MS: i64 = 86_400_000;
 /// Requests per kind of page, and overviews.
 const REQUESTS: usize = 500;
+/// Zero-length jobs in each full-speed run (about 20 s).
+const JOBS_PER_RUN: &str = "10000";
 
 /// The `i`th of `RECORDS` synthetic jobs: submitted from `DAYS + 1` to 1 days before `now`
 /// in order (ids follow), most final, the newest few hundred queued or running; four tenants,
@@ -179,8 +181,8 @@ fn count_costs(path: &str) -> Value {
 }
 
 /// Replaces the manager by one keeping `retention_days` (0: forever), in batches of the default
-/// size and pause (500, 150 ms: a day of these records then takes about as long as a full-speed
-/// run). Its first pass starts at once: with `DAYS - k` days it deletes the records of day `k`
+/// size and pause (200, 150 ms: a day of these records then takes about as long as a full-speed
+/// run of `JOBS_PER_RUN`). Its first pass starts at once: with `DAYS - k` days it deletes the records of day `k`
 /// (the oldest is 0), ~25,000 jobs.
 async fn restart_manager(stack: &mut Stack, retention_days: i64) {
     if let Some(mut m) = stack.manager.take() {
@@ -251,7 +253,7 @@ async fn full_speed_run(stack: &mut Stack, retention_days: i64, jobs: &str) -> V
 /// Alternates full-speed runs without retention (A) and with retention deleting a day's worth
 /// (B): A B A B A B A, each B against the mean of its two neighbours. Answers the summary.
 async fn retention_under_load(stack: &mut Stack) -> Value {
-    let jobs = "4000";
+    let jobs = JOBS_PER_RUN;
     bench(stack, &["--jobs", "500", "--duration-ms", "0"]).await;
     let mut runs = vec![full_speed_run(stack, 0, jobs).await];
     for day in 0..3 {
@@ -280,7 +282,7 @@ async fn retention_under_load(stack: &mut Stack) -> Value {
         "drops_percent": drops,
         "runs_a_b_a_b_a_b_a": runs_json,
         "jobs_per_run": jobs,
-        "retention_batch_and_pause_ms": "defaults: 500, 150",
+        "retention_batch_and_pause_ms": "defaults: 200, 150",
         "lost": runs.iter().map(|r| r["lost"].clone()).collect::<Vec<_>>(),
         "duplicates": runs.iter().map(|r| r["duplicates"].clone()).collect::<Vec<_>>(),
     })

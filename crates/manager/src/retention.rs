@@ -1,5 +1,5 @@
 //! Retention: final jobs submitted more than `GPUQ_RETENTION_DAYS` ago are deleted with their
-//! event logs, `GPUQ_RETENTION_BATCH` (500) at a time with `GPUQ_RETENTION_PAUSE_MS` (150 ms)
+//! event logs, `GPUQ_RETENTION_BATCH` (200) at a time with `GPUQ_RETENTION_PAUSE_MS` (150 ms)
 //! between batches, so that the store's writers (workers recording results, gateways recording
 //! submissions) never wait long behind it. The first pass runs when the manager starts (a
 //! manager restarted more often than the pass interval still deletes), then every

@@ -248,7 +248,7 @@ impl Default for Settings {
             engine_offline_after_heartbeats: 3,
             engine_forget_after_s: 24 * 3600,
             retention_days: 30.0,
-            retention_batch: 500,
+            retention_batch: 200,
             retention_pause_ms: 150,
         }
     }
