@@ -98,10 +98,11 @@ pub(super) fn by_status(c: &Connection) -> Result<BTreeMap<JobStatus, u64>, Stor
         .map_err(unavailable)?;
     let mut out = BTreeMap::new();
     for row in rows {
+        // A status this version does not know (a newer one wrote it) is left out, not an error.
         let (s, n) = row.map_err(unavailable)?;
-        let s = JobStatus::parse(&s)
-            .ok_or_else(|| StoreError::Corrupt(format!("job status {s:?}").into()))?;
-        out.insert(s, n as u64);
+        if let Some(s) = JobStatus::parse(&s) {
+            out.insert(s, n as u64);
+        }
     }
     Ok(out)
 }

@@ -1,7 +1,8 @@
 //! Embedded SQLite backend. Several processes share one file (WAL). Writes go through one
 //! writer thread per process that commits whatever is pending in one transaction (group
 //! commit), so thousands of small writes a second cost a few commits; reads use their own
-//! connection and never wait for the writer.
+//! connection and never wait for the writer. Counts come from counters the file keeps itself
+//! (`counts`); a listing walks one named index (`list`).
 
 /// The column list, as a macro so that the fixed statements below can be `concat!`ed (and
 /// prepared once per connection).
