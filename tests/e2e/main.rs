@@ -24,6 +24,7 @@ mod observability;
 mod pipeline;
 mod sandbox;
 mod scale;
+mod store;
 mod tenancy;
 mod tls;
 mod watch;

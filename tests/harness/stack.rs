@@ -41,6 +41,8 @@ pub struct StackOptions {
     /// Serve HTTPS with the native stack's certificate and trust its CA everywhere (`test_tls`);
     /// the broker and Redis URLs stay what `env` says.
     pub https: bool,
+    /// A store prepared beforehand (`GPUQ_STORE_URL`), instead of a fresh one per stack.
+    pub store_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -53,6 +55,7 @@ impl Default for StackOptions {
             env: vec![],
             worker_env: HashMap::new(),
             https: false,
+            store_url: None,
         }
     }
 }
@@ -130,6 +133,24 @@ fn spawn_workers(
     Ok((workers, worker_urls))
 }
 
+/// What every test stack's services run with: JSON logs, quick heartbeats and stops, and the
+/// programs `command` jobs may run.
+fn test_settings() -> Vec<(String, String)> {
+    [
+        ("GPUQ_LOG_FORMAT", "json"),
+        ("GPUQ_LOG", "info"),
+        ("GPUQ_HEARTBEAT_INTERVAL_MS", "1000"),
+        ("GPUQ_SHUTDOWN_GRACE_S", "5"),
+        (
+            "GPUQ_PROGRAMS",
+            "sh=/bin/sh,echo=/bin/echo,sleep=/bin/sleep",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// `service`'s own RabbitMQ and Redis users (`access::service_env`), but for the settings the
 /// test sets itself in `opts.env` (a TLS stack's `amqps://` URLs, say), which win.
 fn own_users(service: &str, opts: &StackOptions) -> Vec<(String, String)> {
@@ -170,7 +191,10 @@ impl Stack {
         let admin_token = Uuid::new_v4().simple().to_string();
         let read_token = Uuid::new_v4().simple().to_string();
         let worker_secret = Uuid::new_v4().simple().to_string();
-        let store_url = test_store_url(&prefix, &dir);
+        let store_url = opts
+            .store_url
+            .clone()
+            .unwrap_or_else(|| test_store_url(&prefix, &dir));
         // Shown with the output of a test that fails: which store, where the logs are.
         eprintln!(
             "e2e stack {prefix}: store {store_url}, logs in {}",
@@ -190,15 +214,8 @@ impl Stack {
             ("GPUQ_API_KEYS".into(), keys),
             ("GPUQ_ADMIN_TOKEN".into(), admin_token.clone()),
             ("GPUQ_READ_TOKEN".into(), read_token.clone()),
-            ("GPUQ_LOG_FORMAT".into(), "json".into()),
-            ("GPUQ_LOG".into(), "info".into()),
-            ("GPUQ_HEARTBEAT_INTERVAL_MS".into(), "1000".into()),
-            ("GPUQ_SHUTDOWN_GRACE_S".into(), "5".into()),
-            (
-                "GPUQ_PROGRAMS".into(),
-                "sh=/bin/sh,echo=/bin/echo,sleep=/bin/sleep".into(),
-            ),
         ];
+        base_env.extend(test_settings());
         if opts.manager {
             base_env.push(("GPUQ_MANAGER_URL".into(), manager_url.clone()));
         }
@@ -275,7 +292,11 @@ impl Stack {
             .into_iter()
             .map(|(i, env)| (i + first, env))
             .collect();
-        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let (workers, urls) = spawn_workers(
             &opts,
             first,

@@ -4,8 +4,9 @@
 //!
 //! The bucket lives in this gateway's memory: with several gateways a tenant's rate is per
 //! gateway. The count of a tenant's unfinished jobs comes from the store (`count_active_by_tenant`,
-//! one grouped, index-only query for all tenants, every `REFRESH`), plus the submissions this
-//! gateway accepted since: it may lag the truth by one refresh, never by more.
+//! for all tenants at once, every `REFRESH`: SQLite reads its maintained counters, MongoDB groups
+//! the unfinished jobs only, found through the status index), plus the submissions this gateway
+//! accepted since: it may lag the truth by one refresh, never by more.
 //!
 //! The GPU quota (`max_gpus`) is not enforced here: it travels with each job and the workers
 //! apply it at placement (`coord::quota`).

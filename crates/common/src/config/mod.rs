@@ -197,6 +197,10 @@ pub struct Settings {
     /// Final jobs submitted longer ago than this (days, fractions allowed) are deleted, with
     /// their event logs, by the manager; 0 keeps them forever.
     pub retention_days: f64,
+    /// Jobs retention deletes in one store write, and the pause between two such writes: the
+    /// store's other writers wait behind one batch at most.
+    pub retention_batch: u32,
+    pub retention_pause_ms: u64,
 }
 
 impl Default for Settings {
@@ -257,6 +261,8 @@ impl Default for Settings {
             engine_offline_after_heartbeats: 3,
             engine_forget_after_s: 24 * 3600,
             retention_days: 30.0,
+            retention_batch: 200,
+            retention_pause_ms: 150,
         }
     }
 }

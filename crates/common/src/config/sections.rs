@@ -146,6 +146,10 @@ pub struct ManagerConfig {
     pub engine_forget_after: Duration,
     /// Final jobs older than this are deleted with their logs (`None`: kept forever).
     pub retention: Option<Duration>,
+    /// Jobs deleted in one store write, at least 1.
+    pub retention_batch: u32,
+    /// Between two retention batches.
+    pub retention_pause: Duration,
 }
 
 /// Which GPUs a worker drives.
@@ -287,6 +291,8 @@ impl ManagerConfig {
             engine_forget_after: Duration::from_secs(s.engine_forget_after_s.max(1)),
             retention: (s.retention_days > 0.0)
                 .then(|| Duration::from_secs_f64(s.retention_days * 86_400.0)),
+            retention_batch: s.retention_batch.max(1),
+            retention_pause: Duration::from_millis(s.retention_pause_ms),
         })
     }
 }

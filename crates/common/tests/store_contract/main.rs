@@ -17,6 +17,7 @@ use gpuq_common::{JobRecord, JobStatus};
 use serde_json::json;
 
 mod arrays;
+mod counts;
 
 fn new_job(pool: &str) -> JobRecord {
     let msg = JobMessage::new(
@@ -343,6 +344,7 @@ async fn contract(store: Arc<dyn JobStore>) {
     arrays::arrays(&store, &pool).await;
     event_log(&store, &pool).await;
     retention(&store, &pool).await;
+    counts::counts(&store, &pool).await;
 }
 
 /// Retention deletes final jobs submitted before the cutoff, with their logs, in batches; never

@@ -1,7 +1,8 @@
 //! Embedded SQLite backend. Several processes share one file (WAL). Writes go through one
 //! writer thread per process that commits whatever is pending in one transaction (group
 //! commit), so thousands of small writes a second cost a few commits; reads use their own
-//! connection and never wait for the writer.
+//! connection and never wait for the writer. Counts come from counters the file keeps itself
+//! (`counts`); a listing walks one named index (`list`).
 
 /// The column list, as a macro so that the fixed statements below can be `concat!`ed (and
 /// prepared once per connection).
@@ -17,6 +18,8 @@ macro_rules! not_final {
 }
 
 mod conn;
+mod counts;
+mod list;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -31,25 +34,11 @@ use super::{
 };
 use crate::events::{EventKind, JobEvent, NewEvent};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
-use crate::tenancy::DEFAULT_TENANT;
 #[cfg(test)]
 use conn::open_conn;
 use conn::{SCHEMA, add_column, open_conn_with, unavailable};
 pub use conn::{Synchronous, parse_location};
 use writer::{GET_SQL, Op, row_to_record, writer_loop};
-
-const COLUMNS: &str = columns!();
-
-/// A tenant's listing walks its own jobs by id, an array's listing its members (made after the
-/// columns are added to old files; only jobs of an array have an entry in `jobs_array_id`).
-/// The per-tenant counts of unfinished jobs, asked only when a tenant is capped, walk the
-/// queued and running entries of `jobs_status_id`: an index on (status, tenant) would cost
-/// every status change a second index write.
-const TENANT_INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS jobs_tenant_id ON jobs(tenant, id);
-DROP INDEX IF EXISTS jobs_status_tenant;
-CREATE INDEX IF NOT EXISTS jobs_array_id ON jobs(array_id, id) WHERE array_id IS NOT NULL;
-";
 
 pub struct SqliteStore {
     writer: mpsc::Sender<Op>,
@@ -63,7 +52,7 @@ impl SqliteStore {
 
     /// `open`, with commits synced to the disk as `sync` says.
     pub fn open_with(path: &str, sync: Synchronous) -> Result<Self, StoreError> {
-        let write_conn = open_conn_with(path, sync)?;
+        let mut write_conn = open_conn_with(path, sync)?;
         write_conn.execute_batch(SCHEMA).map_err(unavailable)?;
         for (name, sql_type) in [
             ("drive", "TEXT"),
@@ -76,8 +65,9 @@ impl SqliteStore {
             add_column(&write_conn, name, sql_type)?;
         }
         write_conn
-            .execute_batch(TENANT_INDEXES)
+            .execute_batch(list::LIST_INDEXES)
             .map_err(unavailable)?;
+        counts::ensure_counters(&mut write_conn)?;
         let reader = open_conn_with(path, sync)?;
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
@@ -166,33 +156,8 @@ impl JobStore for SqliteStore {
         let q = q.clone();
         self.read(move |c| {
             let limit = page_limit(q.limit);
-            let mut sql = format!("SELECT {COLUMNS} FROM jobs WHERE 1=1");
-            let mut args: Vec<String> = vec![];
-            if let Some(t) = &q.tenant {
-                args.push(t.clone());
-                sql.push_str(&format!(
-                    " AND coalesce(tenant, '{DEFAULT_TENANT}') = ?{}",
-                    args.len()
-                ));
-            }
-            if let Some(s) = q.status {
-                args.push(s.as_str().into());
-                sql.push_str(&format!(" AND status = ?{}", args.len()));
-            }
-            if let Some(p) = &q.pool {
-                args.push(p.clone());
-                sql.push_str(&format!(" AND pool = ?{}", args.len()));
-            }
-            if let Some(a) = q.array {
-                args.push(a.to_string());
-                sql.push_str(&format!(" AND array_id = ?{}", args.len()));
-            }
-            if let Some(cur) = q.cursor {
-                args.push(cur.to_string());
-                sql.push_str(&format!(" AND id < ?{}", args.len()));
-            }
-            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
-            let mut stmt = c.prepare(&sql).map_err(unavailable)?;
+            let (sql, args) = list::list_sql(&q, limit);
+            let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args.iter()), row_to_record)
                 .map_err(unavailable)?;
@@ -236,25 +201,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare("SELECT status, count(*) FROM jobs GROUP BY status")
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })
-                .map_err(unavailable)?;
-            let mut out = BTreeMap::new();
-            for row in rows {
-                let (s, n) = row.map_err(unavailable)?;
-                if let Some(s) = JobStatus::parse(&s) {
-                    out.insert(s, n);
-                }
-            }
-            Ok(out)
-        })
-        .await
+        self.read(counts::by_status).await
     }
 
     async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError> {
@@ -300,24 +247,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn count_active_by_tenant(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare_cached(concat!(
-                    "SELECT coalesce(tenant, '",
-                    "default",
-                    "'), count(*) FROM jobs WHERE status IN ",
-                    not_final!(),
-                    " GROUP BY 1"
-                ))
-                .map_err(unavailable)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })
-                .map_err(unavailable)?;
-            rows.map(|row| row.map_err(unavailable)).collect()
-        })
-        .await
+        self.read(counts::active_by_tenant).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
