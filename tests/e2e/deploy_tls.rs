@@ -111,6 +111,10 @@ fn redis_mongodb_and_rabbitmq_take_tls_in_place_of_plaintext() {
     let made = files_made_by_init();
     let redis = str_list(c.services["redis"].get("command")).join(" ");
     assert!(redis.contains("--port 0 --tls-port 6379"), "{redis}");
+    // The plain command whole (its ACL users included), then TLS.
+    let plain = compose(&["docker-compose.yml"], ".env.example");
+    let plain_redis = str_list(plain.services["redis"].get("command")).join(" ");
+    assert!(redis.starts_with(&plain_redis), "{plain_redis}\n{redis}");
     let mongo = str_list(c.services["mongodb"].get("command")).join(" ");
     assert!(mongo.contains("--tlsMode requireTLS"), "{mongo}");
     for name in ["redis", "mongodb", "rabbitmq1", "rabbitmq2", "rabbitmq3"] {
