@@ -118,15 +118,33 @@ ensure_rabbit_users() {
   log "RabbitMQ users gpuq-gateway, gpuq-worker, gpuq-manager in place (stack.sh credentials)"
 }
 
-# ensure_redis_users : (re)defines the ACL user gpuq-<service> of every service (`reset` first,
-# so a changed rule set applies; ACL rules are not persisted: redis_start applies them).
+# redis_user_rules SERVICE : the ACL rules of user gpuq-SERVICE, one per line (`reset` first, so
+# a changed rule set applies).
+redis_user_rules() {
+  local -a cmds
+  read -r -a cmds <<<"$REDIS_COMMON $(redis_commands "$1")"
+  printf '%s\n' reset on ">$(service_password "$1")" '~gpuq:*' '~gpuq-*' resetchannels '&gpuq:*' \
+    '&gpuq-*' -@all "${cmds[@]}" -@dangerous
+}
+
+# redis_user_directives : `user` lines for redis.conf, so that Redis starts with the services'
+# users. Defined only after the start, a service reconnecting in between (a Redis restart mid-run)
+# failed to authenticate, and redis-rs's ConnectionManager does not retry an authentication
+# failure: the worker stayed unable to reach Redis.
+redis_user_directives() {
+  local s
+  for s in "${SERVICES_WITH_USERS[@]}"; do
+    printf 'user gpuq-%s %s\n' "$s" "$(redis_user_rules "$s" | tr '\n' ' ')"
+  done
+}
+
+# ensure_redis_users : (re)defines the ACL user gpuq-<service> of every service on a running
+# Redis (one started by an older stack.sh, without them in its redis.conf).
 ensure_redis_users() {
   local s
-  local -a rules cmds
+  local -a rules
   for s in "${SERVICES_WITH_USERS[@]}"; do
-    read -r -a cmds <<<"$REDIS_COMMON $(redis_commands "$s")"
-    rules=(reset on ">$(service_password "$s")" '~gpuq:*' '~gpuq-*' resetchannels '&gpuq:*' '&gpuq-*'
-      -@all "${cmds[@]}" -@dangerous)
+    mapfile -t rules < <(redis_user_rules "$s")
     [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ACL SETUSER "gpuq-$s" "${rules[@]}" 2>&1)" = OK ] ||
       die "could not define the Redis user gpuq-$s"
   done

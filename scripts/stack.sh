@@ -555,7 +555,10 @@ dir $REDIS_DATA
 appendonly yes
 appendfsync everysec
 save 60 1
+# The services' ACL users (scripts/stack-access.sh), there from the first connection on.
+$(redis_user_directives)
 EOF
+    chmod 600 "$REDIS_DIR/redis.conf"
     rm -f "$REDIS_DIR/redis.pid"
     (cd "$REDIS_DATA" && setsid redis-server "$REDIS_DIR/redis.conf" </dev/null >>"$REDIS_DIR/redis.log" 2>&1 9>&-)
     log "started redis on 127.0.0.1:$REDIS_PORT (TLS :$REDIS_TLS_PORT)"
