@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use gpuq_common::JobStatus;
-use gpuq_e2e::{Stack, StackOptions, test_env};
+use gpuq_e2e::{Stack, StackOptions};
 
 use crate::pipeline::bench;
 
@@ -216,7 +216,6 @@ async fn budget_bench_deep_backlog() {
     let total: usize = std::env::var("GPUQ_BENCH_BACKLOG")
         .map(|v| v.parse().expect("GPUQ_BENCH_BACKLOG: a number"))
         .unwrap_or(200_000);
-    let _ = test_env("GPUQ_TEST_AMQP_URLS");
     let mut stack = Stack::start(StackOptions {
         workers: 0,
         env: vec![(

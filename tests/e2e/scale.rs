@@ -27,12 +27,10 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    Some(sorted[i])
+/// The `p` percentile of sorted latencies in ms (the harness's `percentile`, on whole µs).
+fn percentile_ms(sorted: &[f64], p: f64) -> Option<f64> {
+    let us: Vec<i64> = sorted.iter().map(|ms| (ms * 1000.0) as i64).collect();
+    (!us.is_empty()).then(|| gpuq_e2e::percentile(&us, p) as f64 / 1000.0)
 }
 
 /// Polls the manager's overview every 100 ms until `stop`; answers the latencies in ms.
@@ -113,11 +111,11 @@ async fn measure(engines: usize) -> Value {
         "one_second_wall_s": long["end_to_end_seconds"],
         "slot_utilisation": long["slot_utilisation"],
         "one_second_worker_hold_ms": [long["worker_overhead_start_ms"], long["worker_overhead_finish_ms"]],
-        "overview_idle_ms": {"p50": percentile(&idle, 0.5), "p99": percentile(&idle, 0.99)},
+        "overview_idle_ms": {"p50": percentile_ms(&idle, 0.5), "p99": percentile_ms(&idle, 0.99)},
         "overview_ms": {
             "count": overview.len(),
-            "p50": percentile(&overview, 0.5),
-            "p99": percentile(&overview, 0.99),
+            "p50": percentile_ms(&overview, 0.5),
+            "p99": percentile_ms(&overview, 0.99),
             "max": overview.last(),
         },
         "manager_cpu_of_a_core": manager_cpu,

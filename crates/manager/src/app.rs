@@ -343,8 +343,9 @@ pub async fn refresh_loop(state: AppState, interval: Duration, token: Cancellati
             _ = token.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let views = match state.registry().all_views().await {
-            Ok(views) => forget_long_offline(&state, views).await,
+        // The same read keeps the overview's copy of the engines fresh.
+        let views = match state.engine_views().refresh(state.registry()).await {
+            Ok(views) => forget_long_offline(&state, views.as_ref().clone()).await,
             Err(e) => Err(e),
         };
         let counts = state.store().count_by_status().await;
