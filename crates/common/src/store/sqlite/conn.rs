@@ -82,7 +82,8 @@ fn busy_retry(attempt: i32) -> bool {
 /// How a commit reaches the disk (`sqlite://PATH?synchronous=…`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Synchronous {
-    /// Every commit syncs the WAL: a result the worker acked survives a crash of the machine.
+    /// Every commit that ends, submits or deletes a job syncs the WAL: a result the worker acked
+    /// survives a crash of the machine.
     #[default]
     Full,
     /// Commits do not wait for the disk (WAL `NORMAL`): they survive a crash of the process but
@@ -128,18 +129,24 @@ pub(super) fn open_conn_with(path: &str, sync: Synchronous) -> Result<Connection
     conn.busy_handler(Some(busy_retry)).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
-    // FULL (the default): each commit syncs the WAL. A worker acks a job to the broker once its
-    // result is committed, and the broker then forgets the job; with NORMAL the last commits of
-    // a WAL database survive a crash of the process but not of the machine. The sync holds the
+    // FULL (the default): each commit that must survive the machine syncs the WAL. A worker
+    // acks a job to the broker once its result is committed, and the broker then forgets the
+    // job; with NORMAL the last commits of a WAL database survive a crash of the process but not
+    // of the machine. (The writer commits a batch of only starts and log lines without the sync:
+    // the next synced commit carries them to the disk; see writer::Op::must_reach_disk.) The sync holds the
     // file's write lock, and processes cannot share one: many processes on one file commit at
     // most once per sync between them (see README, "Many engines, and which store").
+    set_synchronous(&conn, sync)?;
+    Ok(conn)
+}
+
+pub(super) fn set_synchronous(conn: &Connection, sync: Synchronous) -> Result<(), StoreError> {
     let mode = match sync {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", mode)
-        .map_err(unavailable)?;
-    Ok(conn)
+        .map_err(unavailable)
 }
 
 /// Databases made before re-drives were named lack the `drive` column, those made before

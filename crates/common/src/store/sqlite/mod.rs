@@ -72,7 +72,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Op>();
         std::thread::Builder::new()
             .name("gpuq-sqlite-writer".into())
-            .spawn(move || writer_loop(write_conn, rx))
+            .spawn(move || writer_loop(write_conn, rx, sync))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,

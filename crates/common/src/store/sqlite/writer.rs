@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::conn::unavailable;
+use super::conn::{Synchronous, unavailable};
 use crate::events::{EventKind, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
 use crate::store::{FinishOutcome, StartOutcome, StoreError};
@@ -64,13 +64,40 @@ pub(super) enum Op {
     ),
 }
 
-pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+impl Op {
+    /// Whether the op's commit must be on the disk before it is answered. A job's start and its
+    /// live log lines need not be: the job is not acked until its final write, whose synced commit
+    /// carries every earlier commit of the write-ahead log to the disk with it; if the machine
+    /// loses power before that, the job runs again and writes them again.
+    fn must_reach_disk(&self) -> bool {
+        !matches!(self, Op::Start(..) | Op::Events(..))
+    }
+}
+
+/// The commit mode for a batch: `Full` syncs only batches holding an op that must reach the disk.
+fn mode_for(configured: Synchronous, batch: &[Op]) -> Synchronous {
+    match configured {
+        Synchronous::Full if !batch.iter().any(Op::must_reach_disk) => Synchronous::Normal,
+        mode => mode,
+    }
+}
+
+pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, configured: Synchronous) {
+    let mut current = configured;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
+            }
+        }
+        let mode = mode_for(configured, &batch);
+        if mode != current {
+            // A connection's setting, read at each commit; no I/O.
+            match super::conn::set_synchronous(&conn, mode) {
+                Ok(()) => current = mode,
+                Err(e) => tracing::warn!(error.message = %e, "could not change the commit mode"),
             }
         }
         let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
@@ -497,4 +524,44 @@ pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, S
         })
     };
     Ok(build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobMessage, SubmitRequest};
+
+    fn record() -> JobRecord {
+        let req: SubmitRequest = serde_json::from_value(serde_json::json!({"kind":"simulate"}))
+            .expect("a simulate request");
+        let (payload, placement) = req.validate().expect("valid");
+        JobRecord::queued(&JobMessage::new(payload, placement))
+    }
+
+    #[test]
+    fn only_a_batch_of_starts_and_log_lines_commits_without_the_sync() {
+        let start = || Op::Start(record(), oneshot::channel().0);
+        let events = || Op::Events(record().id, vec![], oneshot::channel().0);
+        let finish = || {
+            let outcome = FinalOutcome {
+                status: JobStatus::Succeeded,
+                result: None,
+                error: None,
+                worker: None,
+                finished_at: 0,
+                attempt: None,
+                events: vec![],
+            };
+            Op::Finish(record().id, outcome, None, oneshot::channel().0)
+        };
+        let insert = || Op::Insert(record(), None, oneshot::channel().0);
+        let full = Synchronous::Full;
+        assert_eq!(mode_for(full, &[start(), events()]), Synchronous::Normal);
+        assert_eq!(mode_for(full, &[start(), finish()]), full);
+        assert_eq!(mode_for(full, &[insert()]), full);
+        assert_eq!(mode_for(full, &[events(), insert(), start()]), full);
+        // A store opened without syncs never gains them.
+        let normal = Synchronous::Normal;
+        assert_eq!(mode_for(normal, &[finish()]), normal);
+    }
 }
