@@ -21,7 +21,6 @@ use gpuq_common::coord::registry::Registry;
 use gpuq_common::engine::EngineView;
 use gpuq_common::http::ApiError;
 use gpuq_common::job::{JobStatus, now_ms};
-use gpuq_common::store::ListQuery;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -165,24 +164,13 @@ pub struct Overview {
 
 /// Gathers the overview from Redis, the store and the last queue poll.
 pub async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
-    let store = state.store();
-    let recent_q = ListQuery {
-        limit: 20,
-        ..Default::default()
-    };
-    let dead_q = ListQuery {
-        status: Some(JobStatus::DeadLettered),
-        limit: 10,
-        ..Default::default()
-    };
-    let (engines, counts, recent, dead) = tokio::join!(
+    let (engines, view) = tokio::join!(
         state.engine_views().get(state.registry()),
-        store.count_by_status(),
-        store.list(&recent_q),
-        store.list(&dead_q),
+        state.store().status_view(20, 10),
     );
     let engines = engines?;
-    let counts = counts?;
+    let view = view?;
+    let counts = view.counts;
     state.throughput().record(&counts);
     let queues = state.queues().snapshot();
     Ok(Overview {
@@ -196,8 +184,8 @@ pub async fn build_overview(state: &AppState) -> Result<Overview, ApiError> {
             .map(|s| (s.as_str().to_string(), counts.get(s).copied().unwrap_or(0)))
             .collect(),
         throughput: state.throughput().rate(),
-        recent_jobs: recent?.jobs.iter().map(JobSummary::from).collect(),
-        dead_letters: dead?.jobs.iter().map(JobSummary::from).collect(),
+        recent_jobs: view.recent.iter().map(JobSummary::from).collect(),
+        dead_letters: view.dead.iter().map(JobSummary::from).collect(),
     })
 }
 

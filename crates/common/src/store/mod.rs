@@ -140,6 +140,14 @@ pub async fn read_log(
     Ok((derived, true))
 }
 
+/// The store's part of a status page (`JobStore::status_view`).
+#[derive(Debug, Clone, Default)]
+pub struct StatusView {
+    pub counts: BTreeMap<JobStatus, u64>,
+    pub recent: Vec<JobRecord>,
+    pub dead: Vec<JobRecord>,
+}
+
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Records a submitted job (status `queued`). `Conflict` when the id exists.
@@ -187,6 +195,31 @@ pub trait JobStore: Send + Sync + 'static {
     async fn reset_for_retry(&self, id: JobId, drive: &str) -> Result<bool, StoreError>;
     /// Jobs by status (for status pages and benchmarks).
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError>;
+    /// What a status page shows of the store: the counts, the `recent` newest jobs and the
+    /// `dead` newest dead-lettered ones. SQLite reads them in one trip to its reader thread
+    /// and one read transaction (a status page polled on a loaded host pays one wait to be
+    /// scheduled, not three); other stores may read them concurrently.
+    async fn status_view(&self, recent: u32, dead: u32) -> Result<StatusView, StoreError> {
+        let dead_q = ListQuery {
+            status: Some(JobStatus::DeadLettered),
+            limit: dead,
+            ..Default::default()
+        };
+        let recent_q = ListQuery {
+            limit: recent,
+            ..Default::default()
+        };
+        let (counts, recent, dead) = tokio::join!(
+            self.count_by_status(),
+            self.list(&recent_q),
+            self.list(&dead_q)
+        );
+        Ok(StatusView {
+            counts: counts?,
+            recent: recent?.jobs,
+            dead: dead?.jobs,
+        })
+    }
     /// Appends events to the job's log, each under the next offset of the job, and sets the
     /// record's `progress` to the last `progress` event among them. Answers the last offset
     /// (0 when the job has no record: nothing is appended).

@@ -52,6 +52,26 @@ async fn assert_exact(store: &dyn JobStore, step: &str) {
         active,
         "unfinished jobs per tenant after {step}"
     );
+    // A status page's view: the same counts, and the newest jobs as the listing has them.
+    let view = store.status_view(5, 3).await.unwrap();
+    assert_eq!(view.counts, by_status, "status view's counts after {step}");
+    let ids = |jobs: &[JobRecord]| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    let listed = |status, limit| ListQuery {
+        status,
+        limit,
+        ..Default::default()
+    };
+    let recent = store.list(&listed(None, 5)).await.unwrap();
+    let dead = store
+        .list(&listed(Some(JobStatus::DeadLettered), 3))
+        .await
+        .unwrap();
+    assert_eq!(ids(&view.recent), ids(&recent.jobs), "recent after {step}");
+    assert_eq!(
+        ids(&view.dead),
+        ids(&dead.jobs),
+        "dead letters after {step}"
+    );
 }
 
 fn of(tenant: &str, pool: &str) -> JobRecord {

@@ -30,7 +30,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StoreError, page, page_limit,
+    FinishOutcome, JobPage, JobStore, ListQuery, StartOutcome, StatusView, StoreError, page,
+    page_limit,
 };
 use crate::events::{EventKind, JobEvent, NewEvent};
 use crate::job::{FinalOutcome, JobId, JobRecord, JobStatus};
@@ -108,6 +109,21 @@ impl SqliteStore {
     }
 }
 
+/// One page of `list`, read on `c`.
+fn list_page(c: &Connection, q: &ListQuery) -> Result<JobPage, StoreError> {
+    let limit = page_limit(q.limit);
+    let (sql, args) = list::list_sql(q, limit);
+    let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args.iter()), row_to_record)
+        .map_err(unavailable)?;
+    let mut jobs = Vec::new();
+    for row in rows {
+        jobs.push(row.map_err(unavailable)??);
+    }
+    Ok(page(jobs, limit))
+}
+
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn insert(&self, job: &JobRecord) -> Result<(), StoreError> {
@@ -154,20 +170,7 @@ impl JobStore for SqliteStore {
 
     async fn list(&self, q: &ListQuery) -> Result<JobPage, StoreError> {
         let q = q.clone();
-        self.read(move |c| {
-            let limit = page_limit(q.limit);
-            let (sql, args) = list::list_sql(&q, limit);
-            let mut stmt = c.prepare_cached(&sql).map_err(unavailable)?;
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(args.iter()), row_to_record)
-                .map_err(unavailable)?;
-            let mut jobs = Vec::new();
-            for row in rows {
-                jobs.push(row.map_err(unavailable)??);
-            }
-            Ok(page(jobs, limit))
-        })
-        .await
+        self.read(move |c| list_page(c, &q)).await
     }
 
     async fn start_attempt(&self, job: &JobRecord) -> Result<StartOutcome, StoreError> {
@@ -202,6 +205,29 @@ impl JobStore for SqliteStore {
 
     async fn count_by_status(&self) -> Result<BTreeMap<JobStatus, u64>, StoreError> {
         self.read(counts::by_status).await
+    }
+
+    async fn status_view(&self, recent: u32, dead: u32) -> Result<StatusView, StoreError> {
+        self.read(move |c| {
+            let tx = c.unchecked_transaction().map_err(unavailable)?;
+            let recent_q = ListQuery {
+                limit: recent,
+                ..Default::default()
+            };
+            let dead_q = ListQuery {
+                status: Some(JobStatus::DeadLettered),
+                limit: dead,
+                ..Default::default()
+            };
+            let view = StatusView {
+                counts: counts::by_status(&tx)?,
+                recent: list_page(&tx, &recent_q)?.jobs,
+                dead: list_page(&tx, &dead_q)?.jobs,
+            };
+            tx.finish().map_err(unavailable)?;
+            Ok(view)
+        })
+        .await
     }
 
     async fn append_events(&self, id: JobId, events: &[NewEvent]) -> Result<u64, StoreError> {
