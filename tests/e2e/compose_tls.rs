@@ -1,9 +1,9 @@
 //! The production shape with TLS on every connection, live: `docker-compose.yml` with
 //! `docker-compose.tls.yml` (`scripts/compose.sh init --tls`) on the stand-in images, driven
 //! through its published ports with the CA that `init --tls` made. `#[ignore]`d in the main
-//! pass; scripts/test.sh's compose phase runs them after `compose::`'s tests, once the same
-//! stack is turned to TLS (`init --tls`, `up --local-images` again: every container is made
-//! anew with its certificate, the volumes stay). By hand:
+//! pass; scripts/test.sh's compose phase runs them after `compose::`'s tests, on a fresh stack
+//! made from the same env file with TLS on (`down -v`, `init --tls`, `up --local-images`). By
+//! hand:
 //!
 //!   scripts/compose.sh init --tls && scripts/compose.sh up --local-images
 //!   cargo nextest run --workspace -E 'test(/^compose_tls::/)' --run-ignored only
