@@ -232,9 +232,17 @@ ensure_engine() {
   mkdir -p "$DOCKER_ROOT" "$DOCKER_EXEC_ROOT"
   # No iptables: the host's firewall and sysctls stay as they are; containers still reach each
   # other by service name and published loopback ports work (through docker-proxy).
-  setsid "$dockerd" --data-root "$DOCKER_ROOT" --exec-root "$DOCKER_EXEC_ROOT" \
-    --pidfile "$DOCKER_EXEC_ROOT/dockerd.pid" --storage-driver overlay2 \
-    --iptables=false --ip-forward=false >"$DOCKER_EXEC_ROOT/dockerd.log" 2>&1 </dev/null &
+  # It gets none of this shell's file descriptors but 0-2: run as `flock LOCK compose.sh up`,
+  # an inherited descriptor of LOCK would keep the lock held for as long as the engine runs.
+  (
+    for fd in "/proc/$BASHPID/fd"/*; do
+      fd="${fd##*/}"
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec setsid "$dockerd" --data-root "$DOCKER_ROOT" --exec-root "$DOCKER_EXEC_ROOT" \
+      --pidfile "$DOCKER_EXEC_ROOT/dockerd.pid" --storage-driver overlay2 \
+      --iptables=false --ip-forward=false >"$DOCKER_EXEC_ROOT/dockerd.log" 2>&1 </dev/null
+  ) &
   for _ in $(seq 1 120); do
     if engine_up; then
       : >"$ENGINE_MARK"
@@ -398,9 +406,11 @@ for p in json.load(sys.stdin)["services"][svc].get("ports") or []:
 }
 
 write_compose_env() {
-  local gateway manager w1 w2 w3 prom r1 mongo_url mongo_host scheme=http tls_lines=""
+  local gateway manager w1 w2 w3 prom r1 mongo_url mongo_host redis_url amqp_url scheme=http s=""
+  local tls_lines=""
   if tls_on; then
     scheme=https
+    s=s
     tls_lines="GPUQ_TLS_CA_FILE=$TLS_DIR/ca.pem"
   fi
   gateway="$(url_of gateway 8080 "$scheme")"
@@ -413,6 +423,11 @@ write_compose_env() {
   mongo_host="$(url_of mongodb 27017)"
   mongo_url="mongodb://gpuq:$(env_value MONGO_GPUQ_PASSWORD)@${mongo_host#http://}/gpuq?authSource=admin"
   tls_on && mongo_url="$mongo_url&tls=true&tlsCAFile=$TLS_DIR/ca.pem"
+  # Redis's default user and RabbitMQ's admin, for the tests' looks behind the services.
+  redis_url="$(url_of redis 6379 "redis$s")"
+  redis_url="${redis_url/:\/\//://:$(env_value REDIS_PASSWORD)@}/0"
+  amqp_url="$(url_of rabbitmq1 5672 "amqp$s")"
+  amqp_url="${amqp_url/:\/\//://admin:$(env_value RABBITMQ_ADMIN_PASSWORD)@}/%2f"
   mkdir -p "$(dirname "$OUT_ENV")"
   (
     umask 077
@@ -428,6 +443,8 @@ GPUQ_COMPOSE_MONGODB_URL=$mongo_url
 GPUQ_COMPOSE_PROMETHEUS_URL=$prom
 GPUQ_COMPOSE_RABBITMQ_URL=$r1
 GPUQ_COMPOSE_RABBITMQ_ADMIN=admin:$(env_value RABBITMQ_ADMIN_PASSWORD)
+GPUQ_COMPOSE_REDIS_URL=$redis_url
+GPUQ_COMPOSE_AMQP_URL=$amqp_url
 $tls_lines
 EOF
     mv "$OUT_ENV.tmp" "$OUT_ENV"

@@ -20,13 +20,13 @@ use uuid::Uuid;
 // The stack under test
 
 /// The compose stack's endpoints and secrets, from `.dev/compose.env`.
-struct ComposeStack {
-    env: HashMap<String, String>,
-    http: reqwest::Client,
+pub(crate) struct ComposeStack {
+    pub(crate) env: HashMap<String, String>,
+    pub(crate) http: reqwest::Client,
 }
 
 impl ComposeStack {
-    fn load() -> Self {
+    pub(crate) fn load() -> Self {
         let path = std::env::var("GPUQ_TEST_COMPOSE_ENV")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo_root().join(".dev/compose.env"));
@@ -50,20 +50,20 @@ impl ComposeStack {
         }
     }
 
-    fn get(&self, key: &str) -> &str {
+    pub(crate) fn get(&self, key: &str) -> &str {
         self.env
             .get(key)
             .unwrap_or_else(|| panic!(".dev/compose.env has no {key}"))
     }
 
-    fn worker_urls(&self) -> Vec<String> {
+    pub(crate) fn worker_urls(&self) -> Vec<String> {
         self.get("GPUQ_WORKER_URLS")
             .split(',')
             .map(String::from)
             .collect()
     }
 
-    async fn submit(&self, body: &Value) -> Uuid {
+    pub(crate) async fn submit(&self, body: &Value) -> Uuid {
         let resp = self
             .http
             .post(format!("{}/v1/jobs", self.get("GPUQ_GATEWAY_URL")))
@@ -163,7 +163,7 @@ impl ComposeStack {
         total
     }
 
-    async fn rabbitmq(&self, path: &str) -> Option<Value> {
+    pub(crate) async fn rabbitmq(&self, path: &str) -> Option<Value> {
         let (user, pass) = self.get("GPUQ_COMPOSE_RABBITMQ_ADMIN").split_once(':')?;
         let r = self
             .http

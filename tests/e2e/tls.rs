@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 /// What a server answers a plaintext client that writes `hello` on `addr`, until it closes the
 /// connection or 3 s pass.
-async fn plaintext_answer(addr: &str, hello: &[u8]) -> Vec<u8> {
+pub(crate) async fn plaintext_answer(addr: &str, hello: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("{addr}: {e}"));
@@ -31,7 +31,7 @@ async fn plaintext_answer(addr: &str, hello: &[u8]) -> Vec<u8> {
 }
 
 /// `host:port` of a URL like `amqps://user:pass@127.0.0.1:5681/%2f`.
-fn host_port(url: &str) -> String {
+pub(crate) fn host_port(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest).to_string()

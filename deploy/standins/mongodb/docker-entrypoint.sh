@@ -21,6 +21,9 @@
 # half-initialised directory and says so. The official image would start on it, without the
 # users the scripts were to create.
 #
+#   * `mongod` with TLS flags (docker-compose.tls.yml's command) runs the server with TLS: the
+#     flags are mapped onto SecantusDB's own (mongod_as_server below).
+#
 # Any other command (`bash`, `mongosh ...`) is run as it is.
 set -Eeuo pipefail
 
@@ -91,8 +94,57 @@ file_env() {
 	unset "$file_var"
 }
 
+# mongod_as_server ARGS... : SERVER_ARGS, the mongod command of docker-compose.tls.yml as
+# SecantusDB's: its TLS flags map onto SecantusDB's own, any other mongod flag is refused by
+# name (this stand-in does not pretend to understand it).
+#   --tlsMode requireTLS      TLS only on the port: SecantusDB with a certificate serves nothing
+#                             else (allowTLS/preferTLS, TLS beside plaintext, it cannot do)
+#   --tlsMode disabled        plaintext
+#   --tlsCertificateKeyFile F certificate and key in one PEM file: both SecantusDB flags name F
+#   --tlsCAFile F             verify client certificates against F when a client offers one
+#   --tlsAllowConnectionsWithoutCertificates
+#                             SecantusDB's behaviour with a CA file; without this flag a client
+#                             certificate is required (--tls-require-client-cert), as in mongod
+SERVER_ARGS=()
+mongod_as_server() {
+	local mode="" pem="" ca="" optional=""
+	shift
+	while [ "$#" -gt 0 ]; do
+		case "$1" in
+			--tlsMode | --tlsCertificateKeyFile | --tlsCAFile)
+				[ "$#" -ge 2 ] || die "mongod $1 needs a value"
+				case "$1" in
+					--tlsMode) mode="$2" ;;
+					--tlsCertificateKeyFile) pem="$2" ;;
+					--tlsCAFile) ca="$2" ;;
+				esac
+				shift 2
+				;;
+			--tlsAllowConnectionsWithoutCertificates) optional=1; shift ;;
+			*) die "mongod flag $1: this stand-in maps only mongod's TLS flags onto $SERVER (see its README.md)" ;;
+		esac
+	done
+	SERVER_ARGS=("$SERVER")
+	case "${mode:-disabled}" in
+		disabled) return 0 ;;
+		requireTLS) ;;
+		*) die "mongod --tlsMode $mode: $SERVER serves TLS only or plaintext only (requireTLS or disabled)" ;;
+	esac
+	[ -n "$pem" ] || die "mongod --tlsMode requireTLS needs --tlsCertificateKeyFile"
+	[ -r "$pem" ] || die "$pem is not readable by $(id -un)"
+	SERVER_ARGS+=(--tls-cert-file "$pem" --tls-key-file "$pem")
+	if [ -n "$ca" ]; then
+		SERVER_ARGS+=(--tls-ca-file "$ca")
+		[ -n "$optional" ] || SERVER_ARGS+=(--tls-require-client-cert)
+	fi
+}
+
 if [ "${1:0:1}" = '-' ]; then
 	set -- "$SERVER" "$@"
+fi
+if [ "$1" = mongod ]; then
+	mongod_as_server "$@"
+	set -- "${SERVER_ARGS[@]}"
 fi
 if [ "$1" != "$SERVER" ]; then
 	exec "$@"
@@ -162,6 +214,12 @@ if [ -n "$should_init" ]; then
 
 	mapfile -d '' init_args < <(without_arg --auth 0 "$@")
 	mapfile -d '' init_args < <(without_arg --host 1 "${init_args[@]}")
+	# The init server is plaintext, on 127.0.0.1 only, for this script's own mongosh (mongod's
+	# image keeps TLS on it; SecantusDB cannot serve both, and nothing else can reach it).
+	for flag in --tls-cert-file --tls-key-file --tls-ca-file; do
+		mapfile -d '' init_args < <(without_arg "$flag" 1 "${init_args[@]}")
+	done
+	mapfile -d '' init_args < <(without_arg --tls-require-client-cert 0 "${init_args[@]}")
 	log "initialising $db_path: starting $SERVER on 127.0.0.1:$port without authentication"
 	"${init_args[@]}" --host 127.0.0.1 &
 	init_pid=$!

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use super::CoordError;
 use super::conn as redis_conn;
+use super::conn::Conn;
 use super::keys::Keys;
 use super::pools::pool_view;
 use crate::job::{JobId, now_ms};
-use redis::aio::ConnectionManager;
 
 /// Upper bound of one Redis command, connection included.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -18,7 +18,7 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A cheap-to-clone handle on one multiplexed Redis connection.
 #[derive(Clone)]
 pub struct Kv {
-    conn: ConnectionManager,
+    conn: Conn,
 }
 
 impl Kv {
@@ -35,7 +35,7 @@ impl Kv {
     /// Runs one command (or script invocation) with the timeout applied.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, CoordError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         match tokio::time::timeout(REDIS_TIMEOUT, f(self.conn.clone())).await {

@@ -5,10 +5,10 @@
 use super::CoordResult;
 use std::time::Duration;
 
+use super::conn::Conn;
 use super::keys::{COMPARE_AND_DELETE_LUA, Keys};
 use super::pools::{PoolView, pool_view};
 use crate::engine::AdminState;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
 
@@ -64,7 +64,7 @@ return 0
 
 #[derive(Clone)]
 pub struct Coordinator {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) keys: Keys,
     pub(super) owner: String,
     lease_ttl_ms: u64,
@@ -74,7 +74,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(conn: ConnectionManager, keys: Keys, owner: String, lease_ttl_ms: u64) -> Self {
+    pub fn new(conn: Conn, keys: Keys, owner: String, lease_ttl_ms: u64) -> Self {
         Self {
             conn,
             keys,

@@ -2,8 +2,8 @@
 //! seen but have no heartbeat at the moment. Read by the worker (can any engine ever place this
 //! job?) and by the gateway (do the pool's workers run with fault injection?).
 
+use super::conn::Conn;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use super::CoordResult;
 use super::keys::Keys;
@@ -18,11 +18,7 @@ pub struct PoolView {
 }
 
 /// One `SMEMBERS` and one `MGET`: the live engines of `pool` and the absent ones.
-pub async fn pool_view(
-    c: &mut ConnectionManager,
-    keys: &Keys,
-    pool: &str,
-) -> CoordResult<PoolView> {
+pub async fn pool_view(c: &mut Conn, keys: &Keys, pool: &str) -> CoordResult<PoolView> {
     let engines: Vec<String> = c.smembers(keys.engines()).await?;
     if engines.is_empty() {
         return Ok(PoolView {

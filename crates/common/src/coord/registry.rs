@@ -7,9 +7,9 @@
 use super::CoordResult;
 use std::collections::HashSet;
 
+use super::conn::Conn;
 use super::keys::Keys;
 use crate::engine::{AdminState, EngineView, Heartbeat, derive_state};
-use redis::aio::ConnectionManager;
 
 /// Records a heartbeat atomically.
 /// KEYS: 1 info hash, 2 starts counter, 3 heartbeat key, 4 engines set, 5 admin key.
@@ -101,7 +101,7 @@ pub fn validate_engine_id(id: &str) -> Result<(), String> {
 /// Redis access for the engine registry.
 #[derive(Clone)]
 pub struct Registry {
-    redis: ConnectionManager,
+    redis: Conn,
     keys: Keys,
 }
 
@@ -129,7 +129,7 @@ impl Registry {
             .map_err(Into::into)
     }
 
-    pub fn new(redis: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(redis: Conn, keys: Keys) -> Self {
         Self { redis, keys }
     }
 
