@@ -10,6 +10,7 @@
 mod backlog;
 mod batch;
 mod compose;
+mod compose_script;
 mod compose_tls;
 mod deploy;
 mod deploy_tls;
