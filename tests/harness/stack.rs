@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use crate::access::{provision_topology, service_env};
 use crate::env::{
-    admin_amqp_urls, bin_dir, free_port, repo_root, test_env, test_store_url, test_tls,
+    admin_amqp_urls, bin_dir, free_port, repo_root, services_store_url, test_env, test_store_url,
+    test_tls,
 };
 use crate::metrics::sum_metric;
 use crate::procs::Supervised;
@@ -210,7 +211,10 @@ impl Stack {
             ("GPUQ_AMQP_URLS".into(), test_env("GPUQ_TEST_AMQP_URLS")),
             ("GPUQ_REDIS_URL".into(), test_env("GPUQ_TEST_REDIS_URL")),
             ("GPUQ_QUEUE_PREFIX".into(), prefix.clone()),
-            ("GPUQ_STORE_URL".into(), store_url.clone()),
+            (
+                "GPUQ_STORE_URL".into(),
+                services_store_url(&store_url, &dir),
+            ),
             ("GPUQ_API_KEYS".into(), keys),
             ("GPUQ_ADMIN_TOKEN".into(), admin_token.clone()),
             ("GPUQ_READ_TOKEN".into(), read_token.clone()),
