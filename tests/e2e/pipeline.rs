@@ -556,7 +556,9 @@ fn jobs_from_env(var: &str, default: u32) -> String {
 /// a pass/fail signal): `gpuq bench` at full speed and at a steady 200 jobs/s, printed as one JSON
 /// line. Run it on purpose, alone, against any build of the binaries (an A/B of two commits):
 /// `GPUQ_BIN_DIR=… cargo nextest run --workspace --run-ignored only -E 'test(/budget_bench/)' --no-capture`.
-/// `GPUQ_BENCH_FULL_JOBS` (3000) and `GPUQ_BENCH_STEADY_JOBS` (3000; 0 skips it) size the runs.
+/// `GPUQ_BENCH_FULL_JOBS` (3000) and `GPUQ_BENCH_STEADY_JOBS` (3000; 0 skips it) size the runs;
+/// against an older build add `GPUQ_BENCH_SERVICES_STORE=own`, so that its store has its own
+/// schema, not this harness's (`env::services_store`).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark: run on purpose, alone"]
 async fn budget_bench_full_speed_and_a_steady_200_jobs_per_second() {

@@ -102,7 +102,7 @@ pub const TEST_STORE_ENV: &str = "GPUQ_TEST_STORE";
 /// a SQLite file of their own that they make themselves. The harness makes its store with this
 /// build's schema (indexes, counters' triggers), which every later write pays whichever build
 /// writes it; an A/B against an older build (`GPUQ_BIN_DIR`) lets it make its own schema.
-pub fn services_store_url(store_url: &str, dir: &Path) -> String {
+pub fn services_store(store_url: &str, dir: &Path) -> String {
     match std::env::var("GPUQ_BENCH_SERVICES_STORE").as_deref() {
         Ok("own") => format!("sqlite://{}", dir.join("services.db").display()),
         _ => store_url.to_string(),
