@@ -139,18 +139,8 @@ pub(super) fn open_conn_with(path: &str, sync: Synchronous) -> Result<Connection
     };
     conn.pragma_update(None, "synchronous", mode)
         .map_err(unavailable)?;
-    // A checkpoint syncs the database file (and the WAL) in the middle of some writer's
-    // commit, which waits for it. Each job dirties a dozen pages (its row, five indexes, the
-    // counters), mostly the same few at the right edge of each B-tree: checkpointing every
-    // `WAL_CHECKPOINT_PAGES` instead of SQLite's 1000 syncs a tenth as often and copies each
-    // hot page once per checkpoint, not ten times. The WAL grows to about 40 MB before it.
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
-        .map_err(unavailable)?;
     Ok(conn)
 }
-
-/// WAL pages after which a commit checkpoints (SQLite's default: 1000).
-pub(super) const WAL_CHECKPOINT_PAGES: i64 = 10_000;
 
 /// Databases made before re-drives were named lack the `drive` column, those made before
 /// submissions owned their records lack `owner`, those made before tenants lack `tenant`, and
