@@ -98,6 +98,17 @@ pub fn bin_dir() -> PathBuf {
 /// names. `scripts/test.sh` runs the pipeline suite a second time with `mongodb`.
 pub const TEST_STORE_ENV: &str = "GPUQ_TEST_STORE";
 
+/// The store the services get: the harness's, unless `GPUQ_BENCH_SERVICES_STORE=own` gives them
+/// a SQLite file of their own that they make themselves. The harness makes its store with this
+/// build's schema (indexes, counters' triggers), which every later write pays whichever build
+/// writes it; an A/B against an older build (`GPUQ_BIN_DIR`) lets it make its own schema.
+pub fn services_store(store_url: &str, dir: &Path) -> String {
+    match std::env::var("GPUQ_BENCH_SERVICES_STORE").as_deref() {
+        Ok("own") => format!("sqlite://{}", dir.join("services.db").display()),
+        _ => store_url.to_string(),
+    }
+}
+
 /// The `GPUQ_STORE_URL` of a stack with this prefix and directory, as `GPUQ_TEST_STORE` selects.
 pub fn test_store_url(prefix: &str, dir: &Path) -> String {
     match std::env::var(TEST_STORE_ENV).as_deref() {

@@ -206,11 +206,12 @@ impl Stack {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let gateway_url = format!("{scheme}://127.0.0.1:{gateway_port}");
         let manager_url = format!("{scheme}://127.0.0.1:{manager_port}");
+        let services_store = crate::env::services_store(&store_url, &dir);
         let mut base_env: Vec<(String, String)> = vec![
             ("GPUQ_AMQP_URLS".into(), test_env("GPUQ_TEST_AMQP_URLS")),
             ("GPUQ_REDIS_URL".into(), test_env("GPUQ_TEST_REDIS_URL")),
             ("GPUQ_QUEUE_PREFIX".into(), prefix.clone()),
-            ("GPUQ_STORE_URL".into(), store_url.clone()),
+            ("GPUQ_STORE_URL".into(), services_store),
             ("GPUQ_API_KEYS".into(), keys),
             ("GPUQ_ADMIN_TOKEN".into(), admin_token.clone()),
             ("GPUQ_READ_TOKEN".into(), read_token.clone()),

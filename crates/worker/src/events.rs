@@ -141,6 +141,25 @@ fn notice(dropped: u64) -> NewEvent {
     }
 }
 
+/// Moves the events received into `pending`, with a `notice` for those dropped since the last.
+fn drain(
+    rx: &mut mpsc::Receiver<NewEvent>,
+    pending: &mut Vec<NewEvent>,
+    dropped: &AtomicU64,
+    reported: &mut u64,
+    metrics: &gpuq_common::metrics::WorkerMetrics,
+) {
+    while let Ok(e) = rx.try_recv() {
+        pending.push(e);
+    }
+    let now_dropped = dropped.load(Ordering::Relaxed);
+    if now_dropped > *reported {
+        metrics.events.dropped.inc_by(now_dropped - *reported);
+        pending.push(notice(now_dropped - *reported));
+        *reported = now_dropped;
+    }
+}
+
 async fn write_loop(
     w: &Worker,
     job: JobId,
@@ -165,6 +184,12 @@ async fn write_loop(
         () = tokio::time::sleep(LONE_START) => false,
         _ = &mut stopped => true,
     };
+    if ended {
+        // Most jobs: over before their start was worth writing alone. No flush timer for
+        // them; whatever the engine emitted goes with the outcome.
+        drain(&mut rx, &mut pending, &dropped, &mut reported, metrics);
+        return pending;
+    }
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.tick().await;
     loop {
@@ -173,15 +198,7 @@ async fn write_loop(
                 _ = tick.tick() => false,
                 _ = &mut stopped => true,
             };
-        while let Ok(e) = rx.try_recv() {
-            pending.push(e);
-        }
-        let now_dropped = dropped.load(Ordering::Relaxed);
-        if now_dropped > reported {
-            metrics.events.dropped.inc_by(now_dropped - reported);
-            pending.push(notice(now_dropped - reported));
-            reported = now_dropped;
-        }
+        drain(&mut rx, &mut pending, &dropped, &mut reported, metrics);
         if ended {
             return pending;
         }
