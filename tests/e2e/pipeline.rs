@@ -3,11 +3,13 @@
 //! nothing.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gpuq_common::JobStatus;
 use gpuq_e2e::{Stack, StackOptions, by_status, eventually};
 use serde_json::{Value, json};
+
+mod wait;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_jobs_each_succeed_exactly_once_across_all_three_workers() {
@@ -445,57 +447,6 @@ async fn gpuq_bench_reports_throughput_latency_and_the_workers_hold_as_the_stack
         r["latency"]["p50_ms"].as_i64().unwrap() >= 5,
         "a 5 ms job: {r:#}"
     );
-    stack.stop().await;
-}
-
-/// `GET /v1/jobs/{id}?wait=` answers as soon as the job is final (within 100 ms of its final
-/// record), and at the end of the wait with the status then when it is not.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_read_with_wait_answers_once_the_job_is_final() {
-    let stack = Stack::start(StackOptions {
-        workers: 1,
-        manager: false,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let client = stack.gateway_client();
-    let id = stack
-        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 800}}))
-        .await
-        .unwrap();
-    let r = client.job_wait(id, Duration::from_secs(20)).await.unwrap();
-    let answered_ms = gpuq_common::job::now_ms();
-    assert_eq!(r.status, JobStatus::Succeeded, "{r:?}");
-    let late = answered_ms - r.finished_at.expect("a final record has its end");
-    assert!(
-        (0..=100).contains(&late),
-        "answered {late} ms after the job ended"
-    );
-
-    let long = stack
-        .submit_ok(&json!({"kind": "simulate", "params": {"duration_ms": 5000}}))
-        .await
-        .unwrap();
-    let asked = Instant::now();
-    let r = client.job_wait(long, Duration::from_secs(1)).await.unwrap();
-    assert!(!r.status.is_final(), "{r:?}");
-    let waited = asked.elapsed();
-    assert!(
-        waited >= Duration::from_millis(950) && waited < Duration::from_secs(3),
-        "{waited:?}"
-    );
-    let bad = stack
-        .auth(
-            stack
-                .http
-                .get(format!("{}/v1/jobs/{long}?wait=soon", stack.gateway_url)),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status().as_u16(), 400);
-    eprintln!("?wait= answered {late} ms after the job's final record");
     stack.stop().await;
 }
 
