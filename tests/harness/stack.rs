@@ -66,7 +66,8 @@ impl Default for StackOptions {
 pub struct Stack {
     pub prefix: String,
     pub dir: PathBuf,
-    /// The `GPUQ_STORE_URL` every service got (see `TEST_STORE_ENV`).
+    /// The store this stack made (see `TEST_STORE_ENV`), which every service got unless a
+    /// benchmark gave them their own (`GPUQ_BENCH_SERVICES_STORE=own`).
     pub store_url: String,
     /// The `default` tenant's admin key (sees every tenant's jobs).
     pub api_key: String,

@@ -25,7 +25,9 @@ async fn a_read_with_wait_answers_once_the_job_is_final() {
     // When the final record is readable: plain reads every 10 ms beside the waiting one (the
     // worker stamps `finished_at` before its store write, which a slow store makes long).
     let readable = async {
+        let give_up = Instant::now() + Duration::from_secs(25);
         loop {
+            assert!(Instant::now() < give_up, "job {id} not final within 25 s");
             if let Ok(r) = client.job(id).await
                 && r.status.is_final()
             {
