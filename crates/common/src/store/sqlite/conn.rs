@@ -50,7 +50,7 @@ pub(super) fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> 
 
 /// How long a statement waits for another process's write lock before the store reports itself
 /// unavailable (callers retry: a worker keeps its result until it is stored).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 thread_local! {
     /// When the current wait for a lock began (SQLite calls the busy handler on the thread that

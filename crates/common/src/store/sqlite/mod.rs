@@ -20,6 +20,7 @@ macro_rules! not_final {
 mod conn;
 mod counts;
 mod list;
+mod turns;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -71,9 +72,10 @@ impl SqliteStore {
         counts::ensure_counters(&mut write_conn)?;
         let reader = open_conn_with(path, sync)?;
         let (tx, rx) = mpsc::channel::<Op>();
+        let turns = turns::WriteTurns::open(path);
         std::thread::Builder::new()
             .name("gpuq-sqlite-writer".into())
-            .spawn(move || writer_loop(write_conn, rx, sync))
+            .spawn(move || writer_loop(write_conn, rx, sync, turns))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,

@@ -7,7 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::conn::{Synchronous, unavailable};
+use super::conn::{BUSY_TIMEOUT, Synchronous, unavailable};
+use super::turns::WriteTurns;
 use crate::events::{EventKind, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
 use crate::store::{FinishOutcome, StartOutcome, StoreError};
@@ -82,9 +83,17 @@ fn mode_for(configured: Synchronous, batch: &[Op]) -> Synchronous {
     }
 }
 
-pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, configured: Synchronous) {
+pub(super) fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    configured: Synchronous,
+    mut turns: Option<WriteTurns>,
+) {
     let mut current = configured;
     while let Ok(first) = rx.recv() {
+        // The turn first, then the batch: what arrived while other processes had their turns
+        // goes into this commit. Held until the commit (or the failure to begin) ends it.
+        let turn = turns.as_mut().and_then(|t| t.take(BUSY_TIMEOUT));
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -114,7 +123,9 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, configur
         for op in batch {
             replies.push(apply(&tx, op));
         }
-        match tx.commit() {
+        let committed = tx.commit();
+        drop(turn);
+        match committed {
             Ok(()) => replies.into_iter().for_each(|r| r()),
             Err(e) => {
                 tracing::error!(error.message = %e, "sqlite commit failed");
