@@ -126,6 +126,7 @@ pub(super) fn open_conn_with(path: &str, sync: Synchronous) -> Result<Connection
     // SQLite's default busy handler sleeps whole milliseconds (1, 2, 5, 10… ms) when another
     // process holds the write lock; with several processes committing small batches that
     // sleep, not the work, bounds throughput. Retry in 100 µs steps instead, for up to 10 s.
+    // (gpuq's own writers rarely get here: they take turns at the lock first, `turns`.)
     conn.busy_handler(Some(busy_retry)).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(unavailable)?;
