@@ -546,6 +546,7 @@ async fn budget_bench_full_speed_and_a_steady_200_jobs_per_second() {
             "full_speed_worker_hold_ms": [full["worker_overhead_start_ms"], full["worker_overhead_finish_ms"]],
             "full_speed_latency": full["latency"],
             "steady_200_latency": steady["latency"],
+            "steady_200_to_start": steady["to_start"],
             "steady_200_jobs_per_second": steady["jobs_per_second"],
         })
     );

@@ -49,6 +49,9 @@ pub struct BenchReport {
     pub jobs_per_second: Option<f64>,
     /// Per job, `finished_at − created_at`.
     pub latency: Latency,
+    /// Per job, `started_at − created_at` (its last attempt's): the part of the latency spent
+    /// before the run — publish, queue, delivery, lease — to tell a slow tail's side.
+    pub to_start: Latency,
     /// Results the workers discarded because one was already stored (work done twice);
     /// `None` when no worker's `/metrics` could be read.
     pub duplicates: Option<u64>,
@@ -78,6 +81,12 @@ impl BenchReport {
             finals
                 .iter()
                 .filter_map(|r| r.finished_at.map(|f| f - r.created_at))
+                .collect(),
+        );
+        let to_start = Latency::from_samples(
+            finals
+                .iter()
+                .filter_map(|r| Some(r.started_at? - r.created_at))
                 .collect(),
         );
         let last_final = finals.iter().filter_map(|r| r.finished_at).max();
@@ -123,6 +132,7 @@ impl BenchReport {
             end_to_end_seconds: end_to_end,
             jobs_per_second: end_to_end.map(|s| finals.len() as f64 / s),
             latency,
+            to_start,
             duplicates: i.counters.results_discarded,
             duplicates_suppressed: i.counters.duplicates_suppressed,
             redeliveries: i.counters.redeliveries,
@@ -174,6 +184,13 @@ impl BenchReport {
             ms(self.latency.p99_ms),
             ms(self.latency.max_ms),
             self.latency.count
+        ));
+        s.push_str(&format!(
+            "  to start   p50 {}  p95 {}  p99 {}  max {}  (submit → run start)\n",
+            ms(self.to_start.p50_ms),
+            ms(self.to_start.p95_ms),
+            ms(self.to_start.p99_ms),
+            ms(self.to_start.max_ms),
         ));
         s.push_str(&format!("lost         {}\n", self.lost));
         s.push_str(&format!(
@@ -227,7 +244,7 @@ mod tests {
         let jobs = [
             record(JobStatus::Succeeded, 1_000, Some(1_001), Some(1_010)),
             record(JobStatus::Succeeded, 1_002, Some(1_003), Some(1_030)),
-            record(JobStatus::DeadLettered, 1_004, Some(1_005), Some(2_000)),
+            record(JobStatus::DeadLettered, 1_004, Some(1_008), Some(2_000)),
         ];
         let mut waited = WaitOutcome::default();
         for j in &jobs {
@@ -267,7 +284,9 @@ mod tests {
         assert_eq!(r.jobs_per_second, Some(3.0));
         assert_eq!(r.latency.p50_ms, Some(28));
         assert_eq!(r.latency.max_ms, Some(996));
+        assert_eq!((r.to_start.p50_ms, r.to_start.max_ms), (Some(1), Some(4)));
         let text = r.render();
+        assert!(text.contains("to start   p50 1ms"), "{text}");
         assert!(text.contains("= 3.0 jobs/s"), "{text}");
         assert!(text.contains("rejected   1 × 503 unavailable"));
         assert!(text.contains("duplicates   0 ") && text.contains("suppressed n/a"));
@@ -275,11 +294,11 @@ mod tests {
             text.contains("worker hold  0.75 ms before the run + 1.50 ms after it"),
             "{text}"
         );
-        // Runs of 9, 27 and 995 ms over 2 slots for 1 s.
-        assert!((r.busy_seconds - 1.031).abs() < 1e-9);
-        assert!((r.slot_utilisation.unwrap() - 0.5155).abs() < 1e-9);
+        // Runs of 9, 27 and 992 ms over 2 slots for 1 s.
+        assert!((r.busy_seconds - 1.028).abs() < 1e-9);
+        assert!((r.slot_utilisation.unwrap() - 0.514).abs() < 1e-9);
         assert!(
-            text.contains("GPU slots    2, busy 1.0 s of 2.0 s = 51.5% utilised"),
+            text.contains("GPU slots    2, busy 1.0 s of 2.0 s = 51.4% utilised"),
             "{text}"
         );
         let json = serde_json::to_value(&r).unwrap();
