@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks of gpuq's production shape (issue 6) that need real tools; tests/e2e/deploy.rs checks the
+# Checks of gpuq's production shape (issue 6) that need real tools; tests/e2e/deploy/ checks the
 # same files statically with the real config loader.
 #
 #   scripts/checks/compose.sh        (run by scripts/test.sh after the Rust tests)
