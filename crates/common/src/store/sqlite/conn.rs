@@ -56,13 +56,23 @@ thread_local! {
     /// When the current wait for a lock began (SQLite calls the busy handler on the thread that
     /// runs the statement, with attempt 0 first).
     static BUSY_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    /// Set by the writer around its `BEGIN`: when it began waiting (for its turn, `turns`), so
+    /// that the turn and the lock share one busy timeout.
+    static WAITING_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// On this thread, until called again with `None`: a wait for SQLite's lock counts from `since`
+/// (the write gives up once `since` is `BUSY_TIMEOUT` ago, however the wait was spent).
+pub(super) fn lock_wait_counts_from(since: Option<std::time::Instant>) {
+    WAITING_SINCE.set(since);
 }
 
 fn busy_retry(attempt: i32) -> bool {
     let now = std::time::Instant::now();
     let since = if attempt == 0 {
-        BUSY_SINCE.set(Some(now));
-        now
+        let since = WAITING_SINCE.get().unwrap_or(now);
+        BUSY_SINCE.set(Some(since));
+        since
     } else {
         BUSY_SINCE.get().unwrap_or(now)
     };

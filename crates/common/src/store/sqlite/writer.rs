@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::conn::{BUSY_TIMEOUT, Synchronous, unavailable};
+use super::conn::{BUSY_TIMEOUT, Synchronous, lock_wait_counts_from, unavailable};
 use super::turns::WriteTurns;
 use crate::events::{EventKind, NewEvent, final_event, is_quiet_attempt};
 use crate::job::{FinalOutcome, JobId, JobKind, JobRecord, JobStatus};
@@ -93,6 +93,7 @@ pub(super) fn writer_loop(
     while let Ok(first) = rx.recv() {
         // The turn first, then the batch: what arrived while other processes had their turns
         // goes into this commit. Held until the commit (or the failure to begin) ends it.
+        let asked = std::time::Instant::now();
         let turn = turns.as_mut().and_then(|t| t.take(BUSY_TIMEOUT));
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -109,7 +110,12 @@ pub(super) fn writer_loop(
                 Err(e) => tracing::warn!(error.message = %e, "could not change the commit mode"),
             }
         }
-        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        // The turn and the lock share one busy timeout: a store that takes no writes is
+        // reported within it (callers retry), however long the turn took.
+        lock_wait_counts_from(Some(asked));
+        let begun = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate);
+        lock_wait_counts_from(None);
+        let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
                 let e = unavailable(e);
