@@ -9,9 +9,10 @@
 //!
 //! The uncontended turn costs a `dup` and a non-blocking `flock`; a contended one is waited for
 //! by one thread per store that blocks in the kernel and hands the turn over. A turn is waited for
-//! at most as long as SQLite's busy timeout. Past that the write goes ahead without its turn
-//! (SQLite's lock decides, and reports the store busy if it stays taken), the waiting thread lets
-//! go as soon as it gets the turn, and until then later writes do not queue behind it.
+//! at most as long as SQLite's busy timeout, which the turn and the lock share (the writer's
+//! wait for the lock counts from when it asked for its turn): past it the write goes ahead
+//! without its turn and fails at once if the lock is taken (callers retry), the waiting thread
+//! lets go as soon as it gets the turn, and until then later writes do not queue behind it.
 
 use std::fs::File;
 use std::sync::Arc;
