@@ -62,8 +62,9 @@ fn has_merge_key(v: &Value) -> bool {
     }
 }
 
-/// KEY=VALUE lines of an env file (comments and blank lines skipped, quotes removed).
-fn dotenv(rel: &str) -> BTreeMap<String, String> {
+/// `key = value` lines of a file in the repository (comments and blank lines skipped, both
+/// sides trimmed): rabbitmq.conf, env files.
+fn key_values(rel: &str) -> BTreeMap<String, String> {
     read(rel)
         .lines()
         .map(str::trim)
@@ -72,12 +73,21 @@ fn dotenv(rel: &str) -> BTreeMap<String, String> {
             let (k, v) = l
                 .split_once('=')
                 .unwrap_or_else(|| panic!("{rel}: {l:?} is not KEY=VALUE"));
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v);
-            (k.trim().to_string(), v.to_string())
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+/// KEY=VALUE lines of an env file, quotes around a value removed.
+fn dotenv(rel: &str) -> BTreeMap<String, String> {
+    key_values(rel)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(unquoted) => unquoted.to_string(),
+                None => v,
+            };
+            (k, v)
         })
         .collect()
 }

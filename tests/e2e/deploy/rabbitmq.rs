@@ -12,17 +12,7 @@ use super::*;
 
 /// `key = value` lines of rabbitmq.conf.
 fn rabbitmq_conf() -> BTreeMap<String, String> {
-    read("deploy/rabbitmq/rabbitmq.conf")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (k, v) = l
-                .split_once('=')
-                .unwrap_or_else(|| panic!("rabbitmq.conf: {l:?}"));
-            (k.trim().to_string(), v.trim().to_string())
-        })
-        .collect()
+    key_values("deploy/rabbitmq/rabbitmq.conf")
 }
 
 fn json_file(rel: &str) -> serde_json::Value {
